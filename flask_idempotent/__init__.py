@@ -1,0 +1,39 @@
+"""flask_idempotent: idempotency keys for Flask as concurrency control for effects, not a response cache.
+
+See SPEC's HTTP table (README) for what each request gets.
+"""
+
+from __future__ import annotations
+
+from .context import current_record
+from .decorator import TransientError, idempotent
+from .errors import (
+    AtomicViewCommitted,
+    IdempotencyError,
+    InvalidKey,
+    KeyReused,
+    LeaseLost,
+    MissingKey,
+    RecordStuck,
+    RequestFailed,
+    RequestInProgress,
+    StoreUnavailable,
+)
+from .extension import Idempotency
+
+__all__ = [
+    "AtomicViewCommitted",
+    "Idempotency",
+    "IdempotencyError",
+    "InvalidKey",
+    "KeyReused",
+    "LeaseLost",
+    "MissingKey",
+    "RecordStuck",
+    "RequestFailed",
+    "RequestInProgress",
+    "StoreUnavailable",
+    "TransientError",
+    "current_record",
+    "idempotent",
+]

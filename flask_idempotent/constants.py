@@ -1,0 +1,79 @@
+"""Names used across the extension: every ``IDEMPOTENCY_*`` config key is spelled once, here."""
+
+from __future__ import annotations
+
+import enum
+from datetime import timedelta
+
+
+class ConfigKey:
+    """The ``IDEMPOTENCY_*`` config keys. Constructor arguments of :class:`Idempotency` win over them."""
+
+    HEADER = "IDEMPOTENCY_HEADER"
+    REQUIRED = "IDEMPOTENCY_REQUIRED"
+    ATOMIC = "IDEMPOTENCY_ATOMIC"
+    TTL = "IDEMPOTENCY_TTL"
+    LEASE = "IDEMPOTENCY_LEASE"
+    WAIT = "IDEMPOTENCY_WAIT"
+    IN_PROGRESS_STATUS = "IDEMPOTENCY_IN_PROGRESS_STATUS"
+    ON_STALE = "IDEMPOTENCY_ON_STALE"
+    PROTECT_ALL = "IDEMPOTENCY_PROTECT_ALL"
+    FINGERPRINT_HEADERS = "IDEMPOTENCY_FINGERPRINT_HEADERS"
+    REPLAY_HEADERS = "IDEMPOTENCY_REPLAY_HEADERS"
+    RETRY_AFTER = "IDEMPOTENCY_RETRY_AFTER"
+    PROBLEM_TYPE_BASE = "IDEMPOTENCY_PROBLEM_TYPE_BASE"
+    MAX_BODY_BYTES = "IDEMPOTENCY_MAX_BODY_BYTES"
+    MAX_RESPONSE_BYTES = "IDEMPOTENCY_MAX_RESPONSE_BYTES"
+    DASHBOARD_URL_PREFIX = "IDEMPOTENCY_DASHBOARD_URL_PREFIX"
+    DASHBOARD_SHOW_BODIES = "IDEMPOTENCY_DASHBOARD_SHOW_BODIES"
+
+
+#: Defaults applied with ``app.config.setdefault`` in ``init_app``.
+DEFAULTS: dict[str, object] = {
+    ConfigKey.HEADER: "Idempotency-Key",
+    ConfigKey.REQUIRED: True,
+    ConfigKey.ATOMIC: False,
+    ConfigKey.TTL: timedelta(hours=24),
+    ConfigKey.LEASE: timedelta(seconds=60),
+    ConfigKey.WAIT: 0.0,
+    ConfigKey.IN_PROGRESS_STATUS: 409,
+    ConfigKey.ON_STALE: "hold",
+    ConfigKey.PROTECT_ALL: False,
+    ConfigKey.FINGERPRINT_HEADERS: (),
+    ConfigKey.REPLAY_HEADERS: (),
+    ConfigKey.RETRY_AFTER: 1,
+    ConfigKey.PROBLEM_TYPE_BASE: "urn:flask-idempotent:problem:",
+    ConfigKey.MAX_BODY_BYTES: 10 * 1024 * 1024,
+    ConfigKey.MAX_RESPONSE_BYTES: 1024 * 1024,
+    ConfigKey.DASHBOARD_URL_PREFIX: "/idempotency",
+    ConfigKey.DASHBOARD_SHOW_BODIES: False,
+}
+
+#: Methods the layer protects; the key is ignored on every other method.
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+#: Headers a replay always carries when the original response had them.
+BASE_REPLAY_HEADERS = ("Content-Type", "Location", "ETag")
+
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+
+class State(str, enum.Enum):
+    """The state of a record. Stored as its name."""
+
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class EventKind(str, enum.Enum):
+    """What an ``idempotency_events`` row records: everything besides a record's normal path."""
+
+    CONFLICT = "conflict"
+    IN_PROGRESS_HIT = "in_progress_hit"
+    STALE_HIT = "stale_hit"
+    TAKEOVER = "takeover"
+    LEASE_LOST = "lease_lost"
+    MARK_RETRYABLE = "mark_retryable"
+    MARK_FAILED = "mark_failed"
+    RELEASE = "release"

@@ -1,0 +1,136 @@
+"""Errors the layer answers with: RFC 9457 ``application/problem+json``.
+
+Each is a werkzeug ``HTTPException``, so an app can restyle any of them with ``@app.errorhandler(KeyReused)``.
+The problem ``type`` is ``IDEMPOTENCY_PROBLEM_TYPE_BASE`` + the code (``urn:flask-idempotent:problem:key-reused``
+by default).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import current_app, has_app_context
+from werkzeug.exceptions import HTTPException
+from werkzeug.sansio.response import Response as SansIOResponse
+from werkzeug.wrappers import Response
+
+from .constants import DEFAULTS, ConfigKey
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class IdempotencyError(HTTPException):
+    """Base class of the layer's problem responses."""
+
+    code = 400
+    problem_code = "error"
+    title = "Idempotency error"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int | None = None, status: int | None = None):
+        super().__init__(description=detail or self.title)
+        self.detail = detail or self.title
+        self.retry_after = retry_after
+        if status is not None:
+            self.code = status
+
+    @property
+    def problem_type(self) -> str:
+        base = DEFAULTS[ConfigKey.PROBLEM_TYPE_BASE]
+        if has_app_context():
+            base = current_app.config.get(ConfigKey.PROBLEM_TYPE_BASE, base)
+        return f"{base}{self.problem_code}"
+
+    def problem(self) -> dict[str, Any]:
+        """The problem details object (RFC 9457)."""
+        return {"type": self.problem_type, "title": self.title, "status": self.code, "detail": self.detail}
+
+    def get_response(self, environ: Any = None, scope: Any = None) -> SansIOResponse:  # type: ignore[override]
+        response = Response(json.dumps(self.problem()), status=self.code, mimetype=PROBLEM_MEDIA_TYPE)
+        if self.retry_after is not None:
+            response.headers["Retry-After"] = str(self.retry_after)
+        return response
+
+
+class MissingKey(IdempotencyError):
+    """400: the route requires an ``Idempotency-Key`` and the request has none. Nothing is stored."""
+
+    code = 400
+    problem_code = "missing-key"
+    title = "Idempotency key required"
+
+
+class InvalidKey(IdempotencyError):
+    """400: the key is empty, too long, has characters outside 0x21-0x7E, repeats, or is a broken sf-string."""
+
+    code = 400
+    problem_code = "invalid-key"
+    title = "Invalid idempotency key"
+
+
+class BodyTooLargeToFingerprint(IdempotencyError):
+    """413: the body exceeds ``IDEMPOTENCY_MAX_BODY_BYTES``; the view does not run and nothing is stored."""
+
+    code = 413
+    problem_code = "body-too-large"
+    title = "Request body too large for an idempotent request"
+
+
+class KeyReused(IdempotencyError):
+    """422: the key was used before with a different command. The record is untouched; an event is stored."""
+
+    code = 422
+    problem_code = "key-reused"
+    title = "Idempotency key reused with a different request"
+
+
+class RequestInProgress(IdempotencyError):
+    """409 (or 202 when configured): a request with this key is still running. Retry after ``Retry-After``."""
+
+    code = 409
+    problem_code = "in-progress"
+    title = "A request with this idempotency key is in progress"
+
+
+class RecordStuck(IdempotencyError):
+    """409: the request with this key stopped without an outcome (lease expired). An operator decides."""
+
+    code = 409
+    problem_code = "stuck"
+    title = "The request with this idempotency key did not finish"
+
+
+class StoreUnavailable(IdempotencyError):
+    """503: the record store cannot be reached; the view does not run (fail closed)."""
+
+    code = 503
+    problem_code = "store-unavailable"
+    title = "Idempotency store unavailable"
+
+
+class AtomicViewCommitted(RuntimeError):
+    """An ``atomic=True`` view committed or rolled back ``db.session`` itself.
+
+    The layer owns that transaction: it commits the view's writes together with the outcome. The request ends
+    as a 500 and nothing of it is persisted.
+    """
+
+
+class LeaseLost(RuntimeError):
+    """Raised by ``current_record.checkpoint`` when this request no longer owns its record.
+
+    Another request took over after the lease expired, or an operator acted on the record; the view should
+    stop, because its outcome will not be recorded.
+    """
+
+
+class RequestFailed(IdempotencyError):
+    """500: the request with this key failed for good and no response of it was stored.
+
+    This is what a retry sees after an operator marked a stuck record failed (final): the outcome is known to
+    be a failure, and the command must not run again under this key.
+    """
+
+    code = 500
+    problem_code = "failed"
+    title = "The request with this idempotency key failed"

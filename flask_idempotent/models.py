@@ -1,0 +1,84 @@
+"""The extension's tables: ``idempotency_records`` and ``idempotency_events``.
+
+They are defined on the application's own ``db.metadata`` so ``db.create_all()``, Flask-Migrate and Alembic's
+autogenerate see them like the app's own tables (and never try to drop them). Times are naive UTC.
+
+Schema version 1. A released schema is never edited in place: a change adds a new version and a migration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+
+SCHEMA_VERSION = 1
+
+RECORDS_TABLE = "idempotency_records"
+EVENTS_TABLE = "idempotency_events"
+
+_BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+
+@dataclass(frozen=True)
+class Tables:
+    """The two tables, as SQLAlchemy Core ``Table`` objects."""
+
+    records: sa.Table
+    events: sa.Table
+
+
+def define_tables(metadata: sa.MetaData) -> Tables:
+    """Add the extension's tables to ``metadata`` (once) and return them."""
+    if RECORDS_TABLE in metadata.tables:
+        return Tables(metadata.tables[RECORDS_TABLE], metadata.tables[EVENTS_TABLE])
+    records = sa.Table(
+        RECORDS_TABLE,
+        metadata,
+        sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+        sa.Column("scope", sa.String(255), nullable=False),
+        sa.Column("key", sa.String(255), nullable=False),
+        sa.Column("request_hash", sa.String(80), nullable=False),
+        sa.Column("method", sa.String(16), nullable=False),
+        sa.Column("path", sa.Text(), nullable=False),
+        sa.Column("endpoint", sa.String(255), nullable=True),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("retryable", sa.Boolean(), nullable=False, default=False),
+        sa.Column("attempts", sa.Integer(), nullable=False, default=1),
+        sa.Column("lease_token", sa.String(64), nullable=True),
+        sa.Column("locked_until", sa.DateTime(), nullable=True),
+        sa.Column("recovery_point", sa.String(255), nullable=True),
+        sa.Column("recovery_data", sa.JSON(), nullable=True),
+        sa.Column("response_status", sa.Integer(), nullable=True),
+        sa.Column("response_headers", sa.JSON(), nullable=True),
+        sa.Column("response_body", sa.LargeBinary(), nullable=True),
+        sa.Column("resource_ref", sa.JSON(), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
+        # Events stored or suppressed for this record: the cap on events a client can cause reads it.
+        sa.Column("event_count", sa.Integer(), nullable=False, default=0),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(), nullable=False),
+        sa.Column("expires_at", sa.DateTime(), nullable=False),
+        sa.UniqueConstraint("scope", "key", name="uq_idempotency_records_scope_key"),
+        # Stuck records: IN_PROGRESS ordered by lease; FAILED lists by state and age.
+        sa.Index("ix_idempotency_records_state_locked_until", "state", "locked_until"),
+        sa.Index("ix_idempotency_records_state_updated_at", "state", "updated_at"),
+        sa.Index("ix_idempotency_records_expires_at", "expires_at"),
+    )
+    events = sa.Table(
+        EVENTS_TABLE,
+        metadata,
+        sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+        # No foreign key: the audit trail outlives a released (deleted) record.
+        sa.Column("record_id", sa.BigInteger(), nullable=True),
+        sa.Column("scope", sa.String(255), nullable=False),
+        sa.Column("key", sa.String(255), nullable=False),
+        sa.Column("kind", sa.String(32), nullable=False),
+        sa.Column("actor", sa.String(255), nullable=True),
+        sa.Column("detail", sa.JSON(), nullable=True),
+        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Index("ix_idempotency_events_record_id", "record_id", "id"),
+        sa.Index("ix_idempotency_events_kind_created_at", "kind", "created_at"),
+        sa.Index("ix_idempotency_events_scope_key", "scope", "key"),
+    )
+    return Tables(records, events)

@@ -1,0 +1,100 @@
+"""Fixtures: every test that takes ``app`` runs on SQLite and on PostgreSQL.
+
+PostgreSQL: a throwaway database is created on the server named by ``IDEMPOTENCY_TEST_PG_ADMIN_URL`` (default
+``postgresql+psycopg2://root@127.0.0.1:5432/postgres``) and dropped afterwards. If the server is unreachable the
+PostgreSQL half is skipped, loudly; with ``IDEMPOTENCY_REQUIRE_POSTGRES=1`` (CI) that is a failure instead.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+
+from testapp import Controls, build_app
+
+PG_ADMIN_URL = os.environ.get("IDEMPOTENCY_TEST_PG_ADMIN_URL", "postgresql+psycopg2://root@127.0.0.1:5432/postgres")
+REQUIRE_POSTGRES = os.environ.get("IDEMPOTENCY_REQUIRE_POSTGRES") == "1"
+PG_SKIP_REASON = "PostgreSQL not reachable"
+
+
+class Clock:
+    """A clock the test moves by hand (naive UTC, like the stored times)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, 12, 0, 0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, **kwargs: float) -> None:
+        self.now += timedelta(**kwargs)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        conn = admin.connect()
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        message = f"{PG_SKIP_REASON} at {PG_ADMIN_URL}: {str(exc).splitlines()[0]}"
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"IDEMPOTENCY_REQUIRE_POSTGRES=1 but {message}")
+        pytest.skip(message)
+    name = f"flask_idempotent_test_{uuid.uuid4().hex[:12]}"
+    conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.close()
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def controls() -> Controls:
+    return Controls()
+
+
+@pytest.fixture
+def app_config() -> dict[str, object]:
+    """Override in a test module (or parametrize) to change the app's config."""
+    return {}
+
+
+@pytest.fixture
+def app(database_url: str, clock: Clock, controls: Controls, app_config: dict[str, object]) -> Iterator[Flask]:
+    app = build_app(database_url, clock=clock, controls=controls, **app_config)
+    with app.app_context():
+        db = app.extensions["sqlalchemy"]
+        db.drop_all()
+        db.create_all()
+    yield app
+    with app.app_context():
+        db.drop_all()
+        db.engine.dispose()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if PG_SKIP_REASON in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_sep("!", f"PostgreSQL was SKIPPED for {len(skipped)} tests: only SQLite was tested")
+        terminalreporter.write_line(f"  {PG_SKIP_REASON} at {PG_ADMIN_URL}; set IDEMPOTENCY_TEST_PG_ADMIN_URL")

@@ -1,0 +1,183 @@
+"""The app the tests drive: a few payment-like views, each counting how often its body ran."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from typing import Any
+
+from flask import Flask, jsonify, request
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from flask_idempotent import Idempotency, TransientError, current_record, idempotent
+
+
+class Controls:
+    """Switches a test flips to make the views misbehave, and counters of view-body runs."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.exception: BaseException | None = None
+        self.commit_in_view = False
+        self.hold = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.runs: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self.seen: list[dict[str, Any]] = []
+
+    def ran(self, name: str) -> None:
+        with self._lock:
+            self.runs[name] += 1
+        if self.hold:
+            self.entered.set()
+            assert self.release.wait(30), "test never released the held view"
+
+
+def build_app(database_url: str, *, clock: Any, controls: Controls, **config: Any) -> Flask:
+    app = Flask(__name__)
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=database_url,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 20} if database_url.startswith("postgresql") else {},
+        TESTING=True,
+        SECRET_KEY="test",
+        **config,
+    )
+
+    class Base(DeclarativeBase):  # a fresh metadata per app
+        pass
+
+    db = SQLAlchemy(model_class=Base)
+
+    class Charge(db.Model):  # type: ignore[name-defined,misc]
+        __tablename__ = "charges"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        amount: Mapped[int]
+        route: Mapped[str]
+
+    db.init_app(app)
+    idempotency = Idempotency(clock=clock)
+    idempotency.init_app(app, db)
+    app.extensions["test"] = {"db": db, "Charge": Charge, "idempotency": idempotency, "controls": controls}
+
+    @idempotency.scope_loader
+    def scope() -> str | None:
+        return request.headers.get("X-User")
+
+    def charge(route: str, *, commit: bool = True) -> Any:
+        controls.ran(route)
+        if controls.exception is not None:
+            raise controls.exception
+        body = request.get_json(silent=True) or {}
+        row = Charge(amount=int(body.get("amount", 0)), route=route)
+        db.session.add(row)
+        if commit:
+            db.session.commit()
+        else:
+            db.session.flush()
+        return row
+
+    def created(row: Any) -> Any:
+        try:
+            attempt = current_record.attempt
+        except RuntimeError:  # an optional route called without a key
+            attempt = None
+        response = jsonify(id=row.id, amount=row.amount, attempt=attempt)
+        response.status_code = controls.status or 201
+        response.headers["Location"] = f"/payments/{row.id}"
+        response.headers["X-Not-Replayed"] = "live-only"
+        response.set_cookie("session_hint", "secret")
+        return response
+
+    @app.post("/payments")
+    @idempotent
+    def create_payment() -> Any:
+        return created(charge("payments"))
+
+    @app.get("/payments")
+    def list_payments() -> Any:
+        return jsonify(count=db.session.query(Charge).count())
+
+    @app.post("/accounts/<int:account>/refunds")
+    @idempotent
+    def refund(account: int) -> Any:
+        return created(charge(f"refunds-{account}"))
+
+    @app.post("/other")
+    @idempotent
+    def other() -> Any:
+        return created(charge("other"))
+
+    @app.post("/optional")
+    @idempotent(required=False)
+    def optional() -> Any:
+        return created(charge("optional"))
+
+    @app.post("/transfers")
+    @idempotent(atomic=True)
+    def transfer() -> Any:
+        row = charge("transfers", commit=False)
+        if controls.commit_in_view:
+            db.session.commit()
+        return created(row)
+
+    @app.post("/async")
+    @idempotent
+    async def async_payment() -> Any:
+        return created(charge("async"))
+
+    @app.post("/flaky")
+    @idempotent(transient=(ConnectionError,))
+    def flaky() -> Any:
+        return created(charge("flaky"))
+
+    @app.post("/transient")
+    @idempotent
+    def transient() -> Any:
+        controls.ran("transient")
+        raise TransientError("provider timed out")
+
+    def rebuild(ref: Any) -> Any:
+        row = db.session.get(Charge, ref["charge"])
+        return jsonify(id=row.id, amount=row.amount, rebuilt=True)
+
+    @app.post("/resources")
+    @idempotent(replay=rebuild)
+    def resource() -> Any:
+        row = charge("resources")
+        current_record.set_resource({"charge": row.id})
+        return created(row)
+
+    @app.post("/custom")
+    @idempotent(fingerprint=lambda: {"amount": (request.get_json() or {}).get("amount")})
+    def custom() -> Any:
+        return created(charge("custom"))
+
+    @app.post("/upload")
+    @idempotent
+    def upload() -> Any:
+        controls.ran("upload")
+        files = {name: f.read().decode() for name, f in request.files.items()}
+        row = Charge(amount=len(files), route="upload")
+        db.session.add(row)
+        db.session.commit()
+        return jsonify(id=row.id, form=request.form.to_dict(), files=files), 201
+
+    @app.post("/phases")
+    @idempotent(on_stale="takeover", lease=30)
+    def phases() -> Any:
+        controls.seen.append({"point": current_record.recovery_point, "data": current_record.recovery_data,
+                              "attempt": current_record.attempt})
+        if current_record.recovery_point is None:
+            row = charge("phases")
+            current_record.checkpoint("charged", {"charge": row.id})
+            controls.ran("phases-after-charge")  # a test holds or crashes here
+            if controls.exception is not None:
+                raise controls.exception
+            charge_id = row.id
+        else:
+            charge_id = current_record.recovery_data["charge"]
+        return jsonify(charge=charge_id, attempt=current_record.attempt), 201
+
+    return app
