@@ -177,6 +177,11 @@ class Idempotency:
         self._states[app] = state
         app.extensions["idempotency"] = self
         _GUARD.install(db)
+        from .cli import cli
+        from .dashboard import init_dashboard
+
+        app.cli.add_command(cli)
+        init_dashboard(app, self)
         app.before_request(self._before_request)
         app.after_request(self._after_request)
         app.teardown_request(self._teardown_request)

@@ -64,6 +64,8 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Index("ix_idempotency_records_state_locked_until", "state", "locked_until"),
         sa.Index("ix_idempotency_records_state_updated_at", "state", "updated_at"),
         sa.Index("ix_idempotency_records_expires_at", "expires_at"),
+        # Dashboard search by key alone (search by scope uses the unique constraint's index).
+        sa.Index("ix_idempotency_records_key", "key"),
     )
     events = sa.Table(
         EVENTS_TABLE,
