@@ -20,7 +20,8 @@ class Controls:
         self.status: int | None = None
         self.exception: BaseException | None = None
         self.commit_in_view = False
-        self.hold = False
+        #: The name of a view step to block at (once), until the test sets ``release``.
+        self.hold_at: str | None = None
         self.entered = threading.Event()
         self.release = threading.Event()
         self.runs: Counter[str] = Counter()
@@ -30,7 +31,8 @@ class Controls:
     def ran(self, name: str) -> None:
         with self._lock:
             self.runs[name] += 1
-        if self.hold:
+        if self.hold_at == name:
+            self.hold_at = None
             self.entered.set()
             assert self.release.wait(30), "test never released the held view"
 

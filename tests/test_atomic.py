@@ -1,0 +1,120 @@
+"""Atomic mode: the claim, the view's writes and the outcome commit together, or not at all."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask.testing import FlaskClient
+
+from concurrency import Background
+from helpers import charges, ext, post, problem_code, record
+
+
+def test_atomic_success_commits_writes_and_outcome_together(app: Flask, client: FlaskClient) -> None:
+    first = post(client, "/transfers", json={"amount": 30})
+    assert first.status_code == 201
+    assert charges(app, "transfers") == 1
+    row = record(app, "k-1")
+    assert (row["state"], row["attempts"], row["response_status"]) == ("COMPLETED", 1, 201)
+    again = post(client, "/transfers", json={"amount": 30})
+    assert again.headers["Idempotent-Replayed"] == "true" and again.data == first.data
+    assert charges(app, "transfers") == 1
+
+
+@pytest.mark.parametrize("status", [500, 409, 503])
+def test_atomic_failed_status_rolls_back_the_view_and_stays_retryable(
+    app: Flask, client: FlaskClient, status: int
+) -> None:
+    controls = ext(app)["controls"]
+    controls.status = status
+    assert post(client, "/transfers", json={"amount": 30}).status_code == status
+    assert charges(app, "transfers") == 0
+    row = record(app, "k-1")
+    assert (row["state"], row["retryable"], row["attempts"]) == ("FAILED", True, 1)
+    controls.status = None
+    retry = post(client, "/transfers", json={"amount": 30})
+    assert retry.status_code == 201 and retry.get_json()["attempt"] == 2
+    assert charges(app, "transfers") == 1
+    assert record(app, "k-1")["state"] == "COMPLETED"
+
+
+@pytest.mark.parametrize("app_config", [{"PROPAGATE_EXCEPTIONS": False}])
+def test_atomic_exception_rolls_back_everything_and_stays_retryable(app: Flask, client: FlaskClient) -> None:
+    controls = ext(app)["controls"]
+    controls.exception = RuntimeError("ledger invariant violated")
+    assert post(client, "/transfers", json={"amount": 30}).status_code == 500
+    assert charges(app) == 0
+    row = record(app, "k-1")
+    assert (row["state"], row["retryable"]) == ("FAILED", True)
+    assert "RuntimeError" in row["error"]
+    controls.exception = None
+    assert post(client, "/transfers", json={"amount": 30}).status_code == 201
+    assert charges(app) == 1
+
+
+def test_atomic_exception_propagating_is_rolled_back_in_teardown(app: Flask, client: FlaskClient) -> None:
+    ext(app)["controls"].exception = RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        post(client, "/transfers", json={"amount": 30})
+    assert charges(app) == 0
+    assert (record(app, "k-1")["state"], record(app, "k-1")["retryable"]) == ("FAILED", True)
+
+
+@pytest.mark.parametrize("app_config", [{"PROPAGATE_EXCEPTIONS": False}])
+def test_atomic_view_that_commits_gets_a_clear_error_and_nothing_is_persisted(
+    app: Flask, client: FlaskClient
+) -> None:
+    ext(app)["controls"].commit_in_view = True
+    assert post(client, "/transfers", json={"amount": 30}).status_code == 500
+    assert charges(app) == 0
+    row = record(app, "k-1")
+    assert (row["state"], row["retryable"]) == ("FAILED", True)
+    assert "AtomicViewCommitted" in row["error"]
+
+
+def _wait_for_lock_waiter(app: Flask) -> None:
+    """Poll (bounded) until a PostgreSQL backend waits on a lock: the duplicate is blocked."""
+    engine = ext(app)["db"].engines[None]
+    deadline = time.monotonic() + 10
+    with engine.connect() as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )).scalar_one()
+            if waiting:
+                return
+            conn.rollback()
+    raise AssertionError("the duplicate never blocked on the first request's row")
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_atomic_duplicate_in_flight_gets_409_without_running(app: Flask, client: FlaskClient) -> None:
+    controls = ext(app)["controls"]
+    controls.hold_at = "transfers"
+    first = Background(app, "/transfers", json={"amount": 30})
+    assert controls.entered.wait(10)
+    duplicate = post(client, "/transfers", json={"amount": 30})
+    assert duplicate.status_code == 409 and problem_code(duplicate) == "in-progress"
+    assert duplicate.headers["Retry-After"] == "1"
+    controls.release.set()
+    assert first.result().status_code == 201
+    assert controls.runs["transfers"] == 1 and charges(app) == 1
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("app_config", [{"IDEMPOTENCY_WAIT": 10}])
+def test_atomic_duplicate_waits_for_the_first_commit_and_replays(app: Flask) -> None:
+    controls = ext(app)["controls"]
+    controls.hold_at = "transfers"
+    first = Background(app, "/transfers", json={"amount": 30})
+    assert controls.entered.wait(10)
+    duplicate = Background(app, "/transfers", json={"amount": 30})
+    _wait_for_lock_waiter(app)
+    controls.release.set()
+    original, replay = first.result(), duplicate.result()
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.data == original.data
+    assert controls.runs["transfers"] == 1 and charges(app) == 1
