@@ -25,8 +25,9 @@ def _default_actor() -> str:
         return "cli"
 
 
-actor_option = click.option("--actor", default=_default_actor, show_default="cli:$USER",
-                            help="Name recorded in the audit event.")
+actor_option = click.option(
+    "--actor", default=_default_actor, show_default="cli:$USER", help="Name recorded in the audit event."
+)
 
 
 def _json_default(value: Any) -> Any:
@@ -58,8 +59,10 @@ def _print_records(items: list[dict[str, Any]]) -> None:
     for r in items:
         stuck = f" stuck {_age(r.get('stuck_for_seconds'))}" if r.get("stuck") else ""
         retry = " retryable" if r["state"] == "FAILED" and r["retryable"] else ""
-        click.echo(f"{r['id']:>8}  {r['state']:<11}{retry}{stuck}  attempts={r['attempts']}  "
-                   f"scope={r['scope']!r} key={r['key']!r}  {r['method']} {r['path']}")
+        click.echo(
+            f"{r['id']:>8}  {r['state']:<11}{retry}{stuck}  attempts={r['attempts']}  "
+            f"scope={r['scope']!r} key={r['key']!r}  {r['method']} {r['path']}"
+        )
 
 
 def _fail(exc: Exception) -> None:
@@ -88,8 +91,11 @@ def stats_command(as_json: bool) -> None:
 def stuck_command(page: int, per_page: int, as_json: bool) -> None:
     """IN_PROGRESS records whose lease expired: their outcome is unknown until an operator decides."""
     result = ops.list_stuck(page, per_page)
-    _emit({"items": result.items, "total": result.total, "page": result.page, "per_page": result.per_page},
-          as_json, lambda d: _print_records(d["items"]))
+    _emit(
+        {"items": result.items, "total": result.total, "page": result.page, "per_page": result.per_page},
+        as_json,
+        lambda d: _print_records(d["items"]),
+    )
 
 
 @cli.command("show")
@@ -128,10 +134,10 @@ def _action(name: str, func: Callable[..., dict[str, Any]], help_text: str) -> N
         _emit(record, as_json, lambda r: click.echo(f"record {r['id']}: {name} done (state {r['state']})"))
 
 
-_action("mark-retryable", ops.mark_retryable,
-        "Mark a FAILED or stuck record retryable: the next retry runs the view again.")
-_action("mark-failed", ops.mark_failed,
-        "Mark a FAILED or stuck record failed for good: retries get the failure.")
+_action(
+    "mark-retryable", ops.mark_retryable, "Mark a FAILED or stuck record retryable: the next retry runs the view again."
+)
+_action("mark-failed", ops.mark_failed, "Mark a FAILED or stuck record failed for good: retries get the failure.")
 _action("release", ops.release, "Delete a record: its key is free again. The audit event stays.")
 
 

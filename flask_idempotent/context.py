@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from flask import g
@@ -86,7 +86,6 @@ class ClaimedRecord:
         self.resource_ref = ref
 
 
-
 def _current() -> ClaimedRecord:
     record: ClaimedRecord | None = g.get(_G_ATTRIBUTE)
     if record is None or not record.claimed:
@@ -99,7 +98,8 @@ def set_current(record: ClaimedRecord) -> None:
 
 
 def get_current() -> ClaimedRecord | None:
-    return g.get(_G_ATTRIBUTE)
+    record: ClaimedRecord | None = g.get(_G_ATTRIBUTE)
+    return record
 
 
 current_record: ClaimedRecord = LocalProxy(_current)  # type: ignore[assignment]

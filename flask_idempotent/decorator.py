@@ -162,4 +162,5 @@ def options_of(view: Callable[..., Any] | None) -> RouteOptions | None:
 
 def view_exception() -> BaseException | None:
     """The exception the protected view raised during this request, if any."""
-    return g.get(_EXCEPTION_ATTRIBUTE)
+    exc: BaseException | None = g.get(_EXCEPTION_ATTRIBUTE)
+    return exc

@@ -16,6 +16,7 @@ from flask import Flask, Response, current_app, has_request_context, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.engine import Engine, Row
 from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.wrappers import Response as BaseResponse
 
 from . import signals
 from .constants import BASE_REPLAY_HEADERS, DEFAULTS, REPLAYED_HEADER, UNSAFE_METHODS, ConfigKey, EventKind, State
@@ -344,6 +345,7 @@ class Idempotency:
             now = state.clock()
             token = secrets.token_hex(16)
             lease = {"lease_token": token, "locked_until": now + timedelta(seconds=options.lease), "updated_at": now}
+            values: dict[str, Any]
             if row is None:
                 values = {
                     **lease,
@@ -369,31 +371,50 @@ class Idempotency:
             decision = decide(row._mapping, record.request_hash, now, options.on_stale)
             if decision not in CLAIMING:
                 return decision, row
-            values = {**lease, "state": State.IN_PROGRESS.value, "retryable": False, "error": None,
-                      "expires_at": now + timedelta(seconds=options.ttl)}
+            values = {
+                **lease,
+                "state": State.IN_PROGRESS.value,
+                "retryable": False,
+                "error": None,
+                "expires_at": now + timedelta(seconds=options.ttl),
+            }
             if decision is Decision.REPLACE:
                 # An expired record counts as absent: start afresh under the new command.
                 values.update(
-                    request_hash=record.request_hash, method=record.method, path=record.path,
-                    endpoint=record.endpoint, attempts=1, recovery_point=None, recovery_data=None,
-                    response_status=None, response_headers=None, response_body=None, resource_ref=None,
-                    event_count=0, created_at=now,
+                    request_hash=record.request_hash,
+                    method=record.method,
+                    path=record.path,
+                    endpoint=record.endpoint,
+                    attempts=1,
+                    recovery_point=None,
+                    recovery_data=None,
+                    response_status=None,
+                    response_headers=None,
+                    response_body=None,
+                    resource_ref=None,
+                    event_count=0,
+                    created_at=now,
                 )
             else:
                 values["attempts"] = row.attempts + 1
             if store.reclaim(conn, row, values):
                 self._claimed(record, row.id, token, values["attempts"], row)
                 if decision is Decision.TAKEOVER:
-                    store.add_event(conn, record=row, scope=row.scope, key=row.key, kind=EventKind.TAKEOVER,
-                                    now=now, detail={"attempt": values["attempts"]})
+                    store.add_event(
+                        conn,
+                        record=row,
+                        scope=row.scope,
+                        key=row.key,
+                        kind=EventKind.TAKEOVER,
+                        now=now,
+                        detail={"attempt": values["attempts"]},
+                    )
                 return None, None
             row = store.find(conn, record.scope, record.key)
         return Decision.IN_PROGRESS, row  # heavy contention on one key: answer as in progress
 
     @staticmethod
-    def _claimed(
-        record: ClaimedRecord, record_id: int, token: str, attempt: int, previous: Row[Any] | None
-    ) -> None:
+    def _claimed(record: ClaimedRecord, record_id: int, token: str, attempt: int, previous: Row[Any] | None) -> None:
         record.record_id = record_id
         record.lease_token = token
         record.attempt = attempt
@@ -405,15 +426,20 @@ class Idempotency:
     def _client_event(self, state: AppState, record: ClaimedRecord, row: Row[Any], kind: EventKind) -> None:
         """Store an event a client caused, up to the per-record cap; past it the event is only counted."""
         now = state.clock()
-        detail = {"method": record.method, "path": record.path, "endpoint": record.endpoint,
-                  "request_hash": record.request_hash}
+        detail = {
+            "method": record.method,
+            "path": record.path,
+            "endpoint": record.endpoint,
+            "request_hash": record.request_hash,
+        }
         try:
             if record.atomic:
                 _rollback_quietly(state)  # the atomic claim's transaction holds nothing worth keeping
             with state.engine.connect() as conn:
                 if state.store.count_client_event(conn, row.id) <= MAX_CLIENT_EVENTS_PER_RECORD:
-                    state.store.add_event(conn, record=row, scope=row.scope, key=row.key, kind=kind, now=now,
-                                          detail=detail)
+                    state.store.add_event(
+                        conn, record=row, scope=row.scope, key=row.key, kind=kind, now=now, detail=detail
+                    )
         except sa.exc.SQLAlchemyError as exc:  # the answer matters more than its audit trail
             logger.warning("could not store %s event for record %s: %s", kind.value, row.id, exc)
 
@@ -437,7 +463,7 @@ class Idempotency:
         signals.response_replayed.send(current_app._get_current_object(), record=row._mapping)  # type: ignore[attr-defined]
         return response
 
-    def _after_request(self, response: Response) -> Response:
+    def _after_request(self, response: BaseResponse) -> BaseResponse:
         record = get_current()
         if record is None or not record.claimed or record.settled:
             return response
@@ -465,13 +491,13 @@ class Idempotency:
     def _settle(
         self,
         record: ClaimedRecord,
-        response: Response,
+        response: BaseResponse,
         outcome: State,
         retryable: bool,
         *,
         error: str | None,
         status: int | None = None,
-    ) -> Response:
+    ) -> BaseResponse:
         state = record.state
         record.settled = True
         now = state.clock()
@@ -501,7 +527,7 @@ class Idempotency:
         self._after_settle(record, stored, values)
         return response
 
-    def _settle_atomic(self, record: ClaimedRecord, response: Response, values: dict[str, Any]) -> Response:
+    def _settle_atomic(self, record: ClaimedRecord, response: BaseResponse, values: dict[str, Any]) -> BaseResponse:
         state = record.state
         session = state.db.session
         if values["state"] == State.COMPLETED.value:
@@ -512,10 +538,15 @@ class Idempotency:
             except AtomicViewCommitted as exc:
                 logger.error("atomic view %s: %s", record.endpoint, exc)
                 _rollback_quietly(state)
-                values.update(state=State.FAILED.value, retryable=True, error=_describe(exc),
-                              response_body=None, response_status=500)
+                values.update(
+                    state=State.FAILED.value,
+                    retryable=True,
+                    error=_describe(exc),
+                    response_body=None,
+                    response_status=500,
+                )
                 self._store_atomic_failure(record, values)
-                return InternalServerError().get_response()  # type: ignore[return-value]
+                return InternalServerError().get_response()
             except sa.exc.SQLAlchemyError as exc:
                 logger.error("could not commit atomic request %s: %s", record.record_id, exc)
                 _rollback_quietly(state)
@@ -538,16 +569,36 @@ class Idempotency:
             with state.engine.connect() as conn:
                 if record.previous is None:
                     now = values["updated_at"]
-                    stored = state.store.insert(conn, {
-                        **values, "scope": record.scope, "key": record.key, "request_hash": record.request_hash,
-                        "method": record.method, "path": record.path, "endpoint": record.endpoint,
-                        "attempts": record.attempt, "event_count": 0, "lease_token": record.lease_token,
-                        "created_at": now, "expires_at": now + timedelta(seconds=record.options.ttl),
-                    }) is not None
+                    stored = (
+                        state.store.insert(
+                            conn,
+                            {
+                                **values,
+                                "scope": record.scope,
+                                "key": record.key,
+                                "request_hash": record.request_hash,
+                                "method": record.method,
+                                "path": record.path,
+                                "endpoint": record.endpoint,
+                                "attempts": record.attempt,
+                                "event_count": 0,
+                                "lease_token": record.lease_token,
+                                "created_at": now,
+                                "expires_at": now + timedelta(seconds=record.options.ttl),
+                            },
+                        )
+                        is not None
+                    )
                 else:
-                    stored = state.store.reclaim(conn, record.previous, {
-                        **values, "attempts": record.attempt, "lease_token": record.lease_token,
-                    })
+                    stored = state.store.reclaim(
+                        conn,
+                        record.previous,
+                        {
+                            **values,
+                            "attempts": record.attempt,
+                            "lease_token": record.lease_token,
+                        },
+                    )
         except sa.exc.SQLAlchemyError as exc:
             logger.warning("could not store the failure of atomic record %s: %s", record.key, exc)
             return
@@ -559,7 +610,8 @@ class Idempotency:
         if not stored:
             logger.warning(
                 "record %s (%s) lost its lease before its outcome was stored; the newer owner's outcome stands",
-                record.record_id, record.key,
+                record.record_id,
+                record.key,
             )
             signals.lease_lost.send(app, record=record)
         elif values["state"] == State.COMPLETED.value:

@@ -55,7 +55,7 @@ def _form_fields(request: Request) -> list[list[str]]:
     fields = [["field", name, value] for name, value in request.form.items(multi=True)]
     for name, upload in request.files.items(multi=True):
         digest = hashlib.sha256()
-        for chunk in iter(lambda: upload.stream.read(65536), b""):
+        while chunk := upload.stream.read(65536):
             digest.update(chunk)
         upload.stream.seek(0)  # the view reads the file after us
         fields.append(["file", name, upload.filename or "", upload.mimetype, digest.hexdigest()])

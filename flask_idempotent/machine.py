@@ -40,22 +40,22 @@ class Decision(enum.Enum):
 CLAIMING = frozenset({Decision.REPLACE, Decision.RETRY, Decision.TAKEOVER})
 
 
-def is_expired(record: Mapping[str, Any], now: datetime) -> bool:
+def is_expired(record: Mapping[Any, Any], now: datetime) -> bool:
     """Whether ``record`` counts as absent.
 
     An IN_PROGRESS record never expires by itself: it may be the only trace of a crash after an outside
     effect, so only an operator (or a takeover) may end it.
     """
-    return record["state"] != State.IN_PROGRESS and record["expires_at"] <= now
+    return bool(record["state"] != State.IN_PROGRESS and record["expires_at"] <= now)
 
 
-def is_stale(record: Mapping[str, Any], now: datetime) -> bool:
+def is_stale(record: Mapping[Any, Any], now: datetime) -> bool:
     """Whether ``record`` is IN_PROGRESS with an expired lease: its owner is presumed dead."""
     locked_until = record["locked_until"]
     return record["state"] == State.IN_PROGRESS and (locked_until is None or locked_until <= now)
 
 
-def decide(record: Mapping[str, Any], request_hash: str, now: datetime, on_stale: str) -> Decision:
+def decide(record: Mapping[Any, Any], request_hash: str, now: datetime, on_stale: str) -> Decision:
     """Decide what a request with ``request_hash`` does to an existing ``record`` (SPEC's HTTP table)."""
     if is_expired(record, now):
         return Decision.REPLACE
@@ -94,7 +94,7 @@ class TransitionError(ValueError):
     """An operator action that the record's state does not allow; the message says why."""
 
 
-def check_mark_retryable(record: Mapping[str, Any], now: datetime) -> None:
+def check_mark_retryable(record: Mapping[Any, Any], now: datetime) -> None:
     """Allow "mark retryable" on a FAILED record or a stuck IN_PROGRESS one (lease expired)."""
     if record["state"] == State.COMPLETED:
         raise TransitionError("a COMPLETED record is replayed; release it to run the command again")
@@ -102,7 +102,7 @@ def check_mark_retryable(record: Mapping[str, Any], now: datetime) -> None:
         raise TransitionError("the record's lease is still live: its owner may still be running")
 
 
-def check_mark_failed(record: Mapping[str, Any], now: datetime) -> None:
+def check_mark_failed(record: Mapping[Any, Any], now: datetime) -> None:
     """Allow "mark failed (final)" on a FAILED record or a stuck IN_PROGRESS one (lease expired)."""
     if record["state"] == State.COMPLETED:
         raise TransitionError("a COMPLETED record cannot be marked failed")

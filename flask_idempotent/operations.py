@@ -133,17 +133,25 @@ def stats(now: datetime | None = None) -> dict[str, Any]:
     stuck_where = sa.and_(r.c.state == State.IN_PROGRESS.value, r.c.locked_until <= now)
     with state.db.engine.connect() as conn:
         by_state = {s: 0 for s in State.__members__}
-        by_state.update({row.state: int(row.n) for row in conn.execute(
-            sa.select(r.c.state, sa.func.count().label("n")).group_by(r.c.state))})
-        stuck, oldest = conn.execute(
-            sa.select(sa.func.count(), sa.func.min(r.c.locked_until)).where(stuck_where)
-        ).one()
-        failed = {bool(row.retryable): int(row.n) for row in conn.execute(
-            sa.select(r.c.retryable, sa.func.count().label("n"))
-            .where(r.c.state == State.FAILED.value).group_by(r.c.retryable))}
+        by_state.update(
+            {
+                row.state: int(row.n)
+                for row in conn.execute(sa.select(r.c.state, sa.func.count().label("n")).group_by(r.c.state))
+            }
+        )
+        stuck, oldest = conn.execute(sa.select(sa.func.count(), sa.func.min(r.c.locked_until)).where(stuck_where)).one()
+        failed = {
+            bool(row.retryable): int(row.n)
+            for row in conn.execute(
+                sa.select(r.c.retryable, sa.func.count().label("n"))
+                .where(r.c.state == State.FAILED.value)
+                .group_by(r.c.retryable)
+            )
+        }
         conflicts = conn.execute(
             sa.select(sa.func.count()).where(
-                e.c.kind == EventKind.CONFLICT.value, e.c.created_at >= now - timedelta(hours=24))
+                e.c.kind == EventKind.CONFLICT.value, e.c.created_at >= now - timedelta(hours=24)
+            )
         ).scalar_one()
     return {
         "by_state": by_state,
@@ -162,8 +170,13 @@ def list_stuck(page: Any = 1, per_page: Any = DEFAULT_PER_PAGE, now: datetime | 
     now = now or state.clock()
     r = state.tables.records
     where = sa.and_(r.c.state == State.IN_PROGRESS.value, r.c.locked_until <= now)
-    return _page(sa.select(r).where(where).order_by(r.c.locked_until, r.c.id),
-                 sa.select(sa.func.count()).select_from(r).where(where), page, per_page, now)
+    return _page(
+        sa.select(r).where(where).order_by(r.c.locked_until, r.c.id),
+        sa.select(sa.func.count()).select_from(r).where(where),
+        page,
+        per_page,
+        now,
+    )
 
 
 def list_failed(
@@ -176,8 +189,13 @@ def list_failed(
     where = r.c.state == State.FAILED.value
     if retryable is not None:
         where = sa.and_(where, r.c.retryable == retryable)
-    return _page(sa.select(r).where(where).order_by(r.c.updated_at.desc(), r.c.id.desc()),
-                 sa.select(sa.func.count()).select_from(r).where(where), page, per_page, now)
+    return _page(
+        sa.select(r).where(where).order_by(r.c.updated_at.desc(), r.c.id.desc()),
+        sa.select(sa.func.count()).select_from(r).where(where),
+        page,
+        per_page,
+        now,
+    )
 
 
 def list_conflicts(
@@ -195,16 +213,18 @@ def list_conflicts(
     with state.db.engine.connect() as conn:
         total = int(conn.execute(sa.select(sa.func.count()).select_from(e).where(where)).scalar_one())
         events = conn.execute(
-            sa.select(e).where(where).order_by(e.c.created_at.desc(), e.c.id.desc())
-            .limit(size).offset((page_n - 1) * size)
+            sa.select(e)
+            .where(where)
+            .order_by(e.c.created_at.desc(), e.c.id.desc())
+            .limit(size)
+            .offset((page_n - 1) * size)
         ).all()
         ids = {ev.record_id for ev in events if ev.record_id is not None}
         originals = {row.id: row for row in conn.execute(sa.select(r).where(r.c.id.in_(ids)))} if ids else {}
     items = []
     for ev in events:
         original = originals.get(ev.record_id)
-        items.append({**dict(ev._mapping),
-                      "record": None if original is None else record_dict(original, now=now)})
+        items.append({**dict(ev._mapping), "record": None if original is None else record_dict(original, now=now)})
     return Page(items, total, page_n, size)
 
 
@@ -214,11 +234,18 @@ def search(query: str, page: Any = 1, per_page: Any = DEFAULT_PER_PAGE, now: dat
     now = now or state.clock()
     r = state.tables.records
     where = sa.or_(r.c.key == query, r.c.scope == query)
-    return _page(sa.select(r).where(where).order_by(r.c.id.desc()),
-                 sa.select(sa.func.count()).select_from(r).where(where), page, per_page, now)
+    return _page(
+        sa.select(r).where(where).order_by(r.c.id.desc()),
+        sa.select(sa.func.count()).select_from(r).where(where),
+        page,
+        per_page,
+        now,
+    )
 
 
-def _with_events(conn: sa.Connection, state: AppState, row: Any, now: datetime, body_limit: int | None) -> dict[str, Any]:
+def _with_events(
+    conn: sa.Connection, state: AppState, row: Any, now: datetime, body_limit: int | None
+) -> dict[str, Any]:
     data = record_dict(row, now=now, body_limit=body_limit)
     data["events"] = [dict(ev._mapping) for ev in state.store.events_of(conn, row.id)]
     return data
@@ -265,13 +292,24 @@ def _act(record_id: int, actor: str, kind: EventKind, values: Mapping[str, Any] 
             done = state.store.update_if_unchanged(conn, row, {**values, "updated_at": now})
         if not done:
             raise RecordChanged(f"record {record_id} changed while acting on it; reload it and decide again")
-        state.store.add_event(conn, record=row, scope=row.scope, key=row.key, kind=kind, now=now, actor=actor,
-                              detail={"from_state": row.state, "retryable": row.retryable,
-                                      "attempts": row.attempts})
+        state.store.add_event(
+            conn,
+            record=row,
+            scope=row.scope,
+            key=row.key,
+            kind=kind,
+            now=now,
+            actor=actor,
+            detail={"from_state": row.state, "retryable": row.retryable, "attempts": row.attempts},
+        )
         after = None if values is None else state.store.get(conn, record_id)
     result = record_dict(after if after is not None else row, now=now)
-    signals.operator_action.send(current_app._get_current_object(),  # type: ignore[attr-defined]
-                                 record=result, action=kind.value, actor=actor)
+    signals.operator_action.send(
+        current_app._get_current_object(),  # type: ignore[attr-defined]
+        record=result,
+        action=kind.value,
+        actor=actor,
+    )
     return result
 
 

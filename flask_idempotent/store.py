@@ -102,8 +102,14 @@ class RecordStore:
         """Operator update of ``seen``; ``False`` if the record changed since it was read."""
         r = self.records
         result = conn.execute(
-            sa.update(r).where(r.c.id == seen.id, r.c.updated_at == seen.updated_at, r.c.state == seen.state,
-                               r.c.attempts == seen.attempts).values(**values)
+            sa.update(r)
+            .where(
+                r.c.id == seen.id,
+                r.c.updated_at == seen.updated_at,
+                r.c.state == seen.state,
+                r.c.attempts == seen.attempts,
+            )
+            .values(**values)
         )
         return bool(result.rowcount == 1)
 
@@ -150,4 +156,3 @@ class RecordStore:
         return conn.execute(  # type: ignore[no-any-return]
             sa.select(e).where(e.c.record_id == record_id).order_by(e.c.id.desc()).limit(limit)
         ).all()
-

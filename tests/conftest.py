@@ -15,7 +15,6 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 from flask import Flask
-
 from testapp import Controls, build_app
 
 PG_ADMIN_URL = os.environ.get("IDEMPOTENCY_TEST_PG_ADMIN_URL", "postgresql+psycopg2://root@127.0.0.1:5432/postgres")

@@ -6,10 +6,9 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from concurrency import Background
 from flask import Flask
 from flask.testing import FlaskClient
-
-from concurrency import Background
 from helpers import charges, ext, post, problem_code, record
 
 
@@ -64,9 +63,7 @@ def test_atomic_exception_propagating_is_rolled_back_in_teardown(app: Flask, cli
 
 
 @pytest.mark.parametrize("app_config", [{"PROPAGATE_EXCEPTIONS": False}])
-def test_atomic_view_that_commits_gets_a_clear_error_and_nothing_is_persisted(
-    app: Flask, client: FlaskClient
-) -> None:
+def test_atomic_view_that_commits_gets_a_clear_error_and_nothing_is_persisted(app: Flask, client: FlaskClient) -> None:
     ext(app)["controls"].commit_in_view = True
     assert post(client, "/transfers", json={"amount": 30}).status_code == 500
     assert charges(app) == 0
@@ -81,9 +78,11 @@ def _wait_for_lock_waiter(app: Flask) -> None:
     deadline = time.monotonic() + 10
     with engine.connect() as conn:
         while time.monotonic() < deadline:
-            waiting = conn.execute(sa.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-            )).scalar_one()
+            waiting = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                )
+            ).scalar_one()
             if waiting:
                 return
             conn.rollback()

@@ -7,9 +7,9 @@ import io
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from helpers import charges, post, record
 
 from flask_idempotent.fingerprint import canonical_json
-from helpers import charges, post, record
 
 
 def replayed(response) -> bool:  # type: ignore[no-untyped-def]
@@ -67,8 +67,12 @@ def test_form_fields_are_compared_sorted(app: Flask, client: FlaskClient) -> Non
 def test_multipart_retry_with_a_new_boundary_is_the_same_command(app: Flask, client: FlaskClient) -> None:
     def send(content: bytes, name: str = "receipt.txt"):  # type: ignore[no-untyped-def]
         # The test client draws a fresh random boundary for each request, as real clients do.
-        return post(client, "/upload", data={"note": "x", "file": (io.BytesIO(content), name, "text/plain")},
-                    content_type="multipart/form-data")
+        return post(
+            client,
+            "/upload",
+            data={"note": "x", "file": (io.BytesIO(content), name, "text/plain")},
+            content_type="multipart/form-data",
+        )
 
     first = send(b"hello")
     assert first.status_code == 201 and first.get_json()["files"] == {"file": "hello"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flask import Flask
 from flask.testing import FlaskClient
-
 from helpers import charges, events, post, problem_code, record, records
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from helpers import charges, post, problem_code, records
 
 from flask_idempotent.keys import MAX_KEY_LENGTH, KeyFormatError, parse_key
-from helpers import charges, post, problem_code, records
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,13 @@ import time
 from typing import Any
 
 import pytest
+from concurrency import Background
 from flask import Flask
 from flask.testing import FlaskClient
-
-from concurrency import Background
-from flask_idempotent import signals
-from flask_idempotent import operations as ops
 from helpers import charges, events, ext, post, problem_code, record
+
+from flask_idempotent import operations as ops
+from flask_idempotent import signals
 
 
 def hold(app: Flask, step: str) -> Any:
@@ -98,9 +98,7 @@ def ops_in(app: Flask, func: Any, *args: Any, **kwargs: Any) -> Any:
         return func(*args, **kwargs)
 
 
-def test_operator_marks_stuck_record_retryable_and_the_retry_runs_once(
-    app: Flask, client: FlaskClient, clock
-) -> None:
+def test_operator_marks_stuck_record_retryable_and_the_retry_runs_once(app: Flask, client: FlaskClient, clock) -> None:
     controls = hold(app, "payments")
     lost: list[Any] = []
     first = Background(app, "/payments", json={"amount": 5})

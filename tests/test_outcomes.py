@@ -5,14 +5,11 @@ from __future__ import annotations
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-
 from helpers import charges, ext, post, record
 
 
 @pytest.mark.parametrize("status", [200, 201, 204, 302, 400, 404, 422])
-def test_success_redirect_and_client_errors_complete_and_replay(
-    app: Flask, client: FlaskClient, status: int
-) -> None:
+def test_success_redirect_and_client_errors_complete_and_replay(app: Flask, client: FlaskClient, status: int) -> None:
     ext(app)["controls"].status = status
     first = post(client, "/payments", json={"amount": 1})
     assert first.status_code == status
@@ -25,9 +22,7 @@ def test_success_redirect_and_client_errors_complete_and_replay(
 
 
 @pytest.mark.parametrize("status", [408, 409, 425, 429, 502, 503, 504])
-def test_retryable_statuses_leave_failed_retryable_and_run_again(
-    app: Flask, client: FlaskClient, status: int
-) -> None:
+def test_retryable_statuses_leave_failed_retryable_and_run_again(app: Flask, client: FlaskClient, status: int) -> None:
     controls = ext(app)["controls"]
     controls.status = status
     assert post(client, "/payments", json={"amount": 1}).status_code == status

@@ -169,8 +169,13 @@ def build_app(database_url: str, *, clock: Any, controls: Controls, **config: An
     @app.post("/phases")
     @idempotent(on_stale="takeover", lease=30)
     def phases() -> Any:
-        controls.seen.append({"point": current_record.recovery_point, "data": current_record.recovery_data,
-                              "attempt": current_record.attempt})
+        controls.seen.append(
+            {
+                "point": current_record.recovery_point,
+                "data": current_record.recovery_data,
+                "attempt": current_record.attempt,
+            }
+        )
         if current_record.recovery_point is None:
             row = charge("phases")
             current_record.checkpoint("charged", {"charge": row.id})

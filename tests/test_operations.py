@@ -1,0 +1,201 @@
+"""The operations API and the ``flask idempotency`` CLI: what an on-call operator can see and do."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from concurrency import Background
+from flask import Flask
+from flask.testing import FlaskClient
+from helpers import charges, events, ext, post, problem_code, record, records
+
+from flask_idempotent import operations as ops
+
+
+def run(app: Flask, func: Any, *args: Any, **kwargs: Any) -> Any:
+    with app.app_context():
+        return func(*args, **kwargs)
+
+
+def make_stuck(app: Flask, clock: Any, key: str = "stuck-1") -> Background:
+    controls = ext(app)["controls"]
+    controls.hold_at = "payments"
+    owner = Background(app, "/payments", key=key, json={"amount": 1})
+    assert controls.entered.wait(10)
+    clock.advance(minutes=12)
+    return owner
+
+
+def finish(app: Flask, owner: Background) -> None:
+    ext(app)["controls"].release.set()
+    owner.result()
+
+
+def test_stats_lists_and_search_show_what_needs_a_decision(app: Flask, client: FlaskClient, clock: Any) -> None:
+    controls = ext(app)["controls"]
+    post(client, "/payments", key="ok", json={"amount": 1})
+    post(client, "/payments", key="ok", json={"amount": 2})  # conflict
+    controls.status = 500
+    post(client, "/payments", key="final", json={"amount": 1})
+    controls.status = 503
+    post(client, "/payments", key="retry", json={"amount": 1})
+    controls.status = None
+    owner = make_stuck(app, clock)
+    try:
+        s = run(app, ops.stats)
+        assert s["by_state"] == {"IN_PROGRESS": 1, "COMPLETED": 1, "FAILED": 2}
+        assert s["stuck"] == 1 and s["oldest_stuck_seconds"] == 11 * 60  # lease 60 s, 12 min ago
+        assert (s["failed_final"], s["failed_retryable"], s["conflicts_24h"]) == (1, 1, 1)
+
+        stuck = run(app, ops.list_stuck)
+        assert [r["key"] for r in stuck.items] == ["stuck-1"] and stuck.total == 1
+        assert stuck.items[0]["stuck_for_seconds"] == 11 * 60
+        assert "lease_token" not in stuck.items[0]
+        assert {r["key"] for r in run(app, ops.list_failed).items} == {"final", "retry"}
+        assert [r["key"] for r in run(app, ops.list_failed, retryable=False).items] == ["final"]
+        assert [r["key"] for r in run(app, ops.list_failed, retryable=True).items] == ["retry"]
+        [conflict] = run(app, ops.list_conflicts).items
+        assert conflict["record"]["key"] == "ok" and conflict["detail"]["path"] == "/payments"
+        assert conflict["record"]["request_hash"] != conflict["detail"]["request_hash"]
+        assert [r["key"] for r in run(app, ops.search, "final").items] == ["final"]
+        assert run(app, ops.search, "nothing").total == 0
+        shown = run(app, ops.show, "", "ok", body_limit=None)
+        assert json.loads(shown["response_body"])["amount"] == 1
+        assert [e["kind"] for e in shown["events"]] == ["conflict"]
+    finally:
+        finish(app, owner)
+
+
+@pytest.mark.parametrize(
+    ("page", "per_page", "expected"),
+    [
+        (0, 10, (1, 10)),
+        (-3, 10, (1, 10)),
+        ("abc", "xyz", (1, 50)),
+        (2, 100000, (2, 200)),
+        (1, 0, (1, 1)),
+    ],
+)
+def test_paging_values_are_bounded(page: Any, per_page: Any, expected: tuple[int, int]) -> None:
+    assert ops.bounds(page, per_page) == expected
+
+
+def test_paging_walks_a_listing(app: Flask, client: FlaskClient) -> None:
+    ext(app)["controls"].status = 500
+    for i in range(5):
+        post(client, "/payments", key=f"f{i}", json={})
+    first, last = run(app, ops.list_failed, page=1, per_page=2), run(app, ops.list_failed, page=3, per_page=2)
+    assert (first.total, first.pages, first.has_next, first.has_prev) == (5, 3, True, False)
+    assert len(last.items) == 1 and not last.has_next
+    seen = {r["key"] for p in (1, 2, 3) for r in run(app, ops.list_failed, page=p, per_page=2).items}
+    assert seen == {f"f{i}" for i in range(5)}
+
+
+def test_transitions_the_state_does_not_allow_are_refused(app: Flask, client: FlaskClient, clock: Any) -> None:
+    post(client, "/payments", key="done", json={})
+    done = record(app, "done")
+    with pytest.raises(ops.TransitionError):
+        run(app, ops.mark_retryable, done["id"], actor="alice")
+    with pytest.raises(ops.TransitionError):
+        run(app, ops.mark_failed, done["id"], actor="alice")
+    controls = ext(app)["controls"]
+    controls.hold_at = "payments"
+    owner = Background(app, "/payments", key="live", json={})
+    assert controls.entered.wait(10)
+    try:
+        with pytest.raises(ops.TransitionError, match="still live"):
+            run(app, ops.mark_retryable, record(app, "live")["id"], actor="alice")
+    finally:
+        finish(app, owner)
+    with pytest.raises(ops.RecordNotFound):
+        run(app, ops.release, 999999, actor="alice")
+    assert record(app, "done") == done
+    assert events(app) == []
+
+
+def test_mark_failed_on_a_stuck_record_answers_retries_with_500_failed(
+    app: Flask, client: FlaskClient, clock: Any
+) -> None:
+    owner = make_stuck(app, clock)
+    row = record(app, "stuck-1")
+    marked = run(app, ops.mark_failed, row["id"], actor="bob")
+    assert (marked["state"], marked["retryable"]) == ("FAILED", False)
+    response = post(client, "/payments", key="stuck-1", json={"amount": 1})
+    assert response.status_code == 500 and problem_code(response) == "failed"
+    assert ext(app)["controls"].runs["payments"] == 1
+    [event] = events(app, "mark_failed")
+    assert event["actor"] == "bob" and event["detail"]["from_state"] == "IN_PROGRESS"
+    finish(app, owner)
+    assert record(app, "stuck-1")["state"] == "FAILED"  # the late owner cannot overwrite the decision
+
+
+def test_release_frees_the_key_and_keeps_the_audit_event(app: Flask, client: FlaskClient) -> None:
+    post(client, "/payments", key="r", json={"amount": 1})
+    row = record(app, "r")
+    run(app, ops.release, row["id"], actor="carol")
+    assert record(app, "r") is None
+    assert post(client, "/payments", key="r", json={"amount": 2}).status_code == 201
+    assert charges(app) == 2
+    [event] = events(app, "release")
+    assert (event["actor"], event["record_id"], event["key"]) == ("carol", row["id"], "r")
+
+
+def test_purge_deletes_expired_records_in_batches_but_never_in_progress(
+    app: Flask, client: FlaskClient, clock: Any
+) -> None:
+    for i in range(5):
+        post(client, "/payments", key=f"old{i}", json={})
+    owner = make_stuck(app, clock)
+    try:
+        clock.advance(hours=25)
+        post(client, "/payments", key="fresh", json={})
+        assert run(app, ops.purge, batch_size=2) == 5
+        assert sorted(r["key"] for r in records(app)) == ["fresh", "stuck-1"]
+        assert run(app, ops.purge, batch_size=2) == 0
+    finally:
+        finish(app, owner)
+
+
+def test_purge_can_stop_after_some_batches(app: Flask, client: FlaskClient, clock: Any) -> None:
+    for i in range(5):
+        post(client, "/payments", key=f"old{i}", json={})
+    clock.advance(hours=25)
+    assert run(app, ops.purge, batch_size=2, max_batches=1) == 2
+    assert len(records(app)) == 3
+
+
+def cli(app: Flask, *args: str) -> Any:
+    result = app.test_cli_runner().invoke(args=["idempotency", *args])
+    return result
+
+
+def test_cli_commands_with_json(app: Flask, client: FlaskClient, clock: Any) -> None:
+    post(client, "/payments", key="a", json={"amount": 1})
+    owner = make_stuck(app, clock)
+    try:
+        result = cli(app, "stats", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["stuck"] == 1
+        stuck = json.loads(cli(app, "stuck", "--json").output)
+        assert [r["key"] for r in stuck["items"]] == ["stuck-1"]
+        record_id = stuck["items"][0]["id"]
+        shown = json.loads(cli(app, "show", "", "stuck-1", "--json").output)
+        assert shown["state"] == "IN_PROGRESS" and shown["stuck"] is True
+        result = cli(app, "mark-retryable", str(record_id), "--actor", "oncall", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["retryable"] is True
+        assert events(app, "mark_retryable")[0]["actor"] == "oncall"
+        assert "COMPLETED" in cli(app, "stats").output
+    finally:
+        finish(app, owner)
+    bad = cli(app, "mark-failed", str(record(app, "a")["id"]))
+    assert bad.exit_code != 0 and "COMPLETED" in bad.output
+    missing = cli(app, "release", "424242")
+    assert missing.exit_code != 0 and "no idempotency record" in missing.output
+    assert cli(app, "show", "", "nope").exit_code != 0
+    clock.advance(hours=25)
+    purged = cli(app, "purge", "--batch-size", "1", "--json")
+    assert purged.exit_code == 0 and json.loads(purged.output)["deleted"] == 2
+    assert records(app) == []
