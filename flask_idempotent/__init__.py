@@ -17,6 +17,7 @@ from .errors import (
     RecordStuck,
     RequestFailed,
     RequestInProgress,
+    ResponseNotStored,
     StoreUnavailable,
 )
 from .extension import Idempotency
@@ -32,6 +33,7 @@ __all__ = [
     "RecordStuck",
     "RequestFailed",
     "RequestInProgress",
+    "ResponseNotStored",
     "StoreUnavailable",
     "TransientError",
     "current_record",

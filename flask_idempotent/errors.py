@@ -134,3 +134,16 @@ class RequestFailed(IdempotencyError):
     code = 500
     problem_code = "failed"
     title = "The request with this idempotency key failed"
+
+
+class ResponseNotStored(IdempotencyError):
+    """500: the request with this key completed, but its response exceeded ``IDEMPOTENCY_MAX_RESPONSE_BYTES``.
+
+    The layer never replays a truncated body and never runs the command again; the original's allow-listed
+    headers (such as ``Location``) come with this problem so the client can fetch the result. Routes with large
+    responses should store a resource reference (``replay=`` and ``current_record.set_resource``).
+    """
+
+    code = 500
+    problem_code = "response-not-stored"
+    title = "The original response was too large to replay"

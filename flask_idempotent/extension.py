@@ -31,6 +31,7 @@ from .errors import (
     RecordStuck,
     RequestFailed,
     RequestInProgress,
+    ResponseNotStored,
     StoreUnavailable,
 )
 from .fingerprint import BodyTooLarge, custom_command, hash_command, request_fingerprint
@@ -96,6 +97,7 @@ class AppState:
         self.replay_headers = frozenset(name.lower() for name in replay_headers)
         self.retry_after = int(config[ConfigKey.RETRY_AFTER])
         self.max_body_bytes = int(config[ConfigKey.MAX_BODY_BYTES])
+        self.max_response_bytes = int(config[ConfigKey.MAX_RESPONSE_BYTES])
         self.defaults = RouteOptions(
             required=bool(config[ConfigKey.REQUIRED]),
             atomic=bool(config[ConfigKey.ATOMIC]),
@@ -276,7 +278,7 @@ class Idempotency:
         deadline = time.monotonic() + options.wait
         delay = 0.02
         while True:
-            decision, row = self._claim_once(state, record, deadline)
+            decision, row = self._claim_once(state, record)
             if decision is None:
                 signals.record_claimed.send(current_app._get_current_object(), record=record)  # type: ignore[attr-defined]
                 return None
@@ -312,17 +314,13 @@ class Idempotency:
                 status=options.in_progress_status,
             )
 
-    def _claim_once(
-        self, state: AppState, record: ClaimedRecord, deadline: float
-    ) -> tuple[Decision | None, Row[Any] | None]:
+    def _claim_once(self, state: AppState, record: ClaimedRecord) -> tuple[Decision | None, Row[Any] | None]:
         try:
             if record.atomic:
-                session = state.db.session
-                if session.get_bind().dialect.name == "postgresql":
-                    # A duplicate blocks on the first request's uncommitted row; bound that wait by `wait`.
-                    lock_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                    session.execute(sa.text(f"SET LOCAL lock_timeout = {lock_ms}"))
-                return self._decide_and_claim(state, session, record)
+                decision, row = self._decide_and_claim(state, state.db.session, record)
+                if decision is not None:
+                    _rollback_quietly(state)  # hold no transaction while answering or polling
+                return decision, row
             with state.engine.connect() as conn:
                 return self._decide_and_claim(state, conn, record)
         except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
@@ -340,7 +338,14 @@ class Idempotency:
         self, state: AppState, conn: Executor, record: ClaimedRecord
     ) -> tuple[Decision | None, Row[Any] | None]:
         store, options = state.store, record.options
-        row = store.find(conn, record.scope, record.key)
+        if record.atomic:
+            # An atomic owner's claim is uncommitted until its view returns; duplicates must neither run nor
+            # block on its row, so the owner also holds a transaction-scoped lock on the key (PostgreSQL).
+            locked, row = store.find_and_lock(conn, record.scope, record.key)
+            if not locked:
+                return Decision.IN_PROGRESS, None
+        else:
+            row = store.find(conn, record.scope, record.key)
         for _ in range(_CLAIM_ATTEMPTS):
             now = state.clock()
             token = secrets.token_hex(16)
@@ -433,8 +438,6 @@ class Idempotency:
             "request_hash": record.request_hash,
         }
         try:
-            if record.atomic:
-                _rollback_quietly(state)  # the atomic claim's transaction holds nothing worth keeping
             with state.engine.connect() as conn:
                 if state.store.count_client_event(conn, row.id) <= MAX_CLIENT_EVENTS_PER_RECORD:
                     state.store.add_event(
@@ -446,9 +449,18 @@ class Idempotency:
     def _replay(self, state: AppState, record: ClaimedRecord, row: Row[Any]) -> Response:
         if row.response_status is None:
             # Marked failed by an operator before any response was stored.
-            raise RequestFailed(row.error or "An operator marked the request with this key as failed.")
+            raise RequestFailed("An operator marked the request with this key as failed; it will not run again.")
         headers = [(name, value) for name, value in (row.response_headers or [])]
         replay = record.options.replay
+        if row.response_body is None and (row.resource_ref is None or replay is None):
+            not_stored = ResponseNotStored(
+                f"The request with this key completed with status {row.response_status}, but its response was"
+                " too large to store, so it cannot be replayed. Its headers (e.g. Location) are included."
+            )
+            response = not_stored.get_response()
+            response.headers.extend((n, v) for n, v in headers if n.lower() != "content-type")
+            response.headers[REPLAYED_HEADER] = "true"
+            return response  # type: ignore[return-value]
         if row.resource_ref is not None and replay is not None:
             response = current_app.make_response(current_app.ensure_sync(replay)(row.resource_ref))
             response.status_code = row.response_status
@@ -504,7 +516,13 @@ class Idempotency:
         has_resource = record.resource_ref is not UNSET
         if response.direct_passthrough:
             response.direct_passthrough = False  # buffer it: the body is stored
-        store_body = not (has_resource and record.options.replay is not None)
+        body: bytes | None = None
+        if not (has_resource and record.options.replay is not None):
+            body = response.get_data()
+            if len(body) > state.max_response_bytes:
+                # Never store a truncated body: replays answer 500 response-not-stored instead (see _replay).
+                error = error or f"response body of {len(body)} bytes exceeds {ConfigKey.MAX_RESPONSE_BYTES}"
+                body = None
         values = {
             "state": outcome.value,
             "retryable": retryable,
@@ -512,7 +530,7 @@ class Idempotency:
             "updated_at": now,
             "response_status": status or response.status_code,
             "response_headers": [[n, v] for n, v in response.headers.items() if n.lower() in state.replay_headers],
-            "response_body": response.get_data() if store_body else None,
+            "response_body": body,
             "resource_ref": record.resource_ref if has_resource else None,
             "error": error,
         }
@@ -627,11 +645,8 @@ def _describe(exc: BaseException | None) -> str | None:
 
 
 def _is_lock_wait(exc: BaseException) -> bool:
-    """A bounded lock wait ran out: another request holds this key (PostgreSQL 55P03, SQLite busy)."""
-    orig = getattr(exc, "orig", None)
-    if getattr(orig, "pgcode", None) == "55P03":
-        return True
-    return "database is locked" in str(orig)
+    """SQLite's busy timeout ran out: another connection holds the write lock (an atomic owner)."""
+    return "database is locked" in str(getattr(exc, "orig", ""))
 
 
 def _rollback_quietly(state: AppState) -> None:

@@ -7,6 +7,7 @@ on the unique constraint on ``(scope, key)`` and on compare-and-set updates, nev
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -23,6 +24,12 @@ class Executor(Protocol):
     """Anything with ``execute``: a ``Connection`` or a ``Session``."""
 
     def execute(self, statement: Any, params: Any = ..., /) -> Any: ...
+
+
+def advisory_key(scope: str, key: str) -> int:
+    """A signed 64-bit lock id for ``(scope, key)``; a collision only makes a request wait, never run twice."""
+    digest = hashlib.blake2b(f"{len(scope)}:{scope}{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _dialect(conn: Any) -> str:
@@ -48,6 +55,23 @@ class RecordStore:
     def get(self, conn: Executor, record_id: int) -> Row[Any] | None:
         r = self.records
         return conn.execute(sa.select(r).where(r.c.id == record_id)).first()  # type: ignore[no-any-return]
+
+    def find_and_lock(self, conn: Executor, scope: str, key: str) -> tuple[bool, Row[Any] | None]:
+        """Read the record and, on PostgreSQL, try a transaction-scoped advisory lock on ``(scope, key)``.
+
+        One statement. ``(False, None)`` means another transaction holds the key: an atomic request in flight.
+        Other databases serialize writers themselves (SQLite's write lock), so they always "lock".
+        """
+        if _dialect(conn) != "postgresql":
+            return True, self.find(conn, scope, key)
+        r = self.records
+        lock = sa.func.pg_try_advisory_xact_lock(advisory_key(scope, key)).label("_locked")
+        one = sa.select(sa.literal(1).label("one")).subquery()
+        joined = one.outerjoin(r, sa.and_(r.c.scope == scope, r.c.key == key))
+        row = conn.execute(sa.select(lock, *r.c).select_from(joined)).one()
+        if not row._locked:
+            return False, None
+        return True, (None if row.id is None else row)
 
     # Claims -----------------------------------------------------------------------------------------------
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
-import sqlalchemy as sa
 from concurrency import Background
 from flask import Flask
 from flask.testing import FlaskClient
@@ -72,23 +72,6 @@ def test_atomic_view_that_commits_gets_a_clear_error_and_nothing_is_persisted(ap
     assert "AtomicViewCommitted" in row["error"]
 
 
-def _wait_for_lock_waiter(app: Flask) -> None:
-    """Poll (bounded) until a PostgreSQL backend waits on a lock: the duplicate is blocked."""
-    engine = ext(app)["db"].engines[None]
-    deadline = time.monotonic() + 10
-    with engine.connect() as conn:
-        while time.monotonic() < deadline:
-            waiting = conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                )
-            ).scalar_one()
-            if waiting:
-                return
-            conn.rollback()
-    raise AssertionError("the duplicate never blocked on the first request's row")
-
-
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_atomic_duplicate_in_flight_gets_409_without_running(app: Flask, client: FlaskClient) -> None:
     controls = ext(app)["controls"]
@@ -105,13 +88,21 @@ def test_atomic_duplicate_in_flight_gets_409_without_running(app: Flask, client:
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 @pytest.mark.parametrize("app_config", [{"IDEMPOTENCY_WAIT": 10}])
-def test_atomic_duplicate_waits_for_the_first_commit_and_replays(app: Flask) -> None:
+def test_atomic_duplicate_waits_for_the_first_commit_and_replays(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    waiting = threading.Event()
+    real_sleep = time.sleep
+
+    def observed_sleep(seconds: float) -> None:
+        waiting.set()  # the duplicate found the key held and is polling
+        real_sleep(seconds)
+
+    monkeypatch.setattr("flask_idempotent.extension.time.sleep", observed_sleep)
     controls = ext(app)["controls"]
     controls.hold_at = "transfers"
     first = Background(app, "/transfers", json={"amount": 30})
     assert controls.entered.wait(10)
     duplicate = Background(app, "/transfers", json={"amount": 30})
-    _wait_for_lock_waiter(app)
+    assert waiting.wait(10)
     controls.release.set()
     original, replay = first.result(), duplicate.result()
     assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"

@@ -101,3 +101,18 @@ def test_exception_propagating_past_the_app_is_settled_in_teardown(app: Flask, c
     row = record(app, "k-1")
     assert (row["state"], row["retryable"], row["response_status"]) == ("FAILED", False, 500)
     assert row["locked_until"] is None
+
+
+@pytest.mark.parametrize("app_config", [{"IDEMPOTENCY_MAX_RESPONSE_BYTES": 16}])
+def test_response_beyond_the_storage_limit_is_never_replayed_truncated(app: Flask, client: FlaskClient) -> None:
+    first = post(client, "/payments", json={"amount": 1})
+    assert first.status_code == 201 and len(first.data) > 16
+    row = record(app, "k-1")
+    assert (row["state"], row["response_body"]) == ("COMPLETED", None)
+    assert "IDEMPOTENCY_MAX_RESPONSE_BYTES" in row["error"]
+    again = post(client, "/payments", json={"amount": 1})
+    assert again.status_code == 500
+    assert again.get_json()["type"].endswith("response-not-stored")
+    assert again.headers["Location"] == first.headers["Location"]
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert ext(app)["controls"].runs["payments"] == 1
