@@ -43,6 +43,8 @@ class ClaimedRecord:
     recovery_data: Any = None
     #: The row this request took over (retry, takeover, expiry), ``None`` for a fresh insert.
     previous: Row[Any] | None = None
+    #: The values this request's claim wrote (atomic mode writes them again with a failure after a rollback).
+    claim_values: dict[str, Any] = field(default_factory=dict)
     resource_ref: Any = field(default=UNSET)
     settled: bool = False
 

@@ -1,14 +1,457 @@
-"""The operator dashboard blueprint (being written)."""
+"""The operator dashboard: a blueprint that shows stuck, failed and conflicting records and resolves them.
+
+``Idempotency.init_app`` mounts it at ``IDEMPOTENCY_DASHBOARD_URL_PREFIX`` (default ``/idempotency``; ``None``
+or ``""`` mounts nothing). Pages are server-rendered Jinja templates (``flask_idempotent/*.html``, which an app
+may override with its own file of the same name) styled only by the namespaced ``fi-`` classes of
+``flask_idempotent/dashboard.css``; no JavaScript is needed. Every query goes through :mod:`.operations`.
+
+Access. Every page, action and static file answers 403 until the app registers a check with
+``@idempotency.dashboard_access``. The check runs once per request and returns:
+
+- the operator's name (a non-empty ``str``): full access; actions are audited under that name;
+- ``ReadOnly("name")``: the pages without the action buttons; action POSTs answer 403;
+- anything falsy (``None``, ``""``, ``False``): 403.
+
+It may also raise an HTTP exception itself (``abort(401)``, a redirect to the app's login page).
+
+Actions (mark retryable, mark failed, release) are POST forms carrying a CSRF token: Flask-WTF's when the app
+registered ``CSRFProtect`` (and ``WTF_CSRF_ENABLED`` is on), otherwise the dashboard's own per-session token. A
+missing or wrong token answers 400 and changes nothing. Both need ``SECRET_KEY``; without it the pages are
+read-only. Each form also carries the version of the record the operator saw: if the record changed since
+(a retry ran, another operator acted), the action answers 409 instead of acting on a state nobody looked at.
+Releasing (deleting) a record needs a confirmation step.
+
+Response bodies and recovery data are hidden unless ``IDEMPOTENCY_DASHBOARD_SHOW_BODIES`` is on; then the
+first :data:`BODY_LIMIT` bytes are shown.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import hmac
+import importlib
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from flask.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
+
+from . import operations as ops
+from .constants import ConfigKey, State
+from .decorator import idempotent
+from .machine import check_mark_failed, check_mark_retryable
 
 if TYPE_CHECKING:
     from flask import Flask
 
     from .extension import Idempotency
 
+__all__ = ["BODY_LIMIT", "ReadOnly", "blueprint", "init_dashboard"]
+
+#: How much of a stored response body (and of recovery data) the record page shows, when bodies are shown.
+BODY_LIMIT = 4096
+
+#: The endpoint prefix: ``url_for("idempotency_dashboard.overview")``.
+BLUEPRINT_NAME = "idempotency_dashboard"
+
+_SETTINGS = "idempotency_dashboard"
+_SESSION_TOKEN = "_flask_idempotent_csrf"
+_CSRF_FIELD = "csrf_token"
+_FLASH_OK = "fi-success"
+_FLASH_ERROR = "fi-error"
+
+
+class ReadOnly(str):
+    """Return ``ReadOnly("alice")`` from the ``dashboard_access`` hook to let alice see pages but not act."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who is looking at the dashboard in this request."""
+
+    name: str
+    read_only: bool
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The dashboard's config, read once in ``init_app``."""
+
+    show_bodies: bool
+
+
+def _assets(name: str) -> str:
+    """A wheel carries ``templates``/``static`` inside the package; a checkout has them at the top level."""
+    here = Path(__file__).resolve().parent
+    inside = here / name
+    return str(inside if inside.is_dir() else here.parent / name)
+
+
+blueprint = Blueprint(
+    BLUEPRINT_NAME,
+    __name__,
+    template_folder=_assets("templates"),
+    static_folder=_assets("static"),
+    static_url_path="/static",
+)
+
+#: Dashboard views are never protected by ``IDEMPOTENCY_PROTECT_ALL``: their POSTs need no key.
+_exempt = idempotent(exempt=True)
+
 
 def init_dashboard(app: Flask, extension: Idempotency) -> None:
-    """Mount the dashboard at ``IDEMPOTENCY_DASHBOARD_URL_PREFIX``."""
+    """Mount the dashboard at ``IDEMPOTENCY_DASHBOARD_URL_PREFIX`` (``None`` or ``""``: not mounted)."""
+    prefix = app.config.get(ConfigKey.DASHBOARD_URL_PREFIX)
+    if not prefix:
+        return
+    app.extensions[_SETTINGS] = Settings(show_bodies=bool(app.config[ConfigKey.DASHBOARD_SHOW_BODIES]))
+    app.register_blueprint(blueprint, url_prefix=str(prefix).rstrip("/"))
+
+
+# Access and CSRF --------------------------------------------------------------------------------------------
+
+
+@blueprint.before_request
+def _check_access() -> None:
+    extension: Idempotency = current_app.extensions["idempotency"]
+    check = extension._dashboard_access
+    if check is None:
+        abort(403, "The dashboard is closed: the app has not registered @idempotency.dashboard_access.")
+    who = current_app.ensure_sync(check)()
+    if not who:
+        abort(403, "You do not have access to the idempotency dashboard.")
+    g._flask_idempotent_viewer = Viewer(name=str(who), read_only=isinstance(who, ReadOnly))
+
+
+def _viewer() -> Viewer | None:
+    viewer: Viewer | None = g.get("_flask_idempotent_viewer")
+    return viewer
+
+
+def _settings() -> Settings:
+    settings: Settings = current_app.extensions[_SETTINGS]
+    return settings
+
+
+def _flask_wtf() -> Any | None:
+    """The app's ``CSRFProtect``, when it registered one and left it enabled."""
+    csrf = current_app.extensions.get("csrf")
+    if csrf is None or not current_app.config.get("WTF_CSRF_ENABLED", True):
+        return None
+    return csrf
+
+
+def _actions_enabled() -> bool:
+    """Actions need a session for their CSRF token (ours or Flask-WTF's): no ``SECRET_KEY``, no actions."""
+    return bool(current_app.secret_key)
+
+
+def _csrf_field() -> str:
+    if _flask_wtf() is not None:
+        return str(current_app.config.get("WTF_CSRF_FIELD_NAME", _CSRF_FIELD))
+    return _CSRF_FIELD
+
+
+def _csrf_token() -> str:
+    if _flask_wtf() is not None:
+        return str(importlib.import_module("flask_wtf.csrf").generate_csrf())
+    token = session.get(_SESSION_TOKEN)
+    if not isinstance(token, str) or not token:
+        token = secrets.token_urlsafe(32)
+        session[_SESSION_TOKEN] = token
+    return token
+
+
+def _check_csrf() -> None:
+    """Answer 400 unless the form carries this session's token."""
+    csrf = _flask_wtf()
+    if csrf is not None:
+        if not g.get("csrf_valid"):  # CSRFProtect's own before_request may already have checked it
+            csrf.protect()  # raises CSRFError, a 400
+        return
+    expected = session.get(_SESSION_TOKEN)
+    sent = request.form.get(_CSRF_FIELD, "")
+    if not (isinstance(expected, str) and expected and hmac.compare_digest(sent.encode(), expected.encode())):
+        abort(400, "The form's CSRF token is missing or wrong. Reload the page and try again.")
+
+
+def _require_operator() -> Viewer:
+    viewer = _viewer()
+    if viewer is None or viewer.read_only:
+        abort(403, "Read-only access: you can look at records but not change them.")
+    if not _actions_enabled():
+        abort(403, "Dashboard actions need the app's SECRET_KEY (for the CSRF token).")
+    return viewer
+
+
+# Template helpers -------------------------------------------------------------------------------------------
+
+
+def human_age(seconds: float | None) -> str:
+    """``725`` → ``"12 min"``; ``None`` → ``"-"``."""
+    if seconds is None:
+        return "-"
+    s = int(abs(seconds))
+    if s < 60:
+        return f"{s} s"
+    minutes = s // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+def _now() -> datetime:
+    extension: Idempotency = current_app.extensions["idempotency"]
+    return extension.state().clock()
+
+
+def _record_version(record: dict[str, Any]) -> str:
+    """What the operator saw; an action on a record whose version changed since answers 409."""
+    updated = record["updated_at"].isoformat() if record.get("updated_at") else ""
+    return f"{record['state']}|{int(bool(record['retryable']))}|{record['attempts']}|{updated}"
+
+
+def _page_url(page: int) -> str:
+    args: dict[str, Any] = {**(request.view_args or {}), **request.args.to_dict(), "page": page}
+    return url_for(str(request.endpoint), **args)
+
+
+def _json(value: Any, limit: int | None = None) -> str:
+    text = json.dumps(value, indent=2, sort_keys=True, default=str, ensure_ascii=False)
+    if limit is not None and len(text) > limit:
+        return text[:limit] + "\n… (truncated)"
+    return text
+
+
+@blueprint.context_processor
+def _template_helpers() -> dict[str, Any]:
+    now = _now()
+    viewer = _viewer()
+
+    def ago(value: datetime | None) -> str:
+        if value is None:
+            return "-"
+        seconds = (now - value).total_seconds()
+        return f"{human_age(seconds)} ago" if seconds >= 0 else f"in {human_age(seconds)}"
+
+    def when(value: datetime | None) -> str:
+        return "-" if value is None else value.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    can_act = viewer is not None and not viewer.read_only and _actions_enabled()
+    return {
+        "fi_now": now,
+        "fi_viewer": viewer,
+        "fi_can_act": can_act,
+        "fi_actions_enabled": _actions_enabled(),
+        "fi_age": human_age,
+        "fi_ago": ago,
+        "fi_when": when,
+        "fi_json": _json,
+        "fi_page_url": _page_url,
+        "fi_csrf_field": _csrf_field,
+        "fi_csrf_token": _csrf_token,
+        "fi_version": _record_version,
+        "fi_flash_ok": _FLASH_OK,
+        "fi_flash_error": _FLASH_ERROR,
+    }
+
+
+def _render(template: str, code: int = 200, **context: Any) -> ResponseReturnValue:
+    return render_template(f"flask_idempotent/{template}", **context), code
+
+
+def _error_page(exc: HTTPException) -> ResponseReturnValue:
+    """Dashboard errors as dashboard pages (4xx); the app's own pages keep the app's handlers."""
+    return _render(
+        "error.html",
+        exc.code or 500,
+        status=exc.code,
+        title=exc.name,
+        message=exc.description,
+        record_id=(request.view_args or {}).get("record_id"),
+    )
+
+
+for _code in (400, 403, 404, 409):
+    blueprint.register_error_handler(_code, _error_page)
+
+
+# Pages ------------------------------------------------------------------------------------------------------
+
+
+@blueprint.get("/")
+@_exempt
+def overview() -> ResponseReturnValue:
+    """Counts by state, stuck records, failures awaiting a decision, conflicts in the last 24 h."""
+    now = _now()
+    return _render(
+        "overview.html",
+        stats=ops.stats(now=now),
+        stuck=ops.list_stuck(per_page=5, now=now),
+        final=ops.list_failed(retryable=False, per_page=5, now=now),
+    )
+
+
+@blueprint.get("/stuck")
+@_exempt
+def stuck() -> ResponseReturnValue:
+    """IN_PROGRESS records whose lease expired, longest stuck first."""
+    page = ops.list_stuck(request.args.get("page"), request.args.get("per_page"))
+    return _render("records.html", page=page, title="Stuck requests", kind="stuck")
+
+
+_FAILED_FILTERS: dict[str, bool | None] = {"all": None, "final": False, "retryable": True}
+
+
+@blueprint.get("/failed")
+@_exempt
+def failed() -> ResponseReturnValue:
+    """FAILED records, newest first; ``?kind=final`` (awaiting a decision) or ``?kind=retryable``."""
+    kind = request.args.get("kind", "all")
+    if kind not in _FAILED_FILTERS:
+        kind = "all"
+    page = ops.list_failed(_FAILED_FILTERS[kind], request.args.get("page"), request.args.get("per_page"))
+    return _render("records.html", page=page, title="Failed requests", kind="failed", failed_kind=kind)
+
+
+_WINDOWS = {"24h": 24, "7d": 24 * 7, "all": None}
+
+
+@blueprint.get("/conflicts")
+@_exempt
+def conflicts() -> ResponseReturnValue:
+    """Keys reused with another command: the original request and the conflicting one; ``?window=24h|7d|all``."""
+    window = request.args.get("window", "all")
+    if window not in _WINDOWS:
+        window = "all"
+    hours = _WINDOWS[window]
+    now = _now()
+    since = None if hours is None else now - timedelta(hours=hours)
+    page = ops.list_conflicts(since, request.args.get("page"), request.args.get("per_page"), now=now)
+    return _render("conflicts.html", page=page, window=window)
+
+
+@blueprint.get("/search")
+@_exempt
+def search() -> ResponseReturnValue:
+    """Records whose key or scope is exactly ``?q=``."""
+    query = request.args.get("q", "")
+    page = ops.search(query, request.args.get("page"), request.args.get("per_page")) if query else None
+    return _render("search.html", page=page, query=query)
+
+
+def _allowed(check: Callable[[Any, datetime], None], record: dict[str, Any], now: datetime) -> str | None:
+    """``None`` when the state machine allows the action, else the reason it does not."""
+    try:
+        check(record, now)
+    except ops.TransitionError as exc:
+        return str(exc)
+    return None
+
+
+def _load(record_id: int, *, body_limit: int | None = 0) -> dict[str, Any]:
+    try:
+        return ops.get(record_id, body_limit=body_limit, now=_now())
+    except ops.RecordNotFound:
+        abort(404, f"There is no idempotency record with id {record_id}; it may have been released or purged.")
+
+
+@blueprint.get("/records/<int:record_id>")
+@_exempt
+def record(record_id: int) -> ResponseReturnValue:
+    """One record: every field, the lease, the response, the events timeline and the actions."""
+    show_bodies = _settings().show_bodies
+    data = _load(record_id, body_limit=BODY_LIMIT if show_bodies else 0)
+    now = _now()
+    failed = data["state"] == State.FAILED
+    refused = {
+        "mark_retryable": _allowed(check_mark_retryable, data, now)
+        or ("it is already retryable: the next retry runs it again" if failed and data["retryable"] else None),
+        "mark_failed": _allowed(check_mark_failed, data, now)
+        or (
+            "it is already failed for good: retries get the stored failure"
+            if failed and not data["retryable"]
+            else None
+        ),
+    }
+    return _render("record.html", record=data, refused=refused, show_bodies=show_bodies, body_limit=BODY_LIMIT)
+
+
+@blueprint.get("/records/<int:record_id>/release")
+@_exempt
+def confirm_release(record_id: int) -> ResponseReturnValue:
+    """The confirmation step before a record is deleted."""
+    return _render("release.html", record=_load(record_id))
+
+
+# Actions ----------------------------------------------------------------------------------------------------
+
+
+def _act(record_id: int, action: Callable[..., dict[str, Any]], done: str) -> dict[str, Any]:
+    """Run an operator action for the current viewer; 403, 400, 404 or 409 when it must not run."""
+    viewer = _require_operator()
+    _check_csrf()
+    seen = request.form.get("version")
+    if not seen:
+        abort(400, "The form does not say which version of the record it acts on. Reload the page.")
+    current = _load(record_id)
+    if _record_version(current) != seen:
+        abort(409, "The record changed since you loaded the page. Look at it again, then decide.")
+    try:
+        result = action(record_id, actor=viewer.name)
+    except ops.RecordNotFound:
+        abort(404, f"There is no idempotency record with id {record_id}.")
+    except (ops.TransitionError, ops.RecordChanged) as exc:
+        abort(409, f"Not applied: {exc}.")
+    flash(done.format(id=record_id, key=current["key"]), _FLASH_OK)
+    return result
+
+
+@blueprint.post("/records/<int:record_id>/mark-retryable")
+@_exempt
+def mark_retryable(record_id: int) -> ResponseReturnValue:
+    """FAILED or stuck → FAILED retryable: the next retry with this key runs the view again."""
+    _act(record_id, ops.mark_retryable, "Record {id} (key {key}) is now retryable: the next retry runs it again.")
+    return redirect(url_for(".record", record_id=record_id), 303)
+
+
+@blueprint.post("/records/<int:record_id>/mark-failed")
+@_exempt
+def mark_failed(record_id: int) -> ResponseReturnValue:
+    """FAILED or stuck → FAILED final: retries with this key get the stored failure."""
+    _act(record_id, ops.mark_failed, "Record {id} (key {key}) is now failed for good: retries get the failure.")
+    return redirect(url_for(".record", record_id=record_id), 303)
+
+
+@blueprint.post("/records/<int:record_id>/release")
+@_exempt
+def release(record_id: int) -> ResponseReturnValue:
+    """Delete the record once confirmed (``confirm=release``): the next request with its key runs as new."""
+    if request.form.get("confirm") != "release":
+        _require_operator()
+        _check_csrf()
+        return redirect(url_for(".confirm_release", record_id=record_id), 303)
+    _act(record_id, ops.release, "Record {id} (key {key}) was released: the key is free again.")
+    return redirect(url_for(".overview"), 303)

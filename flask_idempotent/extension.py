@@ -369,7 +369,7 @@ class Idempotency:
                 }
                 record_id = store.insert(conn, values)
                 if record_id is not None:
-                    self._claimed(record, record_id, token, 1, None)
+                    self._claimed(record, record_id, token, None, values)
                     return None, None
                 row = store.find(conn, record.scope, record.key)
                 continue
@@ -380,8 +380,13 @@ class Idempotency:
                 **lease,
                 "state": State.IN_PROGRESS.value,
                 "retryable": False,
-                "error": None,
                 "expires_at": now + timedelta(seconds=options.ttl),
+                # A previous attempt's outcome must never be replayed for this one.
+                "response_status": None,
+                "response_headers": None,
+                "response_body": None,
+                "resource_ref": None,
+                "error": None,
             }
             if decision is Decision.REPLACE:
                 # An expired record counts as absent: start afresh under the new command.
@@ -393,17 +398,13 @@ class Idempotency:
                     attempts=1,
                     recovery_point=None,
                     recovery_data=None,
-                    response_status=None,
-                    response_headers=None,
-                    response_body=None,
-                    resource_ref=None,
                     event_count=0,
                     created_at=now,
                 )
             else:
                 values["attempts"] = row.attempts + 1
             if store.reclaim(conn, row, values):
-                self._claimed(record, row.id, token, values["attempts"], row)
+                self._claimed(record, row.id, token, row, values)
                 if decision is Decision.TAKEOVER:
                     store.add_event(
                         conn,
@@ -419,12 +420,15 @@ class Idempotency:
         return Decision.IN_PROGRESS, row  # heavy contention on one key: answer as in progress
 
     @staticmethod
-    def _claimed(record: ClaimedRecord, record_id: int, token: str, attempt: int, previous: Row[Any] | None) -> None:
+    def _claimed(
+        record: ClaimedRecord, record_id: int, token: str, previous: Row[Any] | None, values: dict[str, Any]
+    ) -> None:
         record.record_id = record_id
         record.lease_token = token
-        record.attempt = attempt
+        record.attempt = values["attempts"]
         record.previous = previous
-        if previous is not None and previous.request_hash == record.request_hash:
+        record.claim_values = values
+        if previous is not None and "recovery_point" not in values:  # a retry or takeover resumes; a replacement not
             record.recovery_point = previous.recovery_point
             record.recovery_data = previous.recovery_data
 
@@ -581,42 +585,19 @@ class Idempotency:
         return response
 
     def _store_atomic_failure(self, record: ClaimedRecord, values: dict[str, Any]) -> None:
-        """After the rollback, record the FAILED (retryable) outcome in a transaction of its own."""
+        """After the rollback, record the FAILED (retryable) outcome in a transaction of its own.
+
+        The rollback undid the claim too, so the claim's own values (new command, attempts, lease token) are
+        written again with the outcome, against the row as it was before the claim (compare and set).
+        """
         state = record.state
+        row = {**record.claim_values, **values}
         try:
             with state.engine.connect() as conn:
                 if record.previous is None:
-                    now = values["updated_at"]
-                    stored = (
-                        state.store.insert(
-                            conn,
-                            {
-                                **values,
-                                "scope": record.scope,
-                                "key": record.key,
-                                "request_hash": record.request_hash,
-                                "method": record.method,
-                                "path": record.path,
-                                "endpoint": record.endpoint,
-                                "attempts": record.attempt,
-                                "event_count": 0,
-                                "lease_token": record.lease_token,
-                                "created_at": now,
-                                "expires_at": now + timedelta(seconds=record.options.ttl),
-                            },
-                        )
-                        is not None
-                    )
+                    stored = state.store.insert(conn, row) is not None
                 else:
-                    stored = state.store.reclaim(
-                        conn,
-                        record.previous,
-                        {
-                            **values,
-                            "attempts": record.attempt,
-                            "lease_token": record.lease_token,
-                        },
-                    )
+                    stored = state.store.reclaim(conn, record.previous, row)
         except sa.exc.SQLAlchemyError as exc:
             logger.warning("could not store the failure of atomic record %s: %s", record.key, exc)
             return

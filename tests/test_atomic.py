@@ -108,3 +108,21 @@ def test_atomic_duplicate_waits_for_the_first_commit_and_replays(app: Flask, mon
     assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
     assert replay.data == original.data
     assert controls.runs["transfers"] == 1 and charges(app) == 1
+
+
+def test_atomic_failure_after_replacing_an_expired_record_keeps_the_new_command(
+    app: Flask, client: FlaskClient, clock
+) -> None:
+    post(client, "/transfers", json={"amount": 30})
+    old = record(app, "k-1")
+    clock.advance(hours=25)
+    controls = ext(app)["controls"]
+    controls.status = 409
+    assert post(client, "/transfers", json={"amount": 99}).status_code == 409
+    failed = record(app, "k-1")
+    assert (failed["state"], failed["retryable"], failed["attempts"]) == ("FAILED", True, 1)
+    assert failed["request_hash"] != old["request_hash"]
+    assert failed["created_at"] == clock.now
+    controls.status = None
+    assert post(client, "/transfers", json={"amount": 99}).status_code == 201  # the same command, not a conflict
+    assert charges(app, "transfers") == 2

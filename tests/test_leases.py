@@ -176,3 +176,21 @@ def test_checkpoint_after_losing_the_lease_raises_lease_lost(app: Flask, clock) 
     assert results == ["lease-lost"]
     row = record(app, "k-1")
     assert (row["state"], row["retryable"], row["recovery_point"]) == ("FAILED", False, None)
+
+
+def test_a_retry_never_replays_an_earlier_attempts_response(app: Flask, client: FlaskClient, clock) -> None:
+    controls = ext(app)["controls"]
+    controls.status = 503
+    assert post(client, "/payments", json={"amount": 5}).status_code == 503
+    controls.status = None
+    controls.hold_at = "payments"
+    crashed = Background(app, "/payments", json={"amount": 5})  # attempt 2 claims, then "dies"
+    assert controls.entered.wait(10)
+    row = record(app, "k-1")
+    assert (row["state"], row["attempts"], row["response_status"]) == ("IN_PROGRESS", 2, None)
+    clock.advance(seconds=61)
+    ops_in(app, ops.mark_failed, row["id"], actor="dave")
+    answer = post(client, "/payments", json={"amount": 5})
+    assert answer.status_code == 500 and problem_code(answer) == "failed"  # not attempt 1's 503
+    controls.release.set()
+    crashed.result()
