@@ -11,13 +11,12 @@ import hashlib
 import json
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 import rfc8785
 from flask import Request
 
 VERSION = "v1"
-
-_FORM_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 
 
 class BodyTooLarge(ValueError):
@@ -51,7 +50,18 @@ def canonical_json(raw: bytes) -> bytes | None:
         return None
 
 
-def _form_fields(request: Request) -> list[list[str]]:
+def _urlencoded_fields(raw: bytes) -> list[list[str]]:
+    # Decoded to bytes, not text: two bodies whose bytes differ (even in invalid UTF-8, which a text decoder
+    # would replace) never share a fingerprint. Bytes map to str through latin-1, losslessly.
+    fields = []
+    for pair in raw.split(b"&"):
+        if pair:
+            name, _, value = pair.partition(b"=")
+            fields.append([unquote_to_bytes(part.replace(b"+", b" ")).decode("latin-1") for part in (name, value)])
+    return sorted(fields)
+
+
+def _multipart_fields(request: Request) -> list[list[str]]:
     fields = [["field", name, value] for name, value in request.form.items(multi=True)]
     for name, upload in request.files.items(multi=True):
         digest = hashlib.sha256()
@@ -67,14 +77,16 @@ def _body(request: Request, max_bytes: int) -> list[Any]:
     if length is not None and length > max_bytes:
         raise BodyTooLarge
     media_type = request.mimetype
-    if media_type in _FORM_TYPES:
+    if media_type == "multipart/form-data":
         # The multipart boundary is drawn afresh by clients on every retry: compare fields, not bytes.
-        return ["form", _form_fields(request)]
+        return ["form", _multipart_fields(request)]
     raw = request.get_data(cache=True)
     if len(raw) > max_bytes:  # chunked bodies carry no Content-Length
         raise BodyTooLarge
     if not raw:
         return ["empty"]
+    if media_type == "application/x-www-form-urlencoded":
+        return ["form", _urlencoded_fields(raw)]
     if request.is_json:
         canonical = canonical_json(raw)
         if canonical is not None:
