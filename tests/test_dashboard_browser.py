@@ -1,0 +1,167 @@
+"""The dashboard in real headless Chromium (Debian's ``chromium``, driven by Playwright for Python).
+
+An on-call operator opens the overview, follows a stuck record, marks it retryable and sees the new state, with
+JavaScript turned off. Screenshots go to ``test-artifacts/``. Without Chromium these tests skip with the reason;
+with ``IDEMPOTENCY_REQUIRE_BROWSER=1`` (CI) that is a failure instead. Playwright never downloads a browser here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from helpers import events, ext, post, record
+from testapp import Controls, build_app
+from werkzeug.serving import make_server
+
+from flask_idempotent.extension import utcnow
+
+CHROMIUM = os.environ.get("IDEMPOTENCY_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+REQUIRE_BROWSER = os.environ.get("IDEMPOTENCY_REQUIRE_BROWSER") == "1"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRE_BROWSER:
+        pytest.fail(f"IDEMPOTENCY_REQUIRE_BROWSER=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        _unavailable(
+            f"Chromium not found at {CHROMIUM}: install Debian's package (apt-get install chromium, as .ci/run does)"
+            " or set IDEMPOTENCY_CHROMIUM"
+        )
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("the playwright package is not installed (pip install -e '.[test]')")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Flask, str]]:
+    """The test app on a SQLite file, served by werkzeug on 127.0.0.1 in a thread; yields (app, base URL)."""
+    app = build_app(f"sqlite:///{tmp_path / 'browser.db'}", clock=utcnow, controls=Controls())
+    with app.app_context():
+        ext(app)["db"].create_all()
+    ext(app)["idempotency"].dashboard_access(lambda: "oncall")
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield app, f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join(10)
+        with app.app_context():
+            ext(app)["db"].engine.dispose()
+
+
+def seed(app: Flask) -> None:
+    """What the pager was about: a stuck payment, a final failure, a conflict, some completed payments."""
+    client, controls = app.test_client(), ext(app)["controls"]
+    for i in range(3):
+        post(client, "/payments", key=f"pay-{i}", user="merchant-42", json={"amount": 100 + i})
+    post(client, "/payments", key="pay-0", user="merchant-42", json={"amount": 999})  # key reused: conflict
+    controls.status = 500
+    post(client, "/payments", key="pay-final", user="merchant-7", json={"amount": 5})
+    controls.status = None
+    now = utcnow()
+    with app.app_context():
+        db = ext(app)["db"]
+        table = db.metadata.tables["idempotency_records"]
+        with db.engine.begin() as conn:
+            conn.execute(
+                sa.insert(table).values(
+                    scope="merchant-42",
+                    key="pay-stuck",
+                    request_hash="v1:" + "ab" * 32,
+                    method="POST",
+                    path="/payments",
+                    endpoint="create_payment",
+                    state="IN_PROGRESS",
+                    retryable=False,
+                    attempts=1,
+                    event_count=0,
+                    lease_token="t" * 32,
+                    locked_until=now - timedelta(minutes=12),
+                    recovery_point="charged",
+                    created_at=now - timedelta(minutes=13),
+                    updated_at=now - timedelta(minutes=13),
+                    expires_at=now + timedelta(hours=24),
+                )
+            )
+
+
+def test_operator_resolves_a_stuck_payment_without_javascript(browser: Any, served: tuple[Flask, str]) -> None:
+    app, base = served
+    seed(app)
+    ARTIFACTS.mkdir(exist_ok=True)
+    context = browser.new_context(viewport={"width": 1366, "height": 768}, java_script_enabled=False)
+    context.set_default_timeout(15_000)
+    try:
+        page = context.new_page()
+        response = page.goto(f"{base}/idempotency/")
+        assert response is not None and response.status == 200
+        assert page.locator('[data-fi-count="stuck"]').inner_text() == "1"
+        assert "oldest stuck for 12 min" in page.locator(".fi-card").first.inner_text()
+        assert page.locator('[data-fi-count="conflicts_24h"]').inner_text() == "1"
+        assert page.locator('[data-fi-count="failed_final"]').inner_text() == "1"
+        # The stylesheet loaded and applied: the header is the dashboard's dark bar.
+        assert page.locator(".fi-header").evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(31, 42, 60)"
+        page.screenshot(path=str(ARTIFACTS / "dashboard-overview.png"), full_page=True)
+
+        page.get_by_role("link", name="pay-stuck").click()
+        page.wait_for_url("**/idempotency/records/*")
+        assert page.locator('[data-fi-field="state"]').inner_text() == "IN_PROGRESS"
+        assert "stuck for 12 min" in page.locator(".fi-fields").first.inner_text()
+        page.screenshot(path=str(ARTIFACTS / "dashboard-record.png"), full_page=True)
+
+        page.get_by_role("button", name="Mark retryable").click()
+        page.wait_for_load_state()
+        assert page.locator(".fi-flash-ok").inner_text().endswith("is now retryable: the next retry runs it again.")
+        assert page.locator('[data-fi-field="state"]').inner_text() == "FAILED"
+        assert page.locator('[data-fi-field="retryable"]').inner_text() == "retryable"
+        assert "by oncall" in page.locator(".fi-timeline").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "dashboard-record-after.png"), full_page=True)
+    finally:
+        context.close()
+
+    stored = record(app, "pay-stuck", "merchant-42")
+    assert stored is not None and (stored["state"], stored["retryable"]) == ("FAILED", True)
+    assert [(e["kind"], e["actor"]) for e in events(app, "mark_retryable")] == [("mark_retryable", "oncall")]
+
+
+def test_hostile_keys_do_not_run_script_in_the_browser(browser: Any, served: tuple[Flask, str]) -> None:
+    app, base = served
+    hostile = "<img/src=x/onerror=alert(document.domain)>"
+    ext(app)["controls"].status = 500
+    post(app.test_client(), "/payments", key=hostile, user="<script>alert(1)</script>", json={"amount": 1})
+    context = browser.new_context(viewport={"width": 1366, "height": 768})
+    dialogs: list[str] = []
+    try:
+        page = context.new_page()
+        page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+        page.goto(f"{base}/idempotency/")
+        page.get_by_role("link", name=hostile).click()
+        page.wait_for_url("**/idempotency/records/*")
+        assert page.locator(".fi-fields .fi-key").first.inner_text() == hostile
+    finally:
+        context.close()
+    assert dialogs == []
