@@ -199,3 +199,30 @@ def test_cli_commands_with_json(app: Flask, client: FlaskClient, clock: Any) -> 
     purged = cli(app, "purge", "--batch-size", "1", "--json")
     assert purged.exit_code == 0 and json.loads(purged.output)["deleted"] == 2
     assert records(app) == []
+
+
+def test_stats_counts_run_on_indexes_and_estimate_completed_on_large_tables(
+    app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    post(client, "/payments", key="a", json={})
+    post(client, "/payments", key="b", json={})
+    s = run(app, ops.stats)
+    assert s["by_state"]["COMPLETED"] == 2 and s["completed_estimated"] is False
+    seen: list[str] = []
+    import sqlalchemy as sa
+
+    with app.app_context():
+        engine = ext(app)["db"].engine
+    listener = lambda conn, cursor, statement, *a: seen.append(statement)  # noqa: E731
+    sa.event.listen(engine, "before_cursor_execute", listener)
+    try:
+        run(app, ops.stats)
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", listener)
+    assert not any("GROUP BY idempotency_records.state" in s for s in seen)
+    if engine.dialect.name == "postgresql":
+        monkeypatch.setattr(ops, "EXACT_COUNT_LIMIT", 0)
+        with app.app_context(), engine.begin() as conn:
+            conn.execute(sa.text("ANALYZE idempotency_records"))
+        s = run(app, ops.stats)
+        assert s["completed_estimated"] is True and s["by_state"]["COMPLETED"] == 2
