@@ -343,7 +343,15 @@ class Idempotency:
             # block on its row, so the owner also holds a transaction-scoped lock on the key (PostgreSQL).
             locked, row = store.find_and_lock(conn, record.scope, record.key)
             if not locked:
-                return Decision.IN_PROGRESS, None
+                # Someone else's transaction holds the key: answer from the committed row when that needs no
+                # claim (replay, conflict); anything that would claim must wait for the holder.
+                # (No in-progress event then: the holder may have the row locked.)
+                decision = (
+                    None if row is None else decide(row._mapping, record.request_hash, state.clock(), options.on_stale)
+                )
+                if decision is None or decision in CLAIMING:
+                    return Decision.IN_PROGRESS, None
+                return decision, row
         else:
             row = store.find(conn, record.scope, record.key)
         for _ in range(_CLAIM_ATTEMPTS):

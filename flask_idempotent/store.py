@@ -59,8 +59,9 @@ class RecordStore:
     def find_and_lock(self, conn: Executor, scope: str, key: str) -> tuple[bool, Row[Any] | None]:
         """Read the record and, on PostgreSQL, try a transaction-scoped advisory lock on ``(scope, key)``.
 
-        One statement. ``(False, None)`` means another transaction holds the key: an atomic request in flight.
-        Other databases serialize writers themselves (SQLite's write lock), so they always "lock".
+        One statement. ``locked`` is ``False`` when another transaction holds the key (an atomic request in
+        flight); the row is still returned as last committed, so a replay never waits for a lock. Other
+        databases serialize writers themselves (SQLite's write lock), so they always "lock".
         """
         if _dialect(conn) != "postgresql":
             return True, self.find(conn, scope, key)
@@ -69,9 +70,7 @@ class RecordStore:
         one = sa.select(sa.literal(1).label("one")).subquery()
         joined = one.outerjoin(r, sa.and_(r.c.scope == scope, r.c.key == key))
         row = conn.execute(sa.select(lock, *r.c).select_from(joined)).one()
-        if not row._locked:
-            return False, None
-        return True, (None if row.id is None else row)
+        return bool(row._locked), (None if row.id is None else row)
 
     # Claims -----------------------------------------------------------------------------------------------
 

@@ -126,3 +126,23 @@ def test_atomic_failure_after_replacing_an_expired_record_keeps_the_new_command(
     controls.status = None
     assert post(client, "/transfers", json={"amount": 99}).status_code == 201  # the same command, not a conflict
     assert charges(app, "transfers") == 2
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_replay_never_waits_for_a_concurrent_reader_of_the_same_key(app: Flask, client: FlaskClient) -> None:
+    import sqlalchemy as sa
+
+    from flask_idempotent.store import advisory_key
+
+    first = post(client, "/transfers", json={"amount": 30})
+    with app.app_context():
+        engine = ext(app)["db"].engine
+    # What another request for this key holds for an instant while it reads the record.
+    with engine.connect() as conn, conn.begin():
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": advisory_key("", "k-1")})
+        replay = post(client, "/transfers", json={"amount": 30})
+        conflict = post(client, "/transfers", json={"amount": 31})
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.data == first.data
+    assert conflict.status_code == 422
+    assert charges(app, "transfers") == 1
