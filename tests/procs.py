@@ -1,0 +1,363 @@
+"""Real processes for the fault tests: gunicorn serving ``faultapp``, an HTTP client, a cuttable TCP proxy.
+
+Everything listens on and talks to 127.0.0.1 only. Nothing here sleeps to wait for an ordering: waiting is
+bounded polling of a readiness condition (:func:`poll`), and every process is stopped by :meth:`Gunicorn.stop`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+TESTS_DIR = Path(__file__).resolve().parent
+T = TypeVar("T")
+
+
+def _gunicorn_extra_args() -> list[str]:
+    """gunicorn 24+ opens a control socket at one fixed path per user: two servers at once would share it."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    known = {flag for setting in KNOWN_SETTINGS for flag in (setting.cli or [])}
+    return ["--no-control-socket"] if "--no-control-socket" in known else []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def poll(check: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.05) -> T:
+    """Call ``check`` until it returns something truthy, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)  # a polling interval, not a guess at an ordering
+
+
+# HTTP ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reply:
+    """One HTTP response, read completely."""
+
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    @property
+    def replayed(self) -> bool:
+        return self.headers.get("idempotent-replayed") == "true"
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def problem(self) -> str | None:
+        """The problem code (``in-progress``, ``stuck``...) of an ``application/problem+json`` response."""
+        if not self.headers.get("content-type", "").startswith("application/problem+json"):
+            return None
+        body = self.json()
+        assert body["status"] == self.status and body["title"] and body["detail"], body
+        return str(body["type"]).rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+
+
+#: What a client sees when the server process died under its request.
+CONNECTION_LOST = (ConnectionError, http.client.HTTPException)
+
+
+def send(
+    port: int,
+    method: str,
+    path: str,
+    *,
+    key: str | None = None,
+    body: Any = None,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> Reply:
+    """Send one request on a fresh connection (sync workers close it anyway)."""
+    all_headers = dict(headers or {})
+    data = None
+    if key is not None:
+        all_headers["Idempotency-Key"] = key
+    if body is not None:
+        data = json.dumps(body).encode()
+        all_headers["Content-Type"] = "application/json"
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=data, headers=all_headers)
+        response = conn.getresponse()
+        payload = response.read()
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, payload)
+    finally:
+        conn.close()
+
+
+# gunicorn -----------------------------------------------------------------------------------------------------
+
+
+class Gunicorn:
+    """``gunicorn 'faultapp:create_app()'`` on a free 127.0.0.1 port, in its own session (process group)."""
+
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, *, workers: int = 1, worker_class: str = "sync", threads: int = 1
+    ) -> None:
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.workers = workers
+        self.worker_class = worker_class
+        self.threads = threads
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Gunicorn:
+        for _ in range(3):  # another process may take the free port between our probe and gunicorn's bind
+            self.port = free_port()
+            with open(self.log_path, "ab") as log:
+                self.proc = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "gunicorn",
+                        "--chdir",
+                        str(TESTS_DIR),
+                        "--bind",
+                        f"127.0.0.1:{self.port}",
+                        "--workers",
+                        str(self.workers),
+                        "--worker-class",
+                        self.worker_class,
+                        "--threads",
+                        str(self.threads),
+                        "--timeout",
+                        "60",
+                        "--graceful-timeout",
+                        "5",
+                        *_gunicorn_extra_args(),
+                        "faultapp:create_app()",
+                    ],
+                    cwd=TESTS_DIR,
+                    env=self.env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            try:
+                self.wait_ready(timeout)
+                return self
+            except _Exited:
+                self.stop()
+        raise AssertionError(f"gunicorn did not start:\n{self.log_tail()}")
+
+    def wait_ready(self, timeout: float = 30) -> int:
+        """Poll ``GET /health`` until a worker answers; return that worker's pid."""
+
+        def answered() -> int | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise _Exited
+            try:
+                return int(send(self.port, "GET", "/health", timeout=2).json()["pid"])
+            except (OSError, http.client.HTTPException):
+                return None
+
+        try:
+            return poll(answered, timeout=timeout, what="gunicorn to answer GET /health")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.log_tail()}") from None
+
+    def worker_pids(self) -> set[int]:
+        """The master's live child processes (Linux ``/proc``)."""
+        assert self.proc is not None
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return {int(pid) for pid in children}
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no gunicorn log)"
+
+    def stop(self) -> None:
+        """SIGTERM the master (it stops its workers); SIGKILL its process group if it does not exit in time."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            # The master is not reaped yet, so its pid still names the group we created (start_new_session).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+    def __enter__(self) -> Gunicorn:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _Exited(Exception):
+    """gunicorn exited while we waited for it (e.g. the port was taken)."""
+
+
+def flask_cli(env: Mapping[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``flask --app faultapp:create_app ARGS`` in a subprocess, as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "faultapp:create_app", *args],
+        cwd=TESTS_DIR,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+class FileClock:
+    """The lease clock of ``faultapp`` (``FAULTAPP_CLOCK_FILE``): real time plus an offset the test moves."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0.0
+        self._write()
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(repr(self.offset))
+        tmp.replace(self.path)  # readers see the old or the new offset, never a torn write
+
+
+# TCP proxy ----------------------------------------------------------------------------------------------------
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:``port`` to ``target``; :meth:`cut` drops every connection and refuses new ones.
+
+    While cut, a new connection is accepted and closed at once, before any byte of the PostgreSQL handshake:
+    the client fails immediately, as on a refused connection, and the proxy keeps its port for :meth:`restore`.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = int(self._listener.getsockname()[1])
+        self._lock = threading.Lock()
+        self._pairs: set[tuple[socket.socket, socket.socket]] = set()
+        self._cut = False
+        self._stopping = threading.Event()
+        self.accepted = 0
+        self.refused = 0
+        self._thread = threading.Thread(target=self._accept_loop, name="tcp-proxy", daemon=True)
+        self._thread.start()
+
+    def cut(self) -> None:
+        """Close every open connection (both sides) and refuse new ones until :meth:`restore`."""
+        with self._lock:
+            self._cut = True
+            pairs = list(self._pairs)
+        for pair in pairs:
+            self._drop(pair)
+
+    def restore(self) -> None:
+        with self._lock:
+            self._cut = False
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._pairs)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self.cut()
+        self._listener.close()
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            ready, _, _ = select.select([self._listener], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                continue
+            with self._lock:
+                refuse = self._cut
+            if refuse:
+                self.refused += 1
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            pair = (client, upstream)
+            with self._lock:
+                if self._cut:  # cut while we connected upstream
+                    self.refused += 1
+                    client.close()
+                    upstream.close()
+                    continue
+                self._pairs.add(pair)
+                self.accepted += 1
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(pair, src, dst), daemon=True).start()
+
+    def _pump(self, pair: tuple[socket.socket, socket.socket], src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass  # the other pump or cut() closed the pair
+        finally:
+            self._drop(pair)
+
+    def _drop(self, pair: tuple[socket.socket, socket.socket]) -> None:
+        with self._lock:
+            if pair not in self._pairs:
+                return
+            self._pairs.discard(pair)
+        for s in pair:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv() on it
+            s.close()

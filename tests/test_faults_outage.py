@@ -1,0 +1,168 @@
+"""Store outage: gunicorn reaches PostgreSQL through a TCP proxy that the test cuts and restores.
+
+While the store is cut away, every protected request fails closed (503 ``store-unavailable`` with
+``Retry-After``) and no view runs; once it is back, the same gunicorn workers serve 201s again by themselves.
+A cut in the middle of a request is safe too: leased mode keeps its effect but never re-executes it silently
+(the record is held as stuck), atomic mode keeps nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from faultapp import HOLD_HEADER, drop_tables, reset_database, snapshot
+from procs import FileClock, Gunicorn, Reply, TcpProxy, poll, send
+
+LEASE = 30
+ROUTES = ("/payments", "/transfers")  # leased, atomic
+
+
+class OutageRig:
+    def __init__(self, url: str, tmp: Path) -> None:
+        target = sa.make_url(url)
+        self.proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+        self.signals = tmp / "signals"
+        self.signals.mkdir()
+        self.clock = FileClock(tmp / "clock")
+        env = {
+            "FAULTAPP_DATABASE_URL": target.set(port=self.proxy.port).render_as_string(hide_password=False),
+            "FAULTAPP_CLOCK_FILE": str(self.clock.path),
+            "FAULTAPP_LEASE": str(LEASE),
+            "FAULTAPP_SIGNAL_DIR": str(self.signals),
+            "FAULTAPP_CONNECT_TIMEOUT": "1",
+        }
+        self.server = Gunicorn(env, tmp / "gunicorn.log", workers=2)
+        self.engine = sa.create_engine(url)  # the test's own view of the database, around the proxy
+
+    def post(self, path: str, key: str, **kwargs: Any) -> Reply:
+        return send(self.server.port, "POST", path, key=key, body={"amount": 5}, **kwargs)
+
+    def state(self, key: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            return snapshot(conn, key)
+
+    def effect_count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.text("SELECT count(*) FROM fault_effects")).scalar_one())
+
+
+@pytest.fixture(scope="module")
+def rig(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageRig]:
+    reset_database(postgres_url)
+    rig = OutageRig(postgres_url, tmp_path_factory.mktemp("outage"))
+    try:
+        rig.server.start()
+        yield rig
+    finally:
+        rig.server.stop()
+        rig.proxy.close()
+        rig.engine.dispose()
+        drop_tables(postgres_url)
+
+
+def assert_store_unavailable(reply: Reply) -> None:
+    assert reply.status == 503, reply
+    assert reply.problem == "store-unavailable"
+    assert int(reply.headers["retry-after"]) >= 1
+
+
+@pytest.mark.postgresql_only
+def test_cut_store_fails_closed_with_503_and_recovers_without_a_restart(rig: OutageRig) -> None:
+    done = {path: rig.post(path, f"before{path.replace('/', '-')}") for path in ROUTES}
+    assert [r.status for r in done.values()] == [201, 201]
+    workers = rig.server.worker_pids()
+    effects = rig.effect_count()
+    keys = [(path, f"cut{path.replace('/', '-')}-{i}") for path in ROUTES for i in range(4)]
+
+    rig.proxy.cut()
+    # New keys, and retries of completed keys: without the store the layer can neither claim nor replay.
+    for path, key in keys:
+        assert_store_unavailable(rig.post(path, key))
+    for path in done:
+        assert_store_unavailable(rig.post(path, f"before{path.replace('/', '-')}"))
+    assert send(rig.server.port, "GET", "/health").status == 200  # the workers are alive, only the store is gone
+    assert rig.proxy.refused > 0 and rig.proxy.open_connections == 0
+    assert rig.effect_count() == effects  # no view ran
+    assert all(rig.state(key)["record"] is None for _, key in keys)
+
+    rig.proxy.restore()
+    for path, key in keys:
+        reply = rig.post(path, key)
+        assert (reply.status, reply.replayed) == (201, False), reply
+        state = rig.state(key)
+        assert state["effects"] == [reply.json()["effect"]]
+        assert state["record"]["state"] == "COMPLETED"
+    for path, original in done.items():
+        replay = rig.post(path, f"before{path.replace('/', '-')}")
+        assert (replay.status, replay.replayed, replay.body) == (201, True, original.body)
+    assert rig.effect_count() == effects + len(keys)
+    assert rig.server.worker_pids() == workers  # recovered by itself: the same worker processes
+
+
+def held_request(rig: OutageRig, path: str, key: str) -> tuple[threading.Thread, dict[str, Reply]]:
+    """Start a request that parks right after its view's effect; return once it is parked."""
+    result: dict[str, Reply] = {}
+
+    def run() -> None:
+        result["reply"] = rig.post(path, key, headers={HOLD_HEADER: "effect"})
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    poll(lambda: (rig.signals / f"{key}.effect.held").exists(), timeout=30, what=f"{key} to reach its effect")
+    return thread, result
+
+
+def release(rig: OutageRig, key: str, thread: threading.Thread, result: dict[str, Reply]) -> Reply:
+    (rig.signals / f"{key}.effect.go").touch()
+    thread.join(30)
+    assert not thread.is_alive(), "the held request never finished"
+    return result["reply"]
+
+
+@pytest.mark.postgresql_only
+def test_leased_cut_after_the_effect_keeps_the_record_held_never_re_executed(rig: OutageRig) -> None:
+    key = "cut-mid-leased"
+    thread, result = held_request(rig, "/payments", key)
+    rig.proxy.cut()
+    try:
+        reply = release(rig, key, thread, result)
+    finally:
+        rig.proxy.restore()
+    # The view's effect was committed before the cut; its outcome could not be stored. The client gets the
+    # view's answer; the record stays IN_PROGRESS and is held once its lease ends.
+    assert reply.status == 201, reply
+    state = rig.state(key)
+    assert state["effects"] == [reply.json()["effect"]]
+    assert state["record"]["state"] == "IN_PROGRESS"
+
+    again = rig.post("/payments", key)
+    assert (again.status, again.problem) == (409, "in-progress"), again
+    rig.clock.advance(LEASE + 1)
+    stuck = rig.post("/payments", key)
+    assert (stuck.status, stuck.problem) == (409, "stuck"), stuck
+    assert rig.state(key)["effects"] == state["effects"]
+
+
+@pytest.mark.postgresql_only
+def test_atomic_cut_before_commit_answers_503_and_keeps_nothing(rig: OutageRig) -> None:
+    key = "cut-mid-atomic"
+    thread, result = held_request(rig, "/transfers", key)
+    rig.proxy.cut()
+    try:
+        reply = release(rig, key, thread, result)
+    finally:
+        rig.proxy.restore()
+    # The claim and the effect were one transaction on the connection the cut closed: nothing was kept.
+    assert_store_unavailable(reply)
+    assert rig.state(key) == {"record": None, "effects": []}
+
+    retry = rig.post("/transfers", key)
+    assert (retry.status, retry.replayed) == (201, False), retry
+    state = rig.state(key)
+    assert state["effects"] == [retry.json()["effect"]]
+    assert (state["record"]["state"], state["record"]["attempts"]) == ("COMPLETED", 1)
