@@ -581,7 +581,8 @@ class Idempotency:
                 logger.error("could not commit atomic request %s: %s", record.record_id, exc)
                 _rollback_quietly(state)
                 return StoreUnavailable(  # type: ignore[return-value]
-                    "The request could not be committed, so nothing of it was kept. Retry later.",
+                    "The request could not be committed. Retrying with the same key is safe: its writes and its"
+                    " outcome are committed together or not at all.",
                     retry_after=state.retry_after,
                 ).get_response()
             self._after_settle(record, True, values)
