@@ -38,13 +38,14 @@ class TransientError(IdempotencyError):
         super().__init__(detail, retry_after=retry_after)
 
 
-def _seconds(name: str, value: float | timedelta | None) -> float | None:
+def seconds(name: str, value: float | timedelta | None) -> float | None:
+    """Read a duration option: a non-negative number of seconds or a ``timedelta`` (``None`` passes)."""
     if value is None:
         return None
     if isinstance(value, timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"idempotent({name}=...) must be a non-negative number of seconds or a timedelta")
+        raise ValueError(f"{name} must be a non-negative number of seconds or a timedelta, got {value!r}")
     return float(value)
 
 
@@ -126,9 +127,9 @@ def idempotent(
     options = RouteOptions(
         required=required,
         atomic=atomic,
-        ttl=_seconds("ttl", ttl),
-        lease=_seconds("lease", lease),
-        wait=_seconds("wait", wait),
+        ttl=seconds("idempotent(ttl=...)", ttl),
+        lease=seconds("idempotent(lease=...)", lease),
+        wait=seconds("idempotent(wait=...)", wait),
         in_progress_status=in_progress_status,
         on_stale=on_stale,
         fingerprint=fingerprint,

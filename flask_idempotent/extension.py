@@ -21,7 +21,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from . import signals
 from .constants import BASE_REPLAY_HEADERS, DEFAULTS, REPLAYED_HEADER, UNSAFE_METHODS, ConfigKey, EventKind, State
 from .context import UNSET, ClaimedRecord, get_current, set_current
-from .decorator import RouteOptions, TransientError, options_of, view_exception
+from .decorator import RouteOptions, TransientError, options_of, seconds, view_exception
 from .errors import (
     AtomicViewCommitted,
     BodyTooLargeToFingerprint,
@@ -53,14 +53,6 @@ _CLAIM_ATTEMPTS = 5
 def utcnow() -> datetime:
     """The default clock: naive UTC, the form every stored time has."""
     return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
-def _seconds(value: Any, name: str) -> float:
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number of seconds or a timedelta, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -101,9 +93,9 @@ class AppState:
         self.defaults = RouteOptions(
             required=bool(config[ConfigKey.REQUIRED]),
             atomic=bool(config[ConfigKey.ATOMIC]),
-            ttl=_seconds(config[ConfigKey.TTL], ConfigKey.TTL),
-            lease=_seconds(config[ConfigKey.LEASE], ConfigKey.LEASE),
-            wait=_seconds(config[ConfigKey.WAIT], ConfigKey.WAIT),
+            ttl=seconds(ConfigKey.TTL, config[ConfigKey.TTL]),
+            lease=seconds(ConfigKey.LEASE, config[ConfigKey.LEASE]),
+            wait=seconds(ConfigKey.WAIT, config[ConfigKey.WAIT]),
             in_progress_status=int(config[ConfigKey.IN_PROGRESS_STATUS]),
             on_stale=str(config[ConfigKey.ON_STALE]),
         )  # RouteOptions validates the values
@@ -205,6 +197,13 @@ class Idempotency:
         self._dashboard_access = check
         return check
 
+    def _load_scope(self) -> str:
+        owner = self._scope_loader() if self._scope_loader is not None else None
+        scope = "" if owner is None else str(owner)
+        if len(scope) > 255:
+            raise ValueError("the scope_loader returned a scope longer than 255 characters")
+        return scope
+
     # Tables ---------------------------------------------------------------------------------------------
 
     def state(self, app: Flask | None = None) -> AppState:
@@ -248,7 +247,7 @@ class Idempotency:
             key = parse_key(lines)
         except KeyFormatError as exc:
             raise InvalidKey(f"{state.header}: {exc}.") from None
-        scope = (self._scope_loader() if self._scope_loader is not None else None) or ""
+        scope = self._load_scope()
         try:
             if options.fingerprint is not None:
                 command = custom_command(request, current_app.ensure_sync(options.fingerprint)())
@@ -328,7 +327,7 @@ class Idempotency:
                 _rollback_quietly(state)
             if _is_lock_wait(exc):
                 return Decision.IN_PROGRESS, None
-            logger.error("idempotency store unavailable while claiming %r: %s", record.key, exc)
+            logger.error("idempotency store unavailable while claiming %r: %s", record.key, _db_error(exc))
             raise StoreUnavailable(
                 "The idempotency store cannot be reached, so the request was not run. Retry later.",
                 retry_after=state.retry_after,
@@ -456,7 +455,7 @@ class Idempotency:
                         conn, record=row, scope=row.scope, key=row.key, kind=kind, now=now, detail=detail
                     )
         except sa.exc.SQLAlchemyError as exc:  # the answer matters more than its audit trail
-            logger.warning("could not store %s event for record %s: %s", kind.value, row.id, exc)
+            logger.warning("could not store %s event for record %s: %s", kind.value, row.id, _db_error(exc))
 
     def _replay(self, state: AppState, record: ClaimedRecord, row: Row[Any]) -> Response:
         if row.response_status is None:
@@ -509,8 +508,8 @@ class Idempotency:
         fallback = InternalServerError().get_response() if not isinstance(exc, HTTPException) else exc.get_response()
         try:
             self._settle(record, fallback, State.FAILED, retryable, error=_describe(exc), status=status)
-        except Exception:  # teardown must not raise
-            logger.exception("could not settle idempotency record %s", record.record_id)
+        except Exception as error:  # teardown must not raise
+            logger.error("could not settle idempotency record %s: %s", record.record_id, _db_error(error))
 
     def _settle(
         self,
@@ -552,7 +551,7 @@ class Idempotency:
             stored = state.write_fenced(record, values)
         except sa.exc.SQLAlchemyError as exc:
             # The view ran; the record stays IN_PROGRESS and shows up as stuck once its lease ends.
-            logger.error("could not store the outcome of record %s: %s", record.record_id, exc)
+            logger.error("could not store the outcome of record %s: %s", record.record_id, _db_error(exc))
             return response
         self._after_settle(record, stored, values)
         return response
@@ -578,7 +577,7 @@ class Idempotency:
                 self._store_atomic_failure(record, values)
                 return InternalServerError().get_response()
             except sa.exc.SQLAlchemyError as exc:
-                logger.error("could not commit atomic request %s: %s", record.record_id, exc)
+                logger.error("could not commit atomic request %s: %s", record.record_id, _db_error(exc))
                 _rollback_quietly(state)
                 return StoreUnavailable(  # type: ignore[return-value]
                     "The request could not be committed. Retrying with the same key is safe: its writes and its"
@@ -608,7 +607,7 @@ class Idempotency:
                 else:
                     stored = state.store.reclaim(conn, record.previous, row)
         except sa.exc.SQLAlchemyError as exc:
-            logger.warning("could not store the failure of atomic record %s: %s", record.key, exc)
+            logger.warning("could not store the failure of atomic record %s: %s", record.key, _db_error(exc))
             return
         self._after_settle(record, stored, values)
 
@@ -634,6 +633,13 @@ def _describe(exc: BaseException | None) -> str | None:
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 
+def _db_error(exc: BaseException) -> str:
+    """An error for the log without SQLAlchemy's ``[SQL: ...] [parameters: ...]``: parameters carry bodies."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines()
+    return f"{type(orig).__name__}: {lines[0] if lines else ''}"[:500]
+
+
 def _is_lock_wait(exc: BaseException) -> bool:
     """SQLite's busy timeout ran out: another connection holds the write lock (an atomic owner)."""
     return "database is locked" in str(getattr(exc, "orig", ""))
@@ -643,7 +649,7 @@ def _rollback_quietly(state: AppState) -> None:
     try:
         state.db.session.rollback()
     except sa.exc.SQLAlchemyError as exc:
-        logger.warning("rollback failed: %s", exc)
+        logger.warning("rollback failed: %s", _db_error(exc))
 
 
 class _CommitGuard:

@@ -80,3 +80,22 @@ def test_keys_with_markup_are_stored_verbatim_and_only_ever_compared(app: Flask,
     assert post(client, "/payments", key=key, json={}).status_code == 201
     assert record(app, key) is not None
     assert post(client, "/payments", key=key, json={}).headers["Idempotent-Replayed"] == "true"
+
+
+def test_a_failed_outcome_write_logs_no_statement_parameters(
+    app: Flask, client: FlaskClient, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlalchemy as sa
+
+    from flask_idempotent.store import RecordStore
+
+    def settle(*args: object, **kwargs: object) -> bool:
+        raise sa.exc.OperationalError("UPDATE idempotency_records ...", {"response_body": SECRET}, Exception("gone"))
+
+    monkeypatch.setattr(RecordStore, "settle", settle)
+    with caplog.at_level(logging.DEBUG, logger="flask_idempotent"):
+        response = post(client, "/payments", json={"card": SECRET})
+    assert response.status_code == 201  # the view ran: the client gets its real answer
+    assert record(app, "k-1")["state"] == "IN_PROGRESS"  # stuck once the lease ends, for an operator
+    assert any("could not store the outcome" in r.getMessage() for r in caplog.records)
+    assert all(SECRET not in r.getMessage() for r in caplog.records)
