@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from flask import Flask
@@ -35,3 +36,32 @@ class Background:
             raise self._error
         assert self._response is not None
         return self._response
+
+
+def make_stuck(app: Flask, clock: Any, key: str = "stuck-1", amount: int = 1) -> Background:
+    """A real request that claimed ``key`` and hangs in the view while the test clock runs its lease out."""
+    controls = app.extensions["test"]["controls"]
+    controls.hold_at = "payments"
+    owner = Background(app, "/payments", key=key, json={"amount": amount})
+    assert controls.entered.wait(10)
+    clock.advance(minutes=12)
+    return owner
+
+
+def finish(app: Flask, owner: Background) -> None:
+    """Let a held request go and wait for its answer."""
+    app.extensions["test"]["controls"].release.set()
+    owner.result()
+
+
+def observe_polling(monkeypatch: Any) -> threading.Event:
+    """An event set once a duplicate finds its key in flight and starts polling (it sleeps between reads)."""
+    polling = threading.Event()
+    real_sleep = time.sleep
+
+    def observed_sleep(seconds: float) -> None:
+        polling.set()
+        real_sleep(seconds)
+
+    monkeypatch.setattr("flask_idempotent.extension.time.sleep", observed_sleep)
+    return polling

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import pytest
-from concurrency import Background
+from concurrency import Background, observe_polling
 from flask import Flask
 from flask.testing import FlaskClient
 from helpers import charges, ext, post, problem_code, record
@@ -89,14 +86,7 @@ def test_atomic_duplicate_in_flight_gets_409_without_running(app: Flask, client:
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 @pytest.mark.parametrize("app_config", [{"IDEMPOTENCY_WAIT": 10}])
 def test_atomic_duplicate_waits_for_the_first_commit_and_replays(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
-    waiting = threading.Event()
-    real_sleep = time.sleep
-
-    def observed_sleep(seconds: float) -> None:
-        waiting.set()  # the duplicate found the key held and is polling
-        real_sleep(seconds)
-
-    monkeypatch.setattr("flask_idempotent.extension.time.sleep", observed_sleep)
+    waiting = observe_polling(monkeypatch)
     controls = ext(app)["controls"]
     controls.hold_at = "transfers"
     first = Background(app, "/transfers", json={"amount": 30})

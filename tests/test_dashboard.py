@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from concurrency import Background
+from concurrency import finish, make_stuck
 from flask import Flask
 from flask.testing import FlaskClient
 from helpers import events, ext, post, record, records
@@ -107,21 +107,6 @@ def only(app: Flask, key: str, scope: str = "") -> dict[str, Any]:
     found = record(app, key, scope)
     assert found is not None
     return found
-
-
-def make_stuck(app: Flask, clock: Any, key: str) -> Background:
-    """A real request that claimed ``key`` and hangs in the view while its lease runs out."""
-    controls = ext(app)["controls"]
-    controls.hold_at = "payments"
-    owner = Background(app, "/payments", key=key, json={"amount": 7})
-    assert controls.entered.wait(10)
-    clock.advance(minutes=12)
-    return owner
-
-
-def finish(app: Flask, owner: Background) -> None:
-    ext(app)["controls"].release.set()
-    owner.result()
 
 
 # Access -----------------------------------------------------------------------------------------------------
@@ -415,7 +400,7 @@ def test_operator_marks_a_stuck_request_retryable_and_the_retry_runs(
     app: Flask, client: FlaskClient, clock: Any
 ) -> None:
     allow(app, "alice")
-    owner = make_stuck(app, clock, "stuck-1")
+    owner = make_stuck(app, clock, "stuck-1", amount=7)
     try:
         stuck_page = get(client, "/stuck")
         assert "stuck for 11 min" in stuck_page

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
-from concurrency import Background
+from concurrency import Background, observe_polling
 from flask import Flask
 from flask.testing import FlaskClient
 from helpers import charges, events, ext, post, problem_code, record
@@ -56,14 +55,7 @@ def test_in_progress_status_202_when_configured(app: Flask, client: FlaskClient)
 def test_duplicate_waits_for_the_first_and_replays_its_outcome(
     app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    waiting = threading.Event()
-    real_sleep = time.sleep
-
-    def observed_sleep(seconds: float) -> None:
-        waiting.set()  # the duplicate found the record in progress and is polling
-        real_sleep(seconds)
-
-    monkeypatch.setattr("flask_idempotent.extension.time.sleep", observed_sleep)
+    waiting = observe_polling(monkeypatch)
     controls = hold(app, "payments")
     first = Background(app, "/payments", json={"amount": 5})
     assert controls.entered.wait(10)

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from concurrency import Background
+from concurrency import Background, finish, make_stuck
 from flask import Flask
 from flask.testing import FlaskClient
 from helpers import charges, events, ext, post, problem_code, record, records
@@ -17,20 +17,6 @@ from flask_idempotent import operations as ops
 def run(app: Flask, func: Any, *args: Any, **kwargs: Any) -> Any:
     with app.app_context():
         return func(*args, **kwargs)
-
-
-def make_stuck(app: Flask, clock: Any, key: str = "stuck-1") -> Background:
-    controls = ext(app)["controls"]
-    controls.hold_at = "payments"
-    owner = Background(app, "/payments", key=key, json={"amount": 1})
-    assert controls.entered.wait(10)
-    clock.advance(minutes=12)
-    return owner
-
-
-def finish(app: Flask, owner: Background) -> None:
-    ext(app)["controls"].release.set()
-    owner.result()
 
 
 def test_stats_lists_and_search_show_what_needs_a_decision(app: Flask, client: FlaskClient, clock: Any) -> None:
