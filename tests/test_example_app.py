@@ -1,0 +1,562 @@
+"""The example app end to end, through its HTTP API: every step of the README walk-through, on SQLite and PostgreSQL.
+
+Each test builds the app with ``create_app``, brings an empty database up with ``flask init-db`` (the
+migrations plus the demo users), and drives it with the test client. Concurrency is ordered with events, and
+time is the extension's clock, which the test moves; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+import example_app
+from example_app import ConfigurationError, create_app, normalize_database_url
+from example_app.config import DEV_OPERATOR_PASSWORD
+
+OPERATOR_PASSWORD = "s3cret-operator-password"
+ALICE = "alice-demo-token"
+BOB = "bob-demo-token"
+# The demo ledger init-db creates: alice's checking and savings, bob's checking (cents).
+ALICE_CHECKING, ALICE_SAVINGS, BOB_CHECKING = 1, 2, 3
+
+
+# Fixtures and helpers ---------------------------------------------------------------------------------------
+
+
+def reset_database(url: str) -> None:
+    """Leave the database empty, alembic_version included (PostgreSQL's test database is shared per session)."""
+    if not url.startswith("postgresql"):
+        return  # a fresh SQLite file per test
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+        conn.execute(sa.text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture
+def example_config() -> dict[str, Any]:
+    """Override (parametrize) to change the example app's config."""
+    return {}
+
+
+@pytest.fixture
+def example(
+    database_url: str, clock: Any, monkeypatch: pytest.MonkeyPatch, example_config: dict[str, Any]
+) -> Iterator[Flask]:
+    reset_database(database_url)
+    monkeypatch.setattr(example_app.idempotency, "clock", clock)
+    app = create_app(
+        {
+            "TESTING": True,
+            "DATABASE_URL": database_url,
+            "SECRET_KEY": "test-secret",
+            "OPERATOR_PASSWORD": OPERATOR_PASSWORD,
+            **example_config,
+        }
+    )
+    result = app.test_cli_runner().invoke(args=["init-db", "--demo"])
+    assert result.exit_code == 0, result.output
+    yield app
+    with app.app_context():
+        example_app.db.engine.dispose()
+    reset_database(database_url)
+
+
+def pay(
+    client: FlaskClient,
+    key: str,
+    amount: int = 1000,
+    *,
+    token: str = ALICE,
+    simulate: str | None = None,
+    **body: Any,
+) -> TestResponse:
+    headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": key}
+    if simulate is not None:
+        headers["X-Simulate"] = simulate
+    return client.post("/payments", json={"amount": amount, "currency": "EUR", **body}, headers=headers)
+
+
+def transfer(
+    client: FlaskClient,
+    key: str,
+    amount: int,
+    source: int = ALICE_CHECKING,
+    target: int = BOB_CHECKING,
+    *,
+    simulate: str | None = None,
+) -> TestResponse:
+    headers = {"Authorization": f"Bearer {ALICE}", "Idempotency-Key": key}
+    if simulate is not None:
+        headers["X-Simulate"] = simulate
+    return client.post(
+        "/transfers", json={"from_account": source, "to_account": target, "amount": amount}, headers=headers
+    )
+
+
+def rows(app: Flask, table: str, **where: Any) -> list[dict[str, Any]]:
+    with app.app_context():
+        t = example_app.db.metadata.tables[table]
+        query = sa.select(t).where(*(t.c[name] == value for name, value in where.items()))
+        with example_app.db.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query.order_by(*t.primary_key.columns))]
+
+
+def record(app: Flask, key: str, user: str = "alice") -> dict[str, Any]:
+    (found,) = rows(app, "idempotency_records", key=key, scope=str(user_id(app, user)))
+    return found
+
+
+def user_id(app: Flask, name: str) -> int:
+    (user,) = rows(app, "users", name=name)
+    return int(user["id"])
+
+
+def balances(app: Flask) -> dict[int, int]:
+    return {r["id"]: r["balance"] for r in rows(app, "accounts")}
+
+
+def problem_code(response: TestResponse) -> str:
+    assert response.mimetype == "application/problem+json", response.data
+    body = response.get_json(force=True)
+    assert body["status"] == response.status_code
+    return str(body["type"]).rsplit(":", 1)[-1]
+
+
+def hidden(page: str, name: str, action: str | None = None) -> str:
+    """The value of hidden input ``name`` (inside the form posting to ``action``, if given)."""
+    if action is not None:
+        form = re.search(rf'action="{re.escape(action)}">(.*?)</form>', page, re.S)
+        assert form, f"no form posting to {action}"
+        page = form.group(1)
+    found = re.search(rf'name="{re.escape(name)}" value="([^"]*)"', page)
+    assert found, f"no hidden {name}"
+    return html.unescape(found.group(1))
+
+
+def login(client: FlaskClient, password: str = OPERATOR_PASSWORD, next_url: str | None = None) -> TestResponse:
+    token = hidden(client.get("/login").text, "csrf_token")
+    data = {"csrf_token": token, "username": "operator", "password": password}
+    if next_url is not None:
+        data["next"] = next_url
+    return client.post("/login", data=data)
+
+
+class InThread:
+    """Run ``call`` in a thread; ``result()`` joins it and returns what it returned or raised."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self._outcome: list[Any] = []
+
+        def run() -> None:
+            try:
+                self._outcome.append(("ok", call()))
+            except BaseException as exc:  # handed to the test by result()
+                self._outcome.append(("error", exc))
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def result(self) -> tuple[str, Any]:
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "the background request never finished"
+        return self._outcome[0]  # type: ignore[no-any-return]
+
+
+# The walk-through -------------------------------------------------------------------------------------------
+
+
+def test_payment_charges_once_and_its_retry_is_replayed(example: Flask) -> None:
+    client = example.test_client()
+    first = pay(client, "order-1001", 1000, description="coffee beans")
+    assert first.status_code == 201
+    payment = first.get_json()
+    assert payment["amount"] == 1000 and payment["status"] == "succeeded"
+    assert first.headers["Location"] == f"/payments/{payment['id']}"
+    assert "Idempotent-Replayed" not in first.headers
+
+    retry = pay(client, "order-1001", 1000, description="coffee beans")
+    assert retry.status_code == 201
+    assert retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.get_json() == payment
+    assert retry.headers["Location"] == first.headers["Location"]
+
+    assert len(rows(example, "provider_charges")) == 1
+    (booked,) = rows(example, "payments")
+    assert booked["charge_id"] == payment["charge_id"] == rows(example, "provider_charges")[0]["id"]
+    rec = record(example, "order-1001")
+    assert (rec["state"], rec["attempts"], rec["response_status"]) == ("COMPLETED", 1, 201)
+    assert rec["recovery_point"] == "provider-charged"
+
+    read = client.get(first.headers["Location"], headers={"Authorization": f"Bearer {ALICE}"})
+    assert read.status_code == 200 and read.get_json() == payment
+
+
+def test_same_key_with_another_amount_is_rejected_with_422(example: Flask) -> None:
+    client = example.test_client()
+    assert pay(client, "order-1002", 1000).status_code == 201
+    before = record(example, "order-1002")
+
+    reused = pay(client, "order-1002", 2000)
+
+    assert reused.status_code == 422 and problem_code(reused) == "key-reused"
+    after = record(example, "order-1002")
+    assert after["event_count"] == before["event_count"] + 1  # counted: the cap on client-caused events reads it
+    assert {**after, "event_count": None} == {**before, "event_count": None}  # otherwise untouched
+    assert [c["amount"] for c in rows(example, "provider_charges")] == [1000]
+    assert len(rows(example, "payments")) == 1
+    (conflict,) = rows(example, "idempotency_events", kind="conflict")
+    assert conflict["record_id"] == before["id"]
+
+
+def test_concurrent_duplicate_gets_409_while_the_first_waits_on_the_provider(example: Flask) -> None:
+    gate = example.extensions["payment_provider"].gate
+    first = InThread(lambda: pay(example.test_client(), "order-1003", simulate="hang"))
+    assert gate.wait_for_waiters(1, timeout=10), "the first request never reached the provider"
+
+    duplicate = pay(example.test_client(), "order-1003")
+
+    assert duplicate.status_code == 409 and problem_code(duplicate) == "in-progress"
+    assert duplicate.headers["Retry-After"]
+    assert record(example, "order-1003")["state"] == "IN_PROGRESS"
+    assert rows(example, "provider_charges") == []
+    assert len(rows(example, "idempotency_events", kind="in_progress_hit")) == 1
+
+    released = example.test_client().post("/provider/release", headers={"Authorization": f"Bearer {ALICE}"})
+    assert released.get_json() == {"released": 1}
+    outcome, response = first.result()
+    assert outcome == "ok" and response.status_code == 201
+
+    again = pay(example.test_client(), "order-1003")
+    assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.get_json() == response.get_json()
+    assert len(rows(example, "provider_charges")) == 1 and len(rows(example, "payments")) == 1
+
+
+def test_transient_provider_failure_is_retryable_and_the_retry_succeeds(example: Flask) -> None:
+    client = example.test_client()
+    failed = pay(client, "order-1004", simulate="transient")
+    assert failed.status_code == 503 and problem_code(failed) == "provider-unavailable"
+    assert failed.headers["Retry-After"] == "1"
+    rec = record(example, "order-1004")
+    assert (rec["state"], rec["retryable"], rec["attempts"]) == ("FAILED", True, 1)
+    assert rows(example, "provider_charges") == []
+
+    retry = pay(client, "order-1004")
+
+    assert retry.status_code == 201 and "Idempotent-Replayed" not in retry.headers
+    rec = record(example, "order-1004")
+    assert (rec["state"], rec["attempts"]) == ("COMPLETED", 2)
+    assert len(rows(example, "provider_charges")) == 1 and len(rows(example, "payments")) == 1
+
+
+def test_final_provider_failure_is_replayed_and_never_rerun(example: Flask) -> None:
+    client = example.test_client()
+    failed = pay(client, "order-1005", simulate="fail")
+    assert failed.status_code == 500 and problem_code(failed) == "provider-error"
+
+    retry = pay(client, "order-1005")
+
+    assert retry.status_code == 500 and retry.headers["Idempotent-Replayed"] == "true"
+    assert problem_code(retry) == "provider-error"
+    rec = record(example, "order-1005")
+    assert (rec["state"], rec["retryable"], rec["attempts"]) == ("FAILED", False, 1)
+    assert rows(example, "payments") == []
+
+
+def test_crash_after_the_charge_is_stuck_until_an_operator_marks_it_retryable(
+    example: Flask, clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGKILL after the provider charged, in process: the request stops dead at the crash point.
+
+    The test stands in for the kill: the "dead" request blocks where the process would have died, so the
+    database holds exactly what a killed process leaves (charge made, checkpoint written, record IN_PROGRESS,
+    no payment); the lease then runs out on the test's clock. The real SIGKILL is covered by the fault tests.
+    """
+
+    class ProcessDied(BaseException):
+        pass
+
+    died, buried = threading.Event(), threading.Event()
+
+    def crash() -> None:
+        died.set()
+        assert buried.wait(30)
+        raise ProcessDied  # after the test is done: nothing this request does afterwards may count
+
+    monkeypatch.setattr(example.extensions["payment_provider"], "crash", crash)
+    dead = InThread(lambda: pay(example.test_client(), "order-1006", simulate="crash"))
+    assert died.wait(10), "the request never reached the crash point"
+
+    rec = record(example, "order-1006")
+    assert (rec["state"], rec["recovery_point"], rec["attempts"]) == ("IN_PROGRESS", "provider-charged", 1)
+    (charge,) = rows(example, "provider_charges")
+    assert rows(example, "payments") == []
+
+    client = example.test_client()
+    live = pay(client, "order-1006")
+    assert live.status_code == 409 and problem_code(live) == "in-progress"
+
+    clock.advance(seconds=61)  # past the 60 s lease: the owner is presumed dead
+    stuck = pay(client, "order-1006")
+    assert stuck.status_code == 409 and problem_code(stuck) == "stuck"
+    assert record(example, "order-1006")["state"] == "IN_PROGRESS"
+
+    operator = example.test_client()
+    assert login(operator, next_url="/idempotency/stuck").status_code == 303
+    listing = operator.get("/idempotency/stuck")
+    assert listing.status_code == 200 and "order-1006" in listing.text
+    page = operator.get(f"/idempotency/records/{rec['id']}")
+    assert page.status_code == 200 and "provider-charged" in page.text
+    action = f"/idempotency/records/{rec['id']}/mark-retryable"
+    marked = operator.post(
+        action,
+        data={"csrf_token": hidden(page.text, "csrf_token", action), "version": hidden(page.text, "version", action)},
+    )
+    assert marked.status_code == 303
+    rec = record(example, "order-1006")
+    assert (rec["state"], rec["retryable"]) == ("FAILED", True)
+    (event,) = rows(example, "idempotency_events", kind="mark_retryable")
+    assert event["actor"] == "operator"
+
+    retry = pay(client, "order-1006")
+
+    assert retry.status_code == 201
+    assert retry.get_json()["charge_id"] == charge["id"]  # the provider answered the reference: no second charge
+    assert rows(example, "provider_charges") == [charge]
+    assert len(rows(example, "payments")) == 1
+    rec = record(example, "order-1006")
+    assert (rec["state"], rec["attempts"]) == ("COMPLETED", 2)
+
+    buried.set()  # the "dead" request wakes up: its late outcome is fenced off by the newer lease
+    outcome, error = dead.result()
+    assert outcome == "error" and isinstance(error, ProcessDied)
+    rec = record(example, "order-1006")
+    assert (rec["state"], rec["attempts"], rec["response_status"]) == ("COMPLETED", 2, 201)
+
+
+def test_transfer_moves_money_once_in_one_transaction(example: Flask) -> None:
+    client = example.test_client()
+    before = balances(example)
+
+    moved = transfer(client, "transfer-1", 2500)
+
+    assert moved.status_code == 201
+    body = moved.get_json()
+    assert body["from_account"]["balance"] == before[ALICE_CHECKING] - 2500
+    after = balances(example)
+    assert after[ALICE_CHECKING] == before[ALICE_CHECKING] - 2500
+    assert after[BOB_CHECKING] == before[BOB_CHECKING] + 2500
+    (row,) = rows(example, "transfers")
+    assert (row["amount"], row["idempotency_key"]) == (2500, "transfer-1")
+    assert record(example, "transfer-1")["state"] == "COMPLETED"
+
+    retry = transfer(client, "transfer-1", 2500)
+    assert retry.status_code == 201 and retry.headers["Idempotent-Replayed"] == "true"
+    assert retry.get_json() == body
+    assert balances(example) == after
+    assert len(rows(example, "transfers")) == 1
+
+
+def test_transfer_failing_after_its_writes_is_rolled_back_and_the_retry_applies_once(example: Flask) -> None:
+    client = example.test_client()
+    before = balances(example)
+
+    failed = transfer(client, "transfer-2", 700, simulate="transient")
+
+    assert failed.status_code == 503 and problem_code(failed) == "transient-error"
+    assert balances(example) == before  # the layer rolled the view's writes back
+    assert rows(example, "transfers") == []
+    rec = record(example, "transfer-2")
+    assert (rec["state"], rec["retryable"]) == ("FAILED", True)
+
+    retry = transfer(client, "transfer-2", 700)
+
+    assert retry.status_code == 201
+    after = balances(example)
+    assert after[ALICE_CHECKING] == before[ALICE_CHECKING] - 700
+    assert after[BOB_CHECKING] == before[BOB_CHECKING] + 700
+    assert len(rows(example, "transfers")) == 1
+    rec = record(example, "transfer-2")
+    assert (rec["state"], rec["attempts"]) == ("COMPLETED", 2)
+
+
+def test_transfer_beyond_the_balance_changes_nothing_and_its_answer_is_kept(example: Flask) -> None:
+    client = example.test_client()
+    before = balances(example)
+
+    refused = transfer(client, "transfer-3", before[ALICE_SAVINGS] + 1, source=ALICE_SAVINGS)
+
+    assert refused.status_code == 422 and problem_code(refused) == "insufficient-funds"
+    assert balances(example) == before and rows(example, "transfers") == []
+    assert record(example, "transfer-3")["state"] == "COMPLETED"  # a 4xx is an answer: replayed from now on
+    again = transfer(client, "transfer-3", before[ALICE_SAVINGS] + 1, source=ALICE_SAVINGS)
+    assert again.status_code == 422 and again.headers["Idempotent-Replayed"] == "true"
+
+
+# Scope and authentication -----------------------------------------------------------------------------------
+
+
+def test_the_same_key_from_two_users_names_two_payments(example: Flask) -> None:
+    client = example.test_client()
+    alice = pay(client, "order-1", 1000)
+    bob = pay(client, "order-1", 1000, token=BOB)
+
+    assert alice.status_code == bob.status_code == 201
+    assert "Idempotent-Replayed" not in bob.headers
+    assert alice.get_json()["id"] != bob.get_json()["id"]
+    scopes = sorted(r["scope"] for r in rows(example, "idempotency_records", key="order-1"))
+    assert scopes == sorted([str(user_id(example, "alice")), str(user_id(example, "bob"))])
+    assert len(rows(example, "provider_charges")) == 2
+
+
+def test_request_without_a_valid_token_is_401_and_claims_no_key(example: Flask) -> None:
+    client = example.test_client()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic YTpi"}):
+        response = client.post("/payments", json={"amount": 1000}, headers={"Idempotency-Key": "order-x", **headers})
+        assert response.status_code == 401 and problem_code(response) == "unauthorized"
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    assert rows(example, "idempotency_records") == []
+    assert rows(example, "provider_charges") == []
+
+
+def test_payment_without_a_key_is_400_and_charges_nothing(example: Flask) -> None:
+    response = example.test_client().post(
+        "/payments", json={"amount": 1000}, headers={"Authorization": f"Bearer {ALICE}"}
+    )
+    assert response.status_code == 400 and problem_code(response) == "missing-key"
+    assert rows(example, "idempotency_records") == [] and rows(example, "provider_charges") == []
+
+
+def test_a_user_cannot_read_another_users_payment(example: Flask) -> None:
+    client = example.test_client()
+    location = pay(client, "order-2").headers["Location"]
+    response = client.get(location, headers={"Authorization": f"Bearer {BOB}"})
+    assert response.status_code == 404 and problem_code(response) == "not-found"
+
+
+@pytest.mark.parametrize("example_config", [{"PROVIDER_SIMULATION": False}])
+def test_simulation_switches_are_refused_when_simulation_is_off(example: Flask) -> None:
+    client = example.test_client()
+    response = pay(client, "order-3", simulate="crash")
+    assert response.status_code == 400 and problem_code(response) == "simulation-disabled"
+    assert rows(example, "idempotency_records") == []
+    release = client.post("/provider/release", headers={"Authorization": f"Bearer {ALICE}"})
+    assert release.status_code == 404
+
+
+# Operator login and the dashboard ---------------------------------------------------------------------------
+
+
+def test_dashboard_sends_browsers_to_the_login_and_then_back(example: Flask) -> None:
+    client = example.test_client()
+    closed = client.get("/idempotency/stuck")
+    assert closed.status_code == 302
+    assert closed.headers["Location"].startswith("/login?next=")
+
+    logged_in = login(client, next_url="/idempotency/stuck")
+
+    assert logged_in.status_code == 303 and logged_in.headers["Location"] == "/idempotency/stuck"
+    page = client.get("/idempotency/")
+    assert page.status_code == 200 and "operator" in page.text
+
+    logout = client.post("/logout", data={"csrf_token": hidden(client.get("/").text, "csrf_token")})
+    assert logout.status_code == 303
+    assert client.get("/idempotency/").status_code == 302
+
+
+def test_wrong_operator_password_is_refused(example: Flask) -> None:
+    client = example.test_client()
+    refused = login(client, password="guess")
+    assert refused.status_code == 401 and "Wrong username or password" in refused.text
+    assert client.get("/idempotency/").status_code == 302
+
+
+def test_login_never_redirects_to_another_site(example: Flask) -> None:
+    response = login(example.test_client(), next_url="//evil.example/phish")
+    assert response.status_code == 303 and response.headers["Location"] == "/idempotency/"
+
+
+def test_dashboard_action_without_login_is_403_and_changes_nothing(example: Flask) -> None:
+    client = example.test_client()
+    pay(client, "order-4", simulate="fail")
+    rec = record(example, "order-4")
+    response = client.post(f"/idempotency/records/{rec['id']}/mark-retryable", data={"version": "x"})
+    assert response.status_code == 403
+    assert record(example, "order-4") == rec
+
+
+def test_home_page_is_served(example: Flask) -> None:
+    page = example.test_client().get("/")
+    assert page.status_code == 200 and "POST /payments" in page.text
+
+
+# Configuration ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("FLASK_DEBUG", "DATABASE_URL", "SECRET_KEY", "OPERATOR_USERNAME", "OPERATOR_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_production_mode_refuses_to_start_without_an_operator_password(
+    clean_environment: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    with pytest.raises(ConfigurationError, match="OPERATOR_PASSWORD"):
+        create_app({"DATABASE_URL": f"sqlite:///{tmp_path}/x.db", "SECRET_KEY": "k"})
+
+
+def test_production_mode_refuses_to_start_without_a_secret_key(
+    clean_environment: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    with pytest.raises(ConfigurationError, match="SECRET_KEY"):
+        create_app({"DATABASE_URL": f"sqlite:///{tmp_path}/x.db", "OPERATOR_PASSWORD": "pw"})
+
+
+def test_production_mode_takes_its_settings_from_the_environment(
+    clean_environment: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    clean_environment.setenv("DATABASE_URL", "postgres://app@db.internal:5432/payments")
+    clean_environment.setenv("SECRET_KEY", "from-env")
+    clean_environment.setenv("OPERATOR_USERNAME", "ops")
+    clean_environment.setenv("OPERATOR_PASSWORD", "pw")
+    app = create_app()
+    assert app.config["SQLALCHEMY_DATABASE_URI"] == "postgresql+psycopg2://app@db.internal:5432/payments"
+    assert app.secret_key == "from-env" and app.config["OPERATOR_USERNAME"] == "ops"
+    assert app.config["PROVIDER_SIMULATION"] is False  # no kill switch in production
+    assert app.config["SESSION_COOKIE_SECURE"] is True
+
+
+def test_debug_mode_uses_the_documented_development_password(
+    clean_environment: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    app = create_app({"DEBUG": True, "DATABASE_URL": f"sqlite:///{tmp_path}/x.db"})
+    assert app.config["OPERATOR_PASSWORD"] == DEV_OPERATOR_PASSWORD
+    assert app.secret_key  # generated for the process
+    assert app.config["PROVIDER_SIMULATION"] is True
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgres://u:p@h:5432/d", "postgresql+psycopg2://u:p@h:5432/d"),
+        ("postgresql://u@h/d", "postgresql+psycopg2://u@h/d"),
+        ("postgresql+psycopg2://u@h/d", "postgresql+psycopg2://u@h/d"),
+        ("sqlite:////var/lib/app.db", "sqlite:////var/lib/app.db"),
+    ],
+)
+def test_database_url_is_mapped_to_the_psycopg2_driver(url: str, expected: str) -> None:
+    assert normalize_database_url(url) == expected
