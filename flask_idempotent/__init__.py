@@ -6,6 +6,7 @@ See SPEC's HTTP table (README) for what each request gets.
 from __future__ import annotations
 
 from .context import current_record
+from .dashboard import ReadOnly
 from .decorator import TransientError, idempotent
 from .errors import (
     AtomicViewCommitted,
@@ -30,6 +31,7 @@ __all__ = [
     "KeyReused",
     "LeaseLost",
     "MissingKey",
+    "ReadOnly",
     "RecordStuck",
     "RequestFailed",
     "RequestInProgress",
