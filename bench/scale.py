@@ -1,0 +1,370 @@
+"""Scale: a 1,000,000-record table. Bulk seeding, every dashboard/CLI/store query timed and EXPLAIN ANALYZEd."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from infra import bench_env, log, pg_connect
+
+# Record mix: 0.1 % stuck IN_PROGRESS (lease long expired; none in the expired set the purge test deletes),
+# 1 % FAILED (half of them retryable), the rest COMPLETED; 1,000 tenants; created over the last 23 hours.
+# 1 % of records have a conflict event, the stuck ones a stale-hit event.
+SEED_RECORDS_SQL = """
+INSERT INTO idempotency_records (
+    scope, key, request_hash, method, path, endpoint, state, retryable, attempts, lease_token, locked_until,
+    response_status, response_headers, response_body, error, event_count, created_at, updated_at, expires_at)
+SELECT
+    'tenant-' || (g %% 1000),
+    'seed-' || g,
+    'v1:' || md5(g::text) || md5((g + 7)::text),
+    'POST', '/leased', 'leased',
+    CASE WHEN STUCK THEN 'IN_PROGRESS' WHEN g %% 100 = 1 THEN 'FAILED' ELSE 'COMPLETED' END,
+    (g %% 100 = 1 AND g %% 200 = 1),
+    1,
+    CASE WHEN STUCK THEN md5(g::text) END,
+    CASE WHEN STUCK THEN t.created + interval '60 seconds' END,
+    CASE WHEN STUCK THEN NULL WHEN g %% 100 = 1 THEN 500 ELSE 201 END,
+    CASE WHEN STUCK THEN NULL
+         ELSE '[["Content-Type", "application/json"], ["Location", "/payments/1"]]'::json END,
+    CASE WHEN STUCK THEN NULL
+         ELSE convert_to('{"amount":1250,"currency":"EUR","id":' || g || ',"status":"created"}', 'UTF8') END,
+    CASE WHEN g %% 100 = 1 THEN 'DownstreamError: the ledger call after the payment failed' END,
+    CASE WHEN g %% 100 = 5 OR STUCK THEN 1 ELSE 0 END,
+    t.created,
+    t.created + interval '1 second',
+    t.created + %(ttl)s::interval
+FROM generate_series(1, %(n)s) AS g,
+     LATERAL (SELECT (now() AT TIME ZONE 'utc') - %(age)s::interval
+                     - ((g::bigint * 7919) %% 82800) * interval '1 second' AS created) AS t
+"""
+
+SEED_EVENTS_SQL = """
+INSERT INTO idempotency_events (record_id, scope, key, kind, actor, detail, created_at)
+SELECT r.id, r.scope, r.key,
+       CASE WHEN r.state = 'IN_PROGRESS' THEN 'stale_hit' ELSE 'conflict' END,
+       NULL,
+       json_build_object('method', 'POST', 'path', '/leased', 'endpoint', 'leased',
+                         'request_hash', 'v1:' || md5(r.key)),
+       r.created_at + interval '5 seconds'
+FROM idempotency_records r
+WHERE r.event_count = 1
+"""
+
+
+def seed(db: str, n: int, *, expired: bool) -> dict[str, Any]:
+    """Fill ``idempotency_records`` with ``n`` records (TRUNCATE first); expired ones for the purge test."""
+    conn = pg_connect(db)
+    conn.autocommit = True
+    t0 = time.perf_counter()
+    with conn.cursor() as cur:
+        cur.execute("TRUNCATE idempotency_records, idempotency_events RESTART IDENTITY")
+        cur.execute("SET synchronous_commit = off")
+        cur.execute("SET maintenance_work_mem = '256MB'")
+        params = {"n": n, "ttl": "-1 hour" if expired else "24 hours", "age": "2 days" if expired else "0 seconds"}
+        cur.execute(SEED_RECORDS_SQL.replace("STUCK", "FALSE" if expired else "(g %% 1000 = 0)"), params)
+        t_records = time.perf_counter() - t0
+        cur.execute(SEED_EVENTS_SQL)
+        events = cur.rowcount
+        cur.execute("VACUUM (ANALYZE) idempotency_records")
+        cur.execute("VACUUM (ANALYZE) idempotency_events")
+        cur.execute(
+            "SELECT pg_total_relation_size('idempotency_records'), pg_total_relation_size('idempotency_events')"
+        )
+        size_r, size_e = cur.fetchone()
+    conn.close()
+    took = time.perf_counter() - t0
+    log(f"seeded {n:,} {'expired ' if expired else ''}records + {events:,} events in {took:.1f}s")
+    return {
+        "records": n,
+        "events": events,
+        "expired": expired,
+        "insert_seconds": round(t_records, 2),
+        "total_seconds_with_vacuum_analyze": round(took, 2),
+        "records_table_bytes": int(size_r),
+        "events_table_bytes": int(size_e),
+    }
+
+
+class Capture:
+    """Collects the SQL statements (with their parameters) an engine runs."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self.statements: list[tuple[str, Any]] = []
+        self.on = False
+        sa.event.listen(engine, "before_cursor_execute", self._hook)
+
+    def _hook(self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if self.on and not statement.lstrip().upper().startswith(("SAVEPOINT", "RELEASE", "ROLLBACK")):
+            self.statements.append((statement, parameters))
+
+    @contextmanager
+    def recording(self) -> Any:
+        self.statements = []
+        self.on = True
+        try:
+            yield self.statements
+        finally:
+            self.on = False
+
+
+def _plan_summary(plan: dict[str, Any]) -> dict[str, Any]:
+    nodes: list[str] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        label = node["Node Type"]
+        if "Index Name" in node:
+            label += f" using {node['Index Name']}"
+        elif "Relation Name" in node:
+            label += f" on {node['Relation Name']}"
+        nodes.append(label)
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan["Plan"])
+    return {
+        "execution_ms": round(plan["Execution Time"], 3),
+        "planning_ms": round(plan["Planning Time"], 3),
+        "nodes": nodes,
+        "seq_scan": any(n.startswith("Seq Scan") for n in nodes),
+        "rows": plan["Plan"].get("Actual Rows"),
+    }
+
+
+def explain(db: str, statement: str, params: Any) -> dict[str, Any]:
+    """EXPLAIN ANALYZE ``statement`` in a transaction that is rolled back (DML changes nothing)."""
+    conn = pg_connect(db)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement, params)
+            plan = cur.fetchone()[0]
+            if isinstance(plan, str):
+                plan = json.loads(plan)
+        conn.rollback()
+        return _plan_summary(plan[0])
+    except Exception as exc:  # a statement EXPLAIN cannot take: report it instead of failing the run
+        conn.rollback()
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    finally:
+        conn.close()
+
+
+def _timed(fn: Callable[[], Any], repeat: int) -> tuple[list[float], Any]:
+    times = []
+    result = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times, result
+
+
+def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
+    """Time every operations.py function and store.py method on the seeded table; EXPLAIN ANALYZE their SQL."""
+    os.environ.update(bench_env(db, run_id))
+    from app import create_app, idempotency
+    from app import db as flask_db
+
+    from flask_idempotent import operations as ops
+    from flask_idempotent.constants import EventKind
+
+    app = create_app()
+    results: list[dict[str, Any]] = []
+    with app.app_context():
+        state = idempotency.state()
+        store = state.store
+        r = state.tables.records
+        engine = flask_db.engine
+        capture = Capture(engine)
+        now = state.clock()
+        with engine.connect() as conn:
+
+            def one(where: Any) -> Any:
+                return conn.execute(sa.select(r).where(where).order_by(r.c.id).limit(1)).first()
+
+            stuck = one(r.c.state == "IN_PROGRESS")
+            failed = one(sa.and_(r.c.state == "FAILED", r.c.retryable.is_(False)))
+            failed2 = conn.execute(
+                sa.select(r).where(r.c.state == "FAILED", r.c.retryable.is_(False)).order_by(r.c.id.desc()).limit(1)
+            ).first()
+            completed = one(r.c.state == "COMPLETED")
+            completed2 = conn.execute(
+                sa.select(r).where(r.c.state == "COMPLETED").order_by(r.c.id.desc()).limit(1)
+            ).first()
+            conn.rollback()
+
+        def store_call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
+            def run() -> Any:
+                with engine.connect() as conn:
+                    trans = conn.begin()
+                    try:
+                        return method(conn, *args, **kwargs)
+                    finally:
+                        trans.rollback()
+
+            return run
+
+        new_values = {
+            "scope": "tenant-1",
+            "key": f"{run_id}-new",
+            "request_hash": "v1:" + "0" * 64,
+            "method": "POST",
+            "path": "/leased",
+            "endpoint": "leased",
+            "state": "IN_PROGRESS",
+            "retryable": False,
+            "attempts": 1,
+            "event_count": 0,
+            "lease_token": "x" * 32,
+            "locked_until": now + timedelta(seconds=60),
+            "created_at": now,
+            "updated_at": now,
+            "expires_at": now + timedelta(hours=24),
+        }
+        cases: list[tuple[str, str, Callable[[], Any], bool]] = [
+            # (name, where it is used, call, read-only)
+            ("operations.stats", "dashboard overview, CLI stats", lambda: ops.stats(), True),
+            ("operations.list_stuck", "dashboard stuck list, CLI stuck", lambda: ops.list_stuck(), True),
+            ("operations.list_stuck page 10", "dashboard pagination", lambda: ops.list_stuck(page=10), True),
+            ("operations.list_failed", "dashboard failed list", lambda: ops.list_failed(), True),
+            ("operations.list_failed final", "dashboard failed list", lambda: ops.list_failed(retryable=False), True),
+            ("operations.list_failed page 100", "dashboard pagination", lambda: ops.list_failed(page=100), True),
+            ("operations.list_conflicts", "dashboard conflicts", lambda: ops.list_conflicts(), True),
+            (
+                "operations.list_conflicts since 1h",
+                "dashboard conflicts",
+                lambda: ops.list_conflicts(since=now - timedelta(hours=1)),
+                True,
+            ),
+            ("operations.search by key", "dashboard search", lambda: ops.search("seed-424242"), True),
+            ("operations.search by scope", "dashboard search", lambda: ops.search("tenant-42"), True),
+            ("operations.search miss", "dashboard search", lambda: ops.search("no-such-key"), True),
+            ("operations.get", "dashboard record detail", lambda: ops.get(completed.id), True),
+            ("operations.show", "CLI show", lambda: ops.show(completed.scope, completed.key), True),
+            (
+                "operations.purge (1 batch, nothing expired)",
+                "CLI purge",
+                lambda: ops.purge(max_batches=1),
+                True,
+            ),
+            ("store.find", "every protected request", store_call(store.find, completed.scope, completed.key), True),
+            ("store.get", "operations", store_call(store.get, completed.id), True),
+            ("store.insert", "first request (claim)", store_call(store.insert, new_values), True),
+            (
+                "store.reclaim",
+                "retry of a retryable failure",
+                store_call(store.reclaim, failed, {"attempts": 2, "updated_at": now}),
+                True,
+            ),
+            (
+                "store.settle",
+                "outcome of every request",
+                store_call(store.settle, stuck.id, stuck.lease_token, {"state": "COMPLETED", "updated_at": now}),
+                True,
+            ),
+            (
+                "store.update_if_unchanged",
+                "operator actions",
+                store_call(store.update_if_unchanged, failed, {"retryable": True, "updated_at": now}),
+                True,
+            ),
+            ("store.delete", "release", store_call(store.delete, completed.id), True),
+            (
+                "store.add_event",
+                "conflicts, operator actions",
+                store_call(
+                    store.add_event,
+                    record=completed,
+                    scope=completed.scope,
+                    key=completed.key,
+                    kind=EventKind.CONFLICT,
+                    now=now,
+                ),
+                True,
+            ),
+            ("store.count_client_event", "conflicts", store_call(store.count_client_event, completed.id), True),
+            ("store.events_of", "record detail", store_call(store.events_of, stuck.id), True),
+            # Operator actions change one record each: run once.
+            (
+                "operations.mark_retryable",
+                "dashboard/CLI action",
+                lambda: ops.mark_retryable(stuck.id, actor="bench"),
+                False,
+            ),
+            (
+                "operations.mark_failed",
+                "dashboard/CLI action",
+                lambda: ops.mark_failed(failed2.id, actor="bench"),
+                False,
+            ),
+            ("operations.release", "dashboard/CLI action", lambda: ops.release(completed2.id, actor="bench"), False),
+        ]
+        known = {name.split(" ")[0].split(".", 1)[1] for name, *_ in cases if name.startswith("operations.")}
+        public = [
+            name
+            for name, obj in inspect.getmembers(ops, inspect.isfunction)
+            if obj.__module__ == ops.__name__ and not name.startswith("_") and name in getattr(ops, "__all__", [name])
+        ]
+        not_measured = sorted(set(public) - known - {"bounds", "record_dict"})
+        for name, used_by, call, read_only in cases:
+            try:
+                if read_only:
+                    call()  # warm-up (plans cached, pages in shared buffers)
+                    with capture.recording() as statements:
+                        times, _ = _timed(call, 1)
+                    more, _ = _timed(call, repeat - 1)
+                    times += more
+                else:
+                    with capture.recording() as statements:
+                        times, _ = _timed(call, 1)
+            except Exception as exc:
+                results.append({"name": name, "used_by": used_by, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            plans = []
+            for statement, params in list(statements):
+                if statement.strip().upper().startswith(("BEGIN", "COMMIT", "SET ")):
+                    continue
+                plan = explain(db, statement, params) if read_only else {"note": "action ran once; not replayed"}
+                plans.append({"sql": " ".join(statement.split())[:300], **plan})
+            slowest = max((p.get("execution_ms", 0.0) for p in plans), default=0.0)
+            results.append(
+                {
+                    "name": name,
+                    "used_by": used_by,
+                    "wall_ms_median": round(statistics.median(times), 3),
+                    "wall_ms_max": round(max(times), 3),
+                    "statements": len(plans),
+                    "slowest_statement_ms": round(slowest, 3),
+                    "seq_scan": any(p.get("seq_scan") for p in plans),
+                    "plans": plans,
+                }
+            )
+        sa.event.remove(engine, "before_cursor_execute", capture._hook)
+    # What-if: the search page query with a sort the planner cannot serve by walking the primary key backwards
+    # (a LIMIT with ORDER BY id DESC tempts it to scan the pk and filter, up to the whole table on a miss).
+    what_if = []
+    for q in ("seed-424242", "no-such-key", "tenant-42"):
+        for label, sql in (
+            ("current", SEARCH_SQL.format(order="id DESC")),
+            ("ORDER BY id + 0 DESC", SEARCH_SQL.format(order="id + 0 DESC")),
+        ):
+            plan = explain(db, sql, {"q": q})
+            what_if.append({"query": q, "variant": label, **plan})
+    return {
+        "queries": results,
+        "not_measured": not_measured,
+        "search_what_if": what_if,
+        "at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+SEARCH_SQL = "SELECT * FROM idempotency_records WHERE key = %(q)s OR scope = %(q)s ORDER BY {order} LIMIT 50 OFFSET 0"
