@@ -109,30 +109,40 @@ def scale_tables(results: dict[str, Any]) -> str:
             f"| {q['name']} | {q['used_by']} | {_f(q['wall_ms_median'])} | {q['statements']} | "
             f"{_f(q['slowest_statement_ms'], 3)} | {nodes}{flag} |"
         )
-    if sc["queries"].get("search_what_if"):
-        cells = [
-            f"{w['query']} {w['variant']}: {_f(w.get('execution_ms'), 3)} ms ({', '.join(w.get('nodes', [])[:2])})"
-            for w in sc["queries"]["search_what_if"]
-        ]
-        out.append("\nSearch page query, what-if (EXPLAIN ANALYZE on the same table): " + "; ".join(cells) + ".")
     if sc["queries"].get("not_measured"):
         out.append(f"\nNot measured (new in operations.py): {', '.join(sc['queries']['not_measured'])}")
     p = sc["purge"]
-    out += [
-        "",
-        f"Purge: `{p['command']}` deleted {p['deleted']:,} expired records in {p['seconds']} s "
-        f"({p['rows_per_second']:,} rows/s). First requests (fresh keys, leased) meanwhile: "
-        f"{p['during']['rps']:.0f} req/s, p99 {p['during']['p99_ms']:.2f} ms vs {p['normal_p99_ms']:.2f} ms "
-        f"before/after (x{p['p99_ratio_during_to_normal']}).",
-    ]
-    t = p.get("throttled")
-    if t:
+    for run in (p["default"], p["back_to_back"]):
         out.append(
-            f"Throttled ({t['how']}): {t['deleted']:,} records in {t['seconds']} s ({t['rows_per_second']:,} rows/s); "
-            f"first requests meanwhile {t['during']['rps']:.0f} req/s, p99 {t['during']['p99_ms']:.2f} ms "
-            f"(x{t['p99_ratio_during_to_normal']} of normal)."
+            f"\nPurge: `{run['command']}` deleted {run['deleted']:,} expired records in {run['seconds']} s "
+            f"({run['rows_per_second']:,} rows/s). First requests (fresh keys, leased) meanwhile: "
+            f"{run['during']['rps']:.0f} req/s, p99 {run['during']['p99_ms']:.2f} ms vs {p['normal_p99_ms']:.2f} ms "
+            f"before/after (x{run['p99_ratio_during_to_normal']})."
         )
     return "\n".join(out)
+
+
+def floor_text(results: dict[str, Any]) -> str:
+    f = results["floor"]
+    us, added = f["us_per_request"], f["us_added"]
+    text = (
+        f"The statements each variant sends, with its commits, and nothing else ({f['how']}; bench/floor.py): "
+        f"bare {us['bare']:.0f} us per request (1 commit), leased {us['leased']:.0f} us (3 commits: the claim "
+        f"must be durable before the effect, the outcome after it), atomic {us['atomic']:.0f} us (1 commit). "
+        f"The layer's statements alone add {added['leased']:.0f} us (leased) and {added['atomic']:.0f} us "
+        "(atomic) to a request."
+    )
+    fresh = results.get("main", {}).get("summary", {}).get("fresh", {})
+    if "bare" in fresh and fresh["bare"]["rps"]:
+        workers = results["config"]["workers"]
+        bare_us = workers / fresh["bare"]["rps"] * 1e6
+        best = {v: bare_us / (bare_us + added[v]) for v in ("leased", "atomic")}
+        text += (
+            f" The bare route takes {bare_us:.0f} us of a worker per request in the fresh-keys scenario above "
+            f"({workers} workers), so with no Python cost at all the layer could reach at most "
+            f"x{best['leased']:.2f} (leased) and x{best['atomic']:.2f} (atomic) of its throughput here."
+        )
+    return text
 
 
 def memory_text(results: dict[str, Any]) -> str:
@@ -172,6 +182,8 @@ def markdown(results: dict[str, Any]) -> str:
             main_table(results),
             "",
         ]
+    if "floor" in results:
+        parts += ["## The floor: the layer's database work alone", "", floor_text(results), ""]
     if "correctness" in results:
         parts += ["## What each variant gets wrong (effects counted in PostgreSQL)", "", correctness_table(results), ""]
     if "scale" in results:

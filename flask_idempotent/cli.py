@@ -144,8 +144,15 @@ _action("release", ops.release, "Delete a record: its key is free again. The aud
 @cli.command("purge")
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-batches", default=None, type=click.IntRange(min=1), help="Stop after this many batches.")
+@click.option(
+    "--pause",
+    default=ops.PURGE_PAUSE,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to rest between batches, leaving the database to requests.",
+)
 @json_option
-def purge_command(batch_size: int, max_batches: int | None, as_json: bool) -> None:
+def purge_command(batch_size: int, max_batches: int | None, pause: float, as_json: bool) -> None:
     """Delete expired COMPLETED and FAILED records in batches (run it on a schedule)."""
-    deleted = ops.purge(batch_size=batch_size, max_batches=max_batches)
+    deleted = ops.purge(batch_size=batch_size, max_batches=max_batches, pause=pause)
     _emit({"deleted": deleted}, as_json, lambda d: click.echo(f"deleted {d['deleted']} expired records"))

@@ -99,6 +99,7 @@ class AppState:
             in_progress_status=int(config[ConfigKey.IN_PROGRESS_STATUS]),
             on_stale=str(config[ConfigKey.ON_STALE]),
         )  # RouteOptions validates the values
+        self.engine_options: dict[str, Any] = dict(config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
         self._resolved: dict[RouteOptions, Resolved] = {}
         self._autocommit: Engine | None = None
 
@@ -128,16 +129,29 @@ class AppState:
 
     @property
     def engine(self) -> Engine:
-        """The app's default engine in autocommit mode: each leased-mode statement is its own transaction."""
+        """The engine for leased-mode statements, in autocommit mode: each statement is its own transaction.
+
+        On SQLite it is the app's engine with an execution option (an in-memory database lives in the app's
+        pool). Elsewhere it is a pool of its own on the same URL and ``SQLALCHEMY_ENGINE_OPTIONS``, whose
+        connections stay in autocommit instead of switching isolation level on every checkout (measured:
+        about 75 us per checkout on PostgreSQL). It is disposed with the app's engine.
+        """
         if self._autocommit is None:
-            self._autocommit = self.db.engine.execution_options(isolation_level="AUTOCOMMIT")
+            engine = self.db.engine
+            if engine.dialect.name == "sqlite":
+                self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+            else:
+                own = sa.create_engine(engine.url, **{**self.engine_options, "isolation_level": "AUTOCOMMIT"})
+                sa.event.listen(engine, "engine_disposed", lambda _: own.dispose())
+                weakref.finalize(self, own.dispose)
+                self._autocommit = own
         return self._autocommit
 
     def write_fenced(self, record: ClaimedRecord, values: Mapping[str, Any]) -> bool:
         """Update ``record`` only while this request still holds its lease."""
         assert record.record_id is not None and record.lease_token is not None
         if record.atomic:
-            return self.store.settle(self.db.session, record.record_id, record.lease_token, values)
+            return self.store.settle(self.db.session.connection(), record.record_id, record.lease_token, values)
         with self.engine.connect() as conn:
             return self.store.settle(conn, record.record_id, record.lease_token, values)
 
@@ -316,7 +330,8 @@ class Idempotency:
     def _claim_once(self, state: AppState, record: ClaimedRecord) -> tuple[Decision | None, Row[Any] | None]:
         try:
             if record.atomic:
-                decision, row = self._decide_and_claim(state, state.db.session, record)
+                # Core statements on the session's connection: the view's transaction, without ORM execution.
+                decision, row = self._decide_and_claim(state, state.db.session.connection(), record)
                 if decision is not None:
                     _rollback_quietly(state)  # hold no transaction while answering or polling
                 return decision, row
@@ -337,43 +352,32 @@ class Idempotency:
         self, state: AppState, conn: Executor, record: ClaimedRecord
     ) -> tuple[Decision | None, Row[Any] | None]:
         store, options = state.store, record.options
-        if record.atomic:
-            # An atomic owner's claim is uncommitted until its view returns; duplicates must neither run nor
-            # block on its row, so the owner also holds a transaction-scoped lock on the key (PostgreSQL).
-            locked, row = store.find_and_lock(conn, record.scope, record.key)
-            if not locked:
-                # Someone else's transaction holds the key: answer from the committed row when that needs no
-                # claim (replay, conflict); anything that would claim must wait for the holder.
-                # (No in-progress event then: the holder may have the row locked.)
-                decision = (
-                    None if row is None else decide(row._mapping, record.request_hash, state.clock(), options.on_stale)
-                )
-                if decision is None or decision in CLAIMING:
-                    return Decision.IN_PROGRESS, None
-                return decision, row
-        else:
+        # The common case first: a fresh key is claimed by the statement that would have read it. An atomic
+        # owner's claim stays uncommitted until its view returns; duplicates must neither run nor block on its
+        # row, so an atomic claim also takes a transaction-scoped lock on the key (PostgreSQL).
+        values = _new_record(record, _lease(state, options.lease))
+        locked, record_id, row = store.claim_or_find(conn, values, lock=record.atomic)
+        if record_id is not None:
+            self._claimed(record, record_id, values["lease_token"], None, values)
+            return None, None
+        if not locked:
+            # Another transaction holds the key: answer from the committed row when that needs no claim
+            # (replay, conflict); anything that would claim must wait for the holder.
+            # (No in-progress event then: the holder may have the row locked.)
+            decision = (
+                None if row is None else decide(row._mapping, record.request_hash, state.clock(), options.on_stale)
+            )
+            if decision is None or decision in CLAIMING:
+                return Decision.IN_PROGRESS, None
+            return decision, row
+        if row is None:  # committed by another request while the claim ran
             row = store.find(conn, record.scope, record.key)
         for _ in range(_CLAIM_ATTEMPTS):
-            now = state.clock()
-            token = secrets.token_hex(16)
-            lease = {"lease_token": token, "locked_until": now + timedelta(seconds=options.lease), "updated_at": now}
-            values: dict[str, Any]
+            lease = _lease(state, options.lease)
+            now = lease["updated_at"]
+            token = lease["lease_token"]
             if row is None:
-                values = {
-                    **lease,
-                    "scope": record.scope,
-                    "key": record.key,
-                    "request_hash": record.request_hash,
-                    "method": record.method,
-                    "path": record.path,
-                    "endpoint": record.endpoint,
-                    "state": State.IN_PROGRESS.value,
-                    "retryable": False,
-                    "attempts": 1,
-                    "event_count": 0,
-                    "created_at": now,
-                    "expires_at": now + timedelta(seconds=options.ttl),
-                }
+                values = _new_record(record, lease)
                 record_id = store.insert(conn, values)
                 if record_id is not None:
                     self._claimed(record, record_id, token, None, values)
@@ -450,10 +454,9 @@ class Idempotency:
         }
         try:
             with state.engine.connect() as conn:
-                if state.store.count_client_event(conn, row.id) <= MAX_CLIENT_EVENTS_PER_RECORD:
-                    state.store.add_event(
-                        conn, record=row, scope=row.scope, key=row.key, kind=kind, now=now, detail=detail
-                    )
+                state.store.add_client_event(
+                    conn, record=row, kind=kind, now=now, detail=detail, cap=MAX_CLIENT_EVENTS_PER_RECORD
+                )
         except sa.exc.SQLAlchemyError as exc:  # the answer matters more than its audit trail
             logger.warning("could not store %s event for record %s: %s", kind.value, row.id, _db_error(exc))
 
@@ -625,6 +628,32 @@ class Idempotency:
             signals.record_completed.send(app, record=record)
         else:
             signals.record_failed.send(app, record=record, retryable=values["retryable"])
+
+
+def _lease(state: AppState, seconds: float) -> dict[str, Any]:
+    """A new lease: a fresh fencing token, valid for ``seconds`` from now."""
+    now = state.clock()
+    return {"lease_token": secrets.token_hex(16), "locked_until": now + timedelta(seconds=seconds), "updated_at": now}
+
+
+def _new_record(record: ClaimedRecord, lease: dict[str, Any]) -> dict[str, Any]:
+    """The row that claims a key nobody holds: IN_PROGRESS under ``lease``, first attempt."""
+    now = lease["updated_at"]
+    return {
+        **lease,
+        "scope": record.scope,
+        "key": record.key,
+        "request_hash": record.request_hash,
+        "method": record.method,
+        "path": record.path,
+        "endpoint": record.endpoint,
+        "state": State.IN_PROGRESS.value,
+        "retryable": False,
+        "attempts": 1,
+        "event_count": 0,
+        "created_at": now,
+        "expires_at": now + timedelta(seconds=record.options.ttl),
+    }
 
 
 def _describe(exc: BaseException | None) -> str | None:

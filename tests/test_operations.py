@@ -54,6 +54,21 @@ def test_stats_lists_and_search_show_what_needs_a_decision(app: Flask, client: F
         finish(app, owner)
 
 
+def test_search_matches_key_or_scope_exactly_newest_first_across_pages(app: Flask, client: FlaskClient) -> None:
+    sent = [("alice", "x"), ("x", "k1"), ("bob", "y"), ("x", "x"), ("bob", "x"), ("x", "k2"), ("carol", "xx")]
+    for user, key in sent:
+        assert post(client, "/payments", key=key, user=user, json={"amount": 1}).status_code == 201
+    newest_first = [(r["scope"], r["key"]) for r in sorted(records(app), key=lambda r: -r["id"])]
+    expected = [(scope, key) for scope, key in newest_first if "x" in (scope, key)]
+    assert len(expected) == 5  # the record with scope "x" and key "x" counts once; "xx" is no match
+
+    pages = [run(app, ops.search, "x", page=n, per_page=2) for n in (1, 2, 3)]
+    assert [(r["scope"], r["key"]) for p in pages for r in p.items] == expected
+    assert [len(p.items) for p in pages] == [2, 2, 1] and {p.total for p in pages} == {5}
+    assert run(app, ops.search, "x", page=4, per_page=2).items == []
+    assert [(r["scope"], r["key"]) for r in run(app, ops.search, "bob").items] == [("bob", "x"), ("bob", "y")]
+
+
 @pytest.mark.parametrize(
     ("page", "per_page", "expected"),
     [
@@ -129,8 +144,10 @@ def test_release_frees_the_key_and_keeps_the_audit_event(app: Flask, client: Fla
 
 
 def test_purge_deletes_expired_records_in_batches_but_never_in_progress(
-    app: Flask, client: FlaskClient, clock: Any
+    app: Flask, client: FlaskClient, clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr(ops.time, "sleep", pauses.append)
     for i in range(5):
         post(client, "/payments", key=f"old{i}", json={})
     owner = make_stuck(app, clock)
@@ -139,9 +156,29 @@ def test_purge_deletes_expired_records_in_batches_but_never_in_progress(
         post(client, "/payments", key="fresh", json={})
         assert run(app, ops.purge, batch_size=2) == 5
         assert sorted(r["key"] for r in records(app)) == ["fresh", "stuck-1"]
+        assert pauses == [ops.PURGE_PAUSE] * 2  # between the three batches (2 + 2 + 1), not after the last
         assert run(app, ops.purge, batch_size=2) == 0
     finally:
         finish(app, owner)
+
+
+def test_purge_pause_is_configurable_and_validated(
+    app: Flask, client: FlaskClient, clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pauses: list[float] = []
+    monkeypatch.setattr(ops.time, "sleep", pauses.append)
+    for i in range(3):
+        post(client, "/payments", key=f"old{i}", json={})
+    clock.advance(hours=25)
+    with pytest.raises(ValueError, match="pause"):
+        run(app, ops.purge, pause=-1)
+    assert run(app, ops.purge, batch_size=1, pause=0) == 3 and pauses == []
+    for i in range(3):
+        post(client, "/payments", key=f"new{i}", json={})
+    clock.advance(hours=25)
+    result = cli(app, "purge", "--batch-size", "2", "--pause", "0.5", "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["deleted"] == 3 and pauses == [0.5]
+    assert cli(app, "purge", "--pause", "-1").exit_code == 2 and records(app) == []
 
 
 def test_purge_can_stop_after_some_batches(app: Flask, client: FlaskClient, clock: Any) -> None:

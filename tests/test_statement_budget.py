@@ -17,20 +17,39 @@ def layer_statements(app: Flask) -> Iterator[list[str]]:
     """Collect the statements that touch the extension's tables."""
     seen: list[str] = []
     with app.app_context():
-        engine = ext(app)["db"].engine
+        # The app's engine (atomic mode, operations) and the one leased mode's autocommit statements use.
+        engines = {ext(app)["db"].engine, app.extensions["idempotency"].state(app).engine}
+
+    cursors: list[Any] = []  # on SQLite the second engine is a view of the first: events arrive twice
 
     def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if "idempotency_" in statement:
+        if "idempotency_" in statement and not any(seen_cursor is cursor for seen_cursor in cursors):
+            cursors.append(cursor)  # kept alive, so no later cursor reuses its identity
             seen.append(statement.split(None, 1)[0].upper())
 
-    sa.event.listen(engine, "before_cursor_execute", listener)
+    for engine in engines:
+        sa.event.listen(engine, "before_cursor_execute", listener)
     try:
         yield seen
     finally:
-        sa.event.remove(engine, "before_cursor_execute", listener)
+        for engine in engines:
+            sa.event.remove(engine, "before_cursor_execute", listener)
 
 
-def test_first_request_costs_one_read_one_claim_one_completion(app: Flask, client: FlaskClient) -> None:
+def is_postgresql(app: Flask) -> bool:
+    with app.app_context():
+        return bool(ext(app)["db"].engine.dialect.name == "postgresql")
+
+
+def record_version(app: Flask) -> Any:
+    """The stored row's physical version on PostgreSQL (``xmin``: changes with any write), else the row."""
+    with app.app_context():
+        db = ext(app)["db"]
+        column = "xmin::text" if is_postgresql(app) else "*"
+        return db.session.execute(sa.text(f"SELECT {column} FROM idempotency_records")).all()
+
+
+def test_first_request_costs_one_claim_one_completion(app: Flask, client: FlaskClient) -> None:
     with layer_statements(app) as seen:
         assert post(client, "/payments", json={"amount": 1}).status_code == 201
     assert seen == ["SELECT", "INSERT", "UPDATE"]
@@ -38,15 +57,23 @@ def test_first_request_costs_one_read_one_claim_one_completion(app: Flask, clien
 
 def test_replay_reads_once_and_writes_nothing(app: Flask, client: FlaskClient) -> None:
     post(client, "/payments", json={"amount": 1})
+    before = record_version(app)
     with layer_statements(app) as seen:
         assert post(client, "/payments", json={"amount": 1}).headers["Idempotent-Replayed"] == "true"
     assert seen == ["SELECT"]
+    assert record_version(app) == before
 
 
-def test_atomic_first_request_costs_the_same(app: Flask, client: FlaskClient) -> None:
+def test_atomic_costs_the_same(app: Flask, client: FlaskClient) -> None:
     with layer_statements(app) as seen:
         assert post(client, "/transfers", json={"amount": 1}).status_code == 201
+    # PostgreSQL: the read also takes the key's advisory lock.
     assert seen == ["SELECT", "INSERT", "UPDATE"]
+    before = record_version(app)
+    with layer_statements(app) as seen:
+        assert post(client, "/transfers", json={"amount": 1}).headers["Idempotent-Replayed"] == "true"
+    assert seen == ["SELECT"]
+    assert record_version(app) == before
 
 
 def test_unprotected_and_keyless_requests_cost_nothing(app: Flask, client: FlaskClient) -> None:
@@ -55,3 +82,12 @@ def test_unprotected_and_keyless_requests_cost_nothing(app: Flask, client: Flask
         post(client, "/optional", key=None, json={})
         post(client, "/payments", key=None, json={})  # 400 missing-key
     assert seen == []
+
+
+def test_key_reuse_costs_one_read_and_one_counted_event(app: Flask, client: FlaskClient) -> None:
+    post(client, "/payments", json={"amount": 1})
+    with layer_statements(app) as seen:
+        assert post(client, "/payments", json={"amount": 2}).status_code == 422
+    # PostgreSQL: the read, then one statement that counts the event on the record and stores it under the
+    # cap (an UPDATE in a CTE feeding the INSERT: one commit); SQLite: the read, the count, the event.
+    assert seen == (["SELECT", "WITH"] if is_postgresql(app) else ["SELECT", "UPDATE", "INSERT"])
