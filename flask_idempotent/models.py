@@ -64,8 +64,10 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Index("ix_idempotency_records_state_locked_until", "state", "locked_until"),
         sa.Index("ix_idempotency_records_state_updated_at", "state", "updated_at"),
         sa.Index("ix_idempotency_records_expires_at", "expires_at"),
-        # Dashboard search by key alone (search by scope uses the unique constraint's index).
-        sa.Index("ix_idempotency_records_key", "key"),
+        # Dashboard search by key or by scope, newest first: each walks its index in id order and stops at the
+        # page (the unique (scope, key) index cannot give a scope's records in id order).
+        sa.Index("ix_idempotency_records_key", "key", "id"),
+        sa.Index("ix_idempotency_records_scope_id", "scope", "id"),
     )
     events = sa.Table(
         EVENTS_TABLE,

@@ -254,9 +254,9 @@ def search(query: str, page: Any = 1, per_page: Any = DEFAULT_PER_PAGE, now: dat
     now = now or state.clock()
     r = state.tables.records
     page_n, size = bounds(page, per_page)
-    # One index-served branch per column, each cut to the rows this page can need, then merged: with a
-    # single "key = q OR scope = q ORDER BY id DESC" PostgreSQL walks the primary key backwards and, for a
-    # rare or missing value, reads the whole table (measured: 160 ms at 1M records; this form, under 1 ms).
+    # One branch per column, each walking its (column, id) index newest first and cut to the rows this page
+    # can need, then merged: with a single "key = q OR scope = q ORDER BY id DESC" PostgreSQL walks the
+    # primary key backwards and, for a rare or missing value, reads the whole table (160 ms at 1M records).
     branches = [r.c.key == query, sa.and_(r.c.scope == query, r.c.key != query)]
     newest = [sa.select(r).where(where).order_by(r.c.id.desc()).limit(page_n * size).subquery() for where in branches]
     merged = sa.union_all(*(sa.select(branch) for branch in newest)).subquery()
@@ -360,7 +360,7 @@ def release(record_id: int, *, actor: str) -> dict[str, Any]:
 
 
 #: Seconds :func:`purge` rests between batches by default, leaving the database to the request path.
-PURGE_PAUSE = 0.02
+PURGE_PAUSE = 0.05
 
 
 def purge(
@@ -375,7 +375,7 @@ def purge(
     Each batch is its own short transaction. On PostgreSQL rows locked by a running request are skipped
     (``FOR UPDATE SKIP LOCKED``) instead of waited for. IN_PROGRESS records are never purged (see
     ``machine.is_expired``). Between batches it sleeps ``pause`` seconds: back to back, batches of 1000
-    doubled the p99 of concurrent requests in the benchmark; with the default 20 ms it rose by half.
+    more than doubled the p99 of concurrent requests in the benchmark (see the README's Performance).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")

@@ -69,7 +69,8 @@ def upgrade():
     )
     with op.batch_alter_table("idempotency_records", schema=None) as batch_op:
         batch_op.create_index("ix_idempotency_records_expires_at", ["expires_at"], unique=False)
-        batch_op.create_index("ix_idempotency_records_key", ["key"], unique=False)
+        batch_op.create_index("ix_idempotency_records_key", ["key", "id"], unique=False)
+        batch_op.create_index("ix_idempotency_records_scope_id", ["scope", "id"], unique=False)
         batch_op.create_index("ix_idempotency_records_state_locked_until", ["state", "locked_until"], unique=False)
         batch_op.create_index("ix_idempotency_records_state_updated_at", ["state", "updated_at"], unique=False)
 
@@ -176,6 +177,7 @@ def downgrade():
     with op.batch_alter_table("idempotency_records", schema=None) as batch_op:
         batch_op.drop_index("ix_idempotency_records_state_updated_at")
         batch_op.drop_index("ix_idempotency_records_state_locked_until")
+        batch_op.drop_index("ix_idempotency_records_scope_id")
         batch_op.drop_index("ix_idempotency_records_key")
         batch_op.drop_index("ix_idempotency_records_expires_at")
 

@@ -1,0 +1,101 @@
+"""Profile one route of the benchmark app in process: where a first request's time goes.
+
+    .venv/bin/python bench/profiling.py                      # us per request: bare, leased, atomic (interleaved)
+    .venv/bin/python bench/profiling.py /leased              # pyinstrument tree of 2,000 first requests
+    .venv/bin/python bench/profiling.py /atomic --cprofile   # cProfile, sorted by own time
+
+Runs the bench app (bench/app.py) with Flask's test client on a throwaway PostgreSQL database, one request at
+a time, every request with a fresh key. No server and no load generator: it shows the Python side and the
+database round trips of one request, not throughput under load (that is bench/run.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from infra import Databases, bench_env  # noqa: E402
+
+BODY = json.dumps({"amount": 1250, "currency": "EUR", "creditor": "ACME", "reference": "profile"})
+ROUTES = ["/bare", "/leased", "/atomic"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("route", nargs="?", choices=ROUTES, help="profile this route (default: time all three)")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--cprofile", action="store_true", help="cProfile instead of pyinstrument")
+    args = parser.parse_args()
+    dbs = Databases()
+    db = dbs.create(f"bench_profile_{uuid.uuid4().hex[:8]}")
+    try:
+        os.environ.update(bench_env(db, "profile"))
+        from app import create_app, create_tables
+        from app import db as sqla
+
+        app = create_app()
+        create_tables(app)
+        client = app.test_client()
+
+        def run(path: str, n: int) -> float:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                headers = {"Content-Type": "application/json", "X-Tenant": "t1", "Idempotency-Key": uuid.uuid4().hex}
+                response = client.post(path, data=BODY, headers=headers)
+                assert response.status_code == 201, (response.status_code, response.data)
+            return (time.perf_counter() - t0) / n * 1e6
+
+        try:
+            if args.route is None:
+                for path in ROUTES:
+                    run(path, 200)  # warm-up
+                times: dict[str, list[float]] = {path: [] for path in ROUTES}
+                for _ in range(5):
+                    for path in ROUTES:
+                        times[path].append(run(path, args.requests // 5))
+                bare = statistics.median(times["/bare"])
+                for path, us in times.items():
+                    median = statistics.median(us)
+                    print(f"{path:8} {median:7.0f} us per request   x{median / bare:.2f} of bare")
+            else:
+                profile(args.route, args.requests, args.cprofile, run)
+        finally:
+            with app.app_context():
+                sqla.engine.dispose()
+    finally:
+        dbs.drop_all()
+    return 0
+
+
+def profile(path: str, n: int, use_cprofile: bool, run: Any) -> None:
+    run(path, 200)  # warm-up: compiled-statement cache, pools
+    if use_cprofile:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run(path, n)
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        return
+    from pyinstrument import Profiler
+
+    sampler = Profiler(interval=0.0002)
+    sampler.start()
+    run(path, n)
+    sampler.stop()
+    print(sampler.output_text(unicode=False, color=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
