@@ -352,9 +352,9 @@ class Idempotency:
         self, state: AppState, conn: Executor, record: ClaimedRecord
     ) -> tuple[Decision | None, Row[Any] | None]:
         store, options = state.store, record.options
-        # The common case first: a fresh key is claimed by the statement that would have read it. An atomic
-        # owner's claim stays uncommitted until its view returns; duplicates must neither run nor block on its
-        # row, so an atomic claim also takes a transaction-scoped lock on the key (PostgreSQL).
+        # Read the record and claim the key if nobody holds it. An atomic owner's claim stays uncommitted until
+        # its view returns; duplicates must neither run nor block on its row, so in atomic mode the read also
+        # takes a transaction-scoped lock on the key (PostgreSQL).
         values = _new_record(record, _lease(state, options.lease))
         locked, record_id, row = store.claim_or_find(conn, values, lock=record.atomic)
         if record_id is not None:
