@@ -157,3 +157,23 @@ def test_client_caused_events_are_capped_per_record(app: Flask, client: FlaskCli
         assert post(client, "/payments", json={"amount": amount}).status_code == 422
     assert len(events(app, "conflict")) == MAX_CLIENT_EVENTS_PER_RECORD
     assert record(app, "k-1")["event_count"] == MAX_CLIENT_EVENTS_PER_RECORD + 10
+
+
+def test_leased_statements_use_an_autocommit_engine_disposed_with_the_apps(app: Flask, client: FlaskClient) -> None:
+    assert post(client, "/payments", json={"amount": 1}).status_code == 201
+    state = app.extensions["idempotency"].state(app)
+    with app.app_context():
+        engine, own = ext(app)["db"].engine, state.engine
+        events = state.tables.events
+        with own.connect() as conn:  # autocommit: visible to others at once, without a commit
+            conn.execute(sa.insert(events).values(scope="", key="k", kind="probe", created_at=state.clock()))
+            with engine.connect() as other:
+                assert other.execute(sa.select(sa.func.count()).select_from(events)).scalar_one() == 1
+        if engine.dialect.name == "sqlite":
+            assert own.pool is engine.pool  # an in-memory database lives in the app's pool
+            return
+        # PostgreSQL: a pool of its own on the same URL and SQLALCHEMY_ENGINE_OPTIONS (pool_size=20 here).
+        assert own.pool is not engine.pool and own.url == engine.url and own.pool.size() == 20
+        assert own.pool.checkedin() >= 1
+        engine.dispose()
+        assert own.pool.checkedin() == 0  # disposed with the app's engine: no connections left behind
