@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/compare.py bench/results/before-71e7be3.json bench/results/results.json
 
-Rows are matched by target name (for the slowest query, the text before its parenthesis, so it matches
-whichever query was slowest in each run); a target one run lacks shows as "-".
+Rows are matched by target name, without the name of the slowest query (it differs between runs); a target one
+run lacks shows as "-".
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 
 def _name(target: str) -> str:
-    if target.startswith("slowest"):
-        return target.split(" (", 1)[0]
+    target = re.sub(r" \((operations|store)\.[^)]*\)", "", target)  # which query was slowest differs per run
     target = target.replace(" (default pause)", "")  # the purge pause became the default
+    target = re.sub(r"with [\d,]+ conflict events", "with 1M conflict events", target)
     return re.sub(r"over [\d,]+ requests", "over 100k requests", target)
 
 

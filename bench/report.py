@@ -79,6 +79,24 @@ def correctness_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def query_table(title: str, queries: list[dict[str, Any]]) -> list[str]:
+    out = [
+        f"| {title} | Used by | wall ms (median of 5) | statements | slowest statement (EXPLAIN ANALYZE) ms | plan |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for q in queries:
+        if "error" in q:
+            out.append(f"| {q['name']} | {q['used_by']} | error: {q['error']} | | | |")
+            continue
+        nodes = "; ".join(", ".join(dict.fromkeys(p.get("nodes", [])))[:120] for p in q["plans"] if p.get("nodes"))
+        flag = " **Seq Scan**" if q["seq_scan"] else ""
+        out.append(
+            f"| {q['name']} | {q['used_by']} | {_f(q['wall_ms_median'])} | {q['statements']} | "
+            f"{_f(q['slowest_statement_ms'], 3)} | {nodes}{flag} |"
+        )
+    return out
+
+
 def scale_tables(results: dict[str, Any]) -> str:
     sc = results["scale"]
     out = [
@@ -93,22 +111,18 @@ def scale_tables(results: dict[str, Any]) -> str:
             f"| {v} | {t['empty']['rps']:.0f} | {t['1m']['rps']:.0f} | {_f(t['ratio_1m_to_empty'])} | "
             f"{_f(t['empty']['p99_ms'])} | {_f(t['1m']['p99_ms'])} |"
         )
-    out += [
-        "",
-        "| Query (1M records) | Used by | wall ms (median of 5) | statements | slowest statement (EXPLAIN ANALYZE) ms "
-        "| plan |",
-        "|---|---|---:|---:|---:|---|",
-    ]
-    for q in sc["queries"]["queries"]:
-        if "error" in q:
-            out.append(f"| {q['name']} | {q['used_by']} | error: {q['error']} | | | |")
-            continue
-        nodes = "; ".join(", ".join(dict.fromkeys(p.get("nodes", [])))[:120] for p in q["plans"] if p.get("nodes"))
-        flag = " **Seq Scan**" if q["seq_scan"] else ""
-        out.append(
-            f"| {q['name']} | {q['used_by']} | {_f(q['wall_ms_median'])} | {q['statements']} | "
-            f"{_f(q['slowest_statement_ms'], 3)} | {nodes}{flag} |"
-        )
+    out += ["", *query_table("Query (1M records)", sc["queries"]["queries"])]
+    heavy = sc.get("event_queries")
+    if heavy:
+        out += [
+            "",
+            f"Then {heavy['events_added']:,} conflict events were added (one per record, {heavy['events_total']:,} "
+            "events in all: a day of hostile clients), and the queries that read events timed again:",
+            "",
+            *query_table(
+                f"Query ({sc['records']:,} records, {heavy['events_added']:,} conflict events)", heavy["queries"]
+            ),
+        ]
     if sc["queries"].get("not_measured"):
         out.append(f"\nNot measured (new in operations.py): {', '.join(sc['queries']['not_measured'])}")
     p = sc["purge"]

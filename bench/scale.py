@@ -178,7 +178,6 @@ def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
     from flask_idempotent.constants import EventKind
 
     app = create_app()
-    results: list[dict[str, Any]] = []
     with app.app_context():
         state = idempotency.state()
         store = state.store
@@ -332,42 +331,106 @@ def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
             if obj.__module__ == ops.__name__ and not name.startswith("_") and name in getattr(ops, "__all__", [name])
         ]
         not_measured = sorted(set(public) - known - {"bounds", "record_dict"})
-        for name, used_by, call, read_only in cases:
-            try:
-                if read_only:
-                    call()  # warm-up (plans cached, pages in shared buffers)
-                    with capture.recording() as statements:
-                        times, _ = _timed(call, 1)
-                    more, _ = _timed(call, repeat - 1)
-                    times += more
-                else:
-                    with capture.recording() as statements:
-                        times, _ = _timed(call, 1)
-            except Exception as exc:
-                results.append({"name": name, "used_by": used_by, "error": f"{type(exc).__name__}: {exc}"})
-                continue
-            plans = []
-            for statement, params in list(statements):
-                if statement.strip().upper().startswith(("BEGIN", "COMMIT", "SET ")):
-                    continue
-                plan = explain(db, statement, params) if read_only else {"note": "action ran once; not replayed"}
-                plans.append({"sql": " ".join(statement.split())[:300], **plan})
-            slowest = max((p.get("execution_ms", 0.0) for p in plans), default=0.0)
-            results.append(
-                {
-                    "name": name,
-                    "used_by": used_by,
-                    "wall_ms_median": round(statistics.median(times), 3),
-                    "wall_ms_max": round(max(times), 3),
-                    "statements": len(plans),
-                    "slowest_statement_ms": round(slowest, 3),
-                    "seq_scan": any(p.get("seq_scan") for p in plans),
-                    "plans": plans,
-                }
-            )
+        results = _measure(cases, capture, db, repeat)
         sa.event.remove(engine, "before_cursor_execute", capture._hook)
     return {
         "queries": results,
         "not_measured": not_measured,
         "at": datetime.now(timezone.utc).isoformat(),
     }
+
+
+def _measure(
+    cases: list[tuple[str, str, Callable[[], Any], bool]], capture: Capture, db: str, repeat: int
+) -> list[dict[str, Any]]:
+    """Time each case (read-only ones ``repeat`` times after a warm-up) and EXPLAIN ANALYZE its statements."""
+    results: list[dict[str, Any]] = []
+    for name, used_by, call, read_only in cases:
+        try:
+            if read_only:
+                call()  # warm-up (plans cached, pages in shared buffers)
+                with capture.recording() as statements:
+                    times, _ = _timed(call, 1)
+                more, _ = _timed(call, repeat - 1)
+                times += more
+            else:
+                with capture.recording() as statements:
+                    times, _ = _timed(call, 1)
+        except Exception as exc:
+            results.append({"name": name, "used_by": used_by, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        plans = []
+        for statement, params in list(statements):
+            if statement.strip().upper().startswith(("BEGIN", "COMMIT", "SET ")):
+                continue
+            plan = explain(db, statement, params) if read_only else {"note": "action ran once; not replayed"}
+            plans.append({"sql": " ".join(statement.split())[:300], **plan})
+        slowest = max((p.get("execution_ms", 0.0) for p in plans), default=0.0)
+        results.append(
+            {
+                "name": name,
+                "used_by": used_by,
+                "wall_ms_median": round(statistics.median(times), 3),
+                "wall_ms_max": round(max(times), 3),
+                "statements": len(plans),
+                "slowest_statement_ms": round(slowest, 3),
+                "seq_scan": any(p.get("seq_scan") for p in plans),
+                "plans": plans,
+            }
+        )
+    return results
+
+
+SEED_CONFLICTS_SQL = """
+INSERT INTO idempotency_events (record_id, scope, key, kind, actor, detail, created_at)
+SELECT r.id, r.scope, r.key, 'conflict', NULL,
+       json_build_object('method', 'POST', 'path', '/leased', 'endpoint', 'leased',
+                         'request_hash', 'v1:' || md5(r.key || 'other')),
+       r.created_at + interval '7 seconds'
+FROM idempotency_records r
+"""
+
+
+def measure_event_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
+    """Add one conflict event per record (1M in the last 23 hours: a day of hostile clients), then time the
+    queries that read events: the dashboard overview's counts, the conflicts list, a record's timeline."""
+    conn = pg_connect(db)
+    conn.autocommit = True
+    t0 = time.perf_counter()
+    with conn.cursor() as cur:
+        cur.execute("SET synchronous_commit = off")
+        cur.execute(SEED_CONFLICTS_SQL)
+        added = cur.rowcount
+        cur.execute("VACUUM (ANALYZE) idempotency_events")
+        cur.execute("SELECT count(*) FROM idempotency_events")
+        total = cur.fetchone()[0]
+        cur.execute("SELECT min(id) FROM idempotency_records WHERE id >= (SELECT max(id) / 2 FROM idempotency_records)")
+        middle = cur.fetchone()[0]
+    conn.close()
+    log(f"added {added:,} conflict events ({total:,} in all) in {time.perf_counter() - t0:.1f}s")
+    os.environ.update(bench_env(db, run_id))
+    from app import create_app, idempotency
+    from app import db as flask_db
+
+    from flask_idempotent import operations as ops
+
+    app = create_app()
+    with app.app_context():
+        state = idempotency.state()
+        now = state.clock()
+        capture = Capture(flask_db.engine)
+        cases: list[tuple[str, str, Callable[[], Any], bool]] = [
+            ("operations.stats", "dashboard overview, CLI stats", lambda: ops.stats(), True),
+            ("operations.list_conflicts", "dashboard conflicts", lambda: ops.list_conflicts(), True),
+            ("operations.list_conflicts page 100", "dashboard pagination", lambda: ops.list_conflicts(page=100), True),
+            (
+                "operations.list_conflicts since 1h",
+                "dashboard conflicts",
+                lambda: ops.list_conflicts(since=now - timedelta(hours=1)),
+                True,
+            ),
+            ("operations.get", "dashboard record detail", lambda: ops.get(middle), True),
+        ]
+        results = _measure(cases, capture, db, repeat)
+        sa.event.remove(flask_db.engine, "before_cursor_execute", capture._hook)
+    return {"events_added": added, "events_total": total, "queries": results}

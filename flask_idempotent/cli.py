@@ -79,7 +79,8 @@ def stats_command(as_json: bool) -> None:
             click.echo(f"{state:<12}{n}")
         click.echo(f"stuck       {s['stuck']} (oldest {_age(s['oldest_stuck_seconds'])})")
         click.echo(f"failed      {s['failed_final']} final, {s['failed_retryable']} retryable")
-        click.echo(f"conflicts   {s['conflicts_24h']} in the last 24 h")
+        more = "+" if s["conflicts_24h_capped"] else ""
+        click.echo(f"conflicts   {s['conflicts_24h']}{more} in the last 24 h")
 
     _emit(ops.stats(), as_json, human)
 
@@ -92,7 +93,13 @@ def stuck_command(page: int, per_page: int, as_json: bool) -> None:
     """IN_PROGRESS records whose lease expired: their outcome is unknown until an operator decides."""
     result = ops.list_stuck(page, per_page)
     _emit(
-        {"items": result.items, "total": result.total, "page": result.page, "per_page": result.per_page},
+        {
+            "items": result.items,
+            "total": result.total,
+            "total_capped": result.total_capped,
+            "page": result.page,
+            "per_page": result.per_page,
+        },
         as_json,
         lambda d: _print_records(d["items"]),
     )

@@ -631,3 +631,24 @@ def test_an_async_access_hook_works(app: Flask, client: FlaskClient) -> None:
 
     ext(app)["idempotency"].dashboard_access(operator)
     assert "async-alice" in get(client, "/")
+
+
+def test_counts_past_the_limit_show_a_plus_and_pages_go_on(
+    app: Flask, client: FlaskClient, clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flask_idempotent import operations as ops
+
+    monkeypatch.setattr(ops, "COUNT_LIMIT", 3)
+    allow(app)
+    for i in range(5):
+        insert(app, clock, f"f{i}")
+    post(client, "/payments", key="c", json={"amount": 1})
+    for amount in range(2, 7):
+        assert post(client, "/payments", key="c", json={"amount": amount}).status_code == 422
+    overview = get(client, "/")
+    assert re.search(r'data-fi-count="conflicts_24h">3\+<', overview)
+    first = get(client, "/failed?kind=final&per_page=2")
+    assert "3+ records · page 1 of 2+" in first and 'rel="next"' in first and ">Last<" not in first
+    third = get(client, "/failed?kind=final&per_page=2&page=3")  # past the counted pages, the rows are there
+    assert third.count("<tr>") == 2 and "page 3 of 3+" in third and 'rel="next"' not in third
+    assert "3+ conflicts" in get(client, "/conflicts?per_page=2")

@@ -249,3 +249,26 @@ def test_stats_counts_run_on_indexes_and_estimate_completed_on_large_tables(
             conn.execute(sa.text("ANALYZE idempotency_records"))
         s = run(app, ops.stats)
         assert s["completed_estimated"] is True and s["by_state"]["COMPLETED"] == 2
+
+
+def test_counts_stop_at_the_limit_and_say_so(app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "COUNT_LIMIT", 3)
+    post(client, "/payments", key="c", json={"amount": 1})
+    for amount in range(2, 5):
+        post(client, "/payments", key="c", json={"amount": amount})
+    s = run(app, ops.stats)
+    assert (s["conflicts_24h"], s["conflicts_24h_capped"]) == (3, False)  # exactly the limit: exact
+    post(client, "/payments", key="c", json={"amount": 5})
+    s = run(app, ops.stats)
+    assert (s["conflicts_24h"], s["conflicts_24h_capped"]) == (3, True)
+    assert "conflicts   3+ in the last 24 h" in cli(app, "stats").output
+    page = run(app, ops.list_conflicts, per_page=2)
+    assert (page.total, page.total_capped, len(page.items), page.has_next) == (3, True, 2, True)
+    last = run(app, ops.list_conflicts, page=2, per_page=2)  # the 4 conflicts end on page 2
+    assert (len(last.items), last.has_next, last.pages) == (2, True, 2)
+    assert run(app, ops.list_conflicts, page=3, per_page=2).items == []
+    for i in range(4):
+        post(client, "/payments", key=f"s{i}", json={"amount": 1})
+    listed = json.loads(cli(app, "stuck", "--json").output)
+    assert (listed["total"], listed["total_capped"]) == (0, False)
+    assert len(events(app, "conflict")) == 4
