@@ -69,6 +69,13 @@ def measure(db: str, run_id: str, rounds: int = 5, requests: int = 1000) -> dict
     a, t = auto.cursor(), tx.cursor()
     counter = 0
 
+    def claim(cur: Any, read: str, p: dict[str, Any]) -> int:
+        """The layer's read, then its claim; the new record's id."""
+        cur.execute(read, p)
+        cur.fetchall()
+        cur.execute(INSERT, p)
+        return int(cur.fetchone()[0])
+
     def bare() -> None:
         t.execute(PAYMENT, ("floor-bare", None))
         tx.commit()
@@ -77,10 +84,7 @@ def measure(db: str, run_id: str, rounds: int = 5, requests: int = 1000) -> dict
         nonlocal counter
         counter += 1
         p = _claim_params(run_id, counter)
-        a.execute(FIND, p)
-        a.fetchall()
-        a.execute(INSERT, p)
-        record_id = a.fetchone()[0]
+        record_id = claim(a, FIND, p)
         t.execute(PAYMENT, ("floor-leased", p["key"]))
         tx.commit()
         a.execute(SETTLE, (p["now"], HEADERS, BODY, record_id, p["token"]))
@@ -89,10 +93,7 @@ def measure(db: str, run_id: str, rounds: int = 5, requests: int = 1000) -> dict
         nonlocal counter
         counter += 1
         p = _claim_params(run_id, counter)
-        t.execute(FIND_AND_LOCK, p)
-        t.fetchall()
-        t.execute(INSERT, p)
-        record_id = t.fetchone()[0]
+        record_id = claim(t, FIND_AND_LOCK, p)
         t.execute(PAYMENT, ("floor-atomic", p["key"]))
         t.execute(SETTLE, (p["now"], HEADERS, BODY, record_id, p["token"]))
         tx.commit()
