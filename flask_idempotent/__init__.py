@@ -1,13 +1,13 @@
 """flask_idempotent: idempotency keys for Flask as concurrency control for effects, not a response cache.
 
-See SPEC's HTTP table (README) for what each request gets.
+See the README's "Behaviour" table for what each request gets.
 """
 
 from __future__ import annotations
 
-from .context import current_record
+from .context import RecordView, current_record
 from .dashboard import ReadOnly
-from .decorator import TransientError, idempotent
+from .decorator import idempotent
 from .errors import (
     AtomicViewCommitted,
     IdempotencyError,
@@ -19,7 +19,9 @@ from .errors import (
     RequestFailed,
     RequestInProgress,
     ResponseNotStored,
+    SchemaVersionError,
     StoreUnavailable,
+    TransientError,
 )
 from .extension import Idempotency
 
@@ -33,9 +35,11 @@ __all__ = [
     "MissingKey",
     "ReadOnly",
     "RecordStuck",
+    "RecordView",
     "RequestFailed",
     "RequestInProgress",
     "ResponseNotStored",
+    "SchemaVersionError",
     "StoreUnavailable",
     "TransientError",
     "current_record",

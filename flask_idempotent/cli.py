@@ -12,6 +12,8 @@ import click
 from flask.cli import AppGroup
 
 from . import operations as ops
+from .migrations import upgrade_schema
+from .state import app_state
 
 cli = AppGroup("idempotency", help="Inspect and resolve idempotency records.")
 
@@ -128,24 +130,50 @@ def show_command(scope: str, key: str, body: bool, as_json: bool) -> None:
     _emit(record, as_json, human)
 
 
-def _action(name: str, func: Callable[..., dict[str, Any]], help_text: str) -> None:
-    @cli.command(name, help=help_text)
+def _action(action: ops.Action, help_text: str) -> None:
+    @cli.command(action.value, help=help_text)
     @click.argument("record_id", type=int)
+    @click.option(
+        "--expect-version",
+        type=int,
+        default=None,
+        help="Act only if the record is still at this version (the one you looked at); else exit 1.",
+    )
     @actor_option
     @json_option
-    def command(record_id: int, actor: str, as_json: bool) -> None:
+    def command(record_id: int, expect_version: int | None, actor: str, as_json: bool) -> None:
         try:
-            record = func(record_id, actor=actor)
+            record = ops.act(action, record_id, actor=actor, version=expect_version)
         except (ops.RecordNotFound, ops.TransitionError, ops.RecordChanged) as exc:
             _fail(exc)
-        _emit(record, as_json, lambda r: click.echo(f"record {r['id']}: {name} done (state {r['state']})"))
+        _emit(
+            record,
+            as_json,
+            lambda r: click.echo(f"record {r['id']}: {action.value} done (state {r['state']}, version {r['version']})"),
+        )
 
 
+_action(ops.Action.MARK_RETRYABLE, "Mark a FAILED or stuck record retryable: the next retry runs the view again.")
+_action(ops.Action.MARK_FAILED, "Mark a retryable or stuck record failed for good: retries get the failure.")
+_action(ops.Action.ACKNOWLEDGE, "Leave a final failure as it is: it no longer awaits a decision.")
 _action(
-    "mark-retryable", ops.mark_retryable, "Mark a FAILED or stuck record retryable: the next retry runs the view again."
+    ops.Action.RELEASE, "Delete a record (not while its lease is live): its key is free again. The audit event stays."
 )
-_action("mark-failed", ops.mark_failed, "Mark a FAILED or stuck record failed for good: retries get the failure.")
-_action("release", ops.release, "Delete a record: its key is free again. The audit event stays.")
+
+
+@cli.command("upgrade-schema")
+@json_option
+def upgrade_schema_command(as_json: bool) -> None:
+    """Add the columns of the current schema version to existing tables (apps without migrations)."""
+    try:
+        added = upgrade_schema(app_state().db.engine)
+    except LookupError as exc:
+        _fail(exc)
+    _emit(
+        {"added": added},
+        as_json,
+        lambda d: click.echo(f"added {', '.join(d['added'])}" if d["added"] else "the schema is already current"),
+    )
 
 
 @cli.command("purge")

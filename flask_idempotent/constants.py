@@ -76,4 +76,5 @@ class EventKind(str, enum.Enum):
     LEASE_LOST = "lease_lost"
     MARK_RETRYABLE = "mark_retryable"
     MARK_FAILED = "mark_failed"
+    ACKNOWLEDGE = "acknowledge"
     RELEASE = "release"

@@ -1,50 +1,91 @@
-"""``current_record``: the record the current protected request owns."""
+"""``current_record`` and the read-only record view that it and every signal give.
+
+One private :class:`RequestContext` per protected request (on ``flask.g``) carries what the request pipeline
+needs from the claim to the outcome; users see only :class:`RecordView` (signals) and :class:`CurrentRecord`
+(``current_record`` inside a protected view).
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import g
 from werkzeug.local import LocalProxy
 
 from .errors import LeaseLost
+from .machine import Command
+from .state import AppState, Resolved
 
-if TYPE_CHECKING:
-    from sqlalchemy.engine import Row
-
-    from .extension import AppState, Resolved
-
-_G_ATTRIBUTE = "_flask_idempotent_record"
+_G_ATTRIBUTE = "_flask_idempotent_request"
 UNSET: Any = object()
 
 
-@dataclass(eq=False)
-class ClaimedRecord:
-    """The record of one protected request, from its claim to its outcome.
+@dataclass(frozen=True)
+class RecordView:
+    """A record as signal receivers and ``current_record`` see it: read-only, without the lease token.
 
-    Inside the view it is ``current_record``: ``key``, ``scope``, ``attempt``, ``recovery_point``,
-    ``recovery_data``, :meth:`checkpoint` and :meth:`set_resource`.
+    ``attempt`` is the record's ``attempts``; ``id`` and ``version`` are ``None`` before a record exists.
     """
 
-    state: AppState
-    options: Resolved
+    id: int | None
     scope: str
     key: str
-    request_hash: str
+    kind: str
+    state: str | None
+    retryable: bool
+    attempt: int
+    version: int | None
     method: str
     path: str
     endpoint: str | None
+    summary: str | None = None
+    recovery_point: str | None = None
+    recovery_data: Any = None
+    response_status: int | None = None
+
+    @classmethod
+    def of(cls, row: Mapping[Any, Any]) -> RecordView:
+        """The view of a stored row (or an operations-API record dict)."""
+        return cls(
+            id=row["id"],
+            scope=row["scope"],
+            key=row["key"],
+            kind=row.get("kind") or "http",
+            state=row["state"],
+            retryable=bool(row["retryable"]),
+            attempt=int(row["attempts"]),
+            version=row.get("version"),
+            method=row["method"],
+            path=row["path"],
+            endpoint=row["endpoint"],
+            summary=row.get("summary"),
+            recovery_point=row.get("recovery_point"),
+            recovery_data=row.get("recovery_data"),
+            response_status=row.get("response_status"),
+        )
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """The record of one protected request, from its claim to its outcome (private to the pipeline)."""
+
+    state: AppState
+    options: Resolved
+    command: Command
     record_id: int | None = None
     lease_token: str | None = None
+    #: The record's version as this request last wrote it: its own writes compare (id, version, lease token).
+    version: int = 0
     attempt: int = 0
     recovery_point: str | None = None
     recovery_data: Any = None
     #: The row this request took over (retry, takeover, expiry), ``None`` for a fresh insert.
-    previous: Row[Any] | None = None
-    #: The values this request's claim wrote (atomic mode writes them again with a failure after a rollback).
-    claim_values: dict[str, Any] = field(default_factory=dict)
+    previous: Mapping[Any, Any] | None = None
+    #: The claim's values (atomic mode writes them again with a failure after a rollback).
+    claim: Any = None
     resource_ref: Any = field(default=UNSET)
     settled: bool = False
 
@@ -56,6 +97,61 @@ class ClaimedRecord:
     def atomic(self) -> bool:
         return self.options.atomic
 
+    def view(self, state: str | None = "IN_PROGRESS", retryable: bool = False, status: int | None = None) -> RecordView:
+        c = self.command
+        return RecordView(
+            id=self.record_id,
+            scope=c.scope,
+            key=c.key,
+            kind=c.kind,
+            state=state,
+            retryable=retryable,
+            attempt=self.attempt,
+            version=self.version or None,
+            method=c.method,
+            path=c.path,
+            endpoint=c.endpoint,
+            summary=c.summary,
+            recovery_point=self.recovery_point,
+            recovery_data=self.recovery_data,
+            response_status=status,
+        )
+
+
+class CurrentRecord:
+    """``current_record``: the record the current protected request owns.
+
+    ``key``, ``scope``, ``attempt``, ``recovery_point``, ``recovery_data``, :meth:`checkpoint` and
+    :meth:`set_resource` (README: "Recovery points" and "Replaying from a resource").
+    """
+
+    def __init__(self, context: RequestContext) -> None:
+        self._context = context
+
+    @property
+    def key(self) -> str:
+        return self._context.command.key
+
+    @property
+    def scope(self) -> str:
+        return self._context.command.scope
+
+    @property
+    def id(self) -> int | None:
+        return self._context.record_id
+
+    @property
+    def attempt(self) -> int:
+        return self._context.attempt
+
+    @property
+    def recovery_point(self) -> str | None:
+        return self._context.recovery_point
+
+    @property
+    def recovery_data(self) -> Any:
+        return self._context.recovery_data
+
     def checkpoint(self, name: str, data: Any = None) -> None:
         """Durably record recovery point ``name`` (with JSON ``data``) and extend the lease.
 
@@ -63,45 +159,44 @@ class ClaimedRecord:
         mode it is written in the view's transaction (all or nothing anyway). Raises :class:`LeaseLost` if this
         request no longer owns the record; the view should stop.
         """
-        if not self.claimed or self.record_id is None:
-            raise RuntimeError("checkpoint() needs a claimed record")
-        now = self.state.clock()
-        values = {
-            "recovery_point": name,
-            "recovery_data": data,
-            "locked_until": now + timedelta(seconds=self.options.lease),
-            "updated_at": now,
-        }
-        if not self.state.write_fenced(self, values):
-            raise LeaseLost(f"record {self.record_id} is no longer owned by this request")
-        self.recovery_point = name
-        self.recovery_data = data
+        ctx = self._context
+        assert ctx.record_id is not None and ctx.lease_token is not None
+        values = {"recovery_point": name, "recovery_data": data}
+        with ctx.state.connection(ctx.atomic) as conn:
+            written = ctx.state.store.checkpoint(
+                conn, ctx.record_id, ctx.version, ctx.lease_token, values, ctx.options.lease
+            )
+        if not written:
+            raise LeaseLost(f"record {ctx.record_id} is no longer owned by this request")
+        ctx.version += 1
+        ctx.recovery_point = name
+        ctx.recovery_data = data
 
     def set_resource(self, ref: Any) -> None:
         """Store ``ref`` (JSON) as the outcome's resource reference.
 
         With the route's ``replay=`` callable, replays call ``replay(ref)`` to rebuild the response from the
-        resource's current state, and the response body is not stored.
+        resource's current state, and the response body is not stored. A value that is not JSON-serialisable
+        is a ``TypeError`` here, never a record left in progress.
         """
-        if not self.claimed:
-            raise RuntimeError("set_resource() needs a claimed record")
-        self.resource_ref = ref
+        json.dumps(ref)  # raises TypeError now rather than when the outcome is stored
+        self._context.resource_ref = ref
 
 
-def _current() -> ClaimedRecord:
-    record: ClaimedRecord | None = g.get(_G_ATTRIBUTE)
-    if record is None or not record.claimed:
+def _current() -> CurrentRecord:
+    ctx = get_current()
+    if ctx is None or not ctx.claimed:
         raise RuntimeError("current_record is only available inside a view protected by @idempotent")
-    return record
+    return CurrentRecord(ctx)
 
 
-def set_current(record: ClaimedRecord) -> None:
-    setattr(g, _G_ATTRIBUTE, record)
+def set_current(context: RequestContext) -> None:
+    setattr(g, _G_ATTRIBUTE, context)
 
 
-def get_current() -> ClaimedRecord | None:
-    record: ClaimedRecord | None = g.get(_G_ATTRIBUTE)
-    return record
+def get_current() -> RequestContext | None:
+    context: RequestContext | None = g.get(_G_ATTRIBUTE)
+    return context
 
 
-current_record: ClaimedRecord = LocalProxy(_current)  # type: ignore[assignment]
+current_record: CurrentRecord = LocalProxy(_current)  # type: ignore[assignment]

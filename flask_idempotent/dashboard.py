@@ -14,11 +14,14 @@ Access. Every page, action and static file answers 403 until the app registers a
 
 It may also raise an HTTP exception itself (``abort(401)``, a redirect to the app's login page).
 
-Actions (mark retryable, mark failed, release) are POST forms carrying a CSRF token: Flask-WTF's when the app
-registered ``CSRFProtect`` (and ``WTF_CSRF_ENABLED`` is on), otherwise the dashboard's own per-session token. A
-missing or wrong token answers 400 and changes nothing. Both need ``SECRET_KEY``; without it the pages are
-read-only. Each form also carries the version of the record the operator saw: if the record changed since
-(a retry ran, another operator acted), the action answers 409 instead of acting on a state nobody looked at.
+Actions (mark retryable, mark failed, acknowledge, release) are POST forms carrying a CSRF token: Flask-WTF's
+when the app registered ``CSRFProtect`` (and ``WTF_CSRF_ENABLED`` is on), otherwise the dashboard's own
+per-session token. A missing or wrong token answers 400 and changes nothing. Both need ``SECRET_KEY``;
+without it the pages are read-only. Each form also carries the ``version`` of the record the operator saw,
+and the action is a compare-and-set on it: if the record changed since (a retry ran, another operator
+acted), the action answers 409 instead of acting on a state nobody looked at. Which action is allowed is
+the state machine's rule (``machine.operator_transition``), the same for the CLI and the Python API; a
+refused one answers 409 naming the rule.
 Releasing (deleting) a record needs a confirmation step.
 
 Response bodies and recovery data are hidden unless ``IDEMPOTENCY_DASHBOARD_SHOW_BODIES`` is on; then the
@@ -31,14 +34,14 @@ import hmac
 import importlib
 import json
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import (
     Blueprint,
+    Flask,
     abort,
     current_app,
     flash,
@@ -53,14 +56,10 @@ from flask.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from . import operations as ops
-from .constants import ConfigKey, State
+from .constants import ConfigKey
 from .decorator import idempotent
-from .machine import check_mark_failed, check_mark_retryable
-
-if TYPE_CHECKING:
-    from flask import Flask
-
-    from .extension import Idempotency
+from .machine import Action
+from .state import app_state
 
 __all__ = ["BODY_LIMIT", "ReadOnly", "blueprint", "init_dashboard"]
 
@@ -117,7 +116,7 @@ blueprint = Blueprint(
 _exempt = idempotent(exempt=True)
 
 
-def init_dashboard(app: Flask, extension: Idempotency) -> None:
+def init_dashboard(app: Flask) -> None:
     """Mount the dashboard at ``IDEMPOTENCY_DASHBOARD_URL_PREFIX`` (``None`` or ``""``: not mounted)."""
     prefix = app.config.get(ConfigKey.DASHBOARD_URL_PREFIX)
     if not prefix:
@@ -131,8 +130,7 @@ def init_dashboard(app: Flask, extension: Idempotency) -> None:
 
 @blueprint.before_request
 def _check_access() -> None:
-    extension: Idempotency = current_app.extensions["idempotency"]
-    check = extension._dashboard_access
+    check = app_state().callbacks.dashboard_access
     if check is None:
         abort(403, "The dashboard is closed: the app has not registered @idempotency.dashboard_access.")
     who = current_app.ensure_sync(check)()
@@ -223,14 +221,14 @@ def human_age(seconds: float | None) -> str:
 
 
 def _now() -> datetime:
-    extension: Idempotency = current_app.extensions["idempotency"]
-    return extension.state().clock()
+    """The database's clock, read once per request: ages on the page are measured with it.
 
-
-def _record_version(record: dict[str, Any]) -> str:
-    """What the operator saw; an action on a record whose version changed since answers 409."""
-    updated = record["updated_at"].isoformat() if record.get("updated_at") else ""
-    return f"{record['state']}|{int(bool(record['retryable']))}|{record['attempts']}|{updated}"
+    Kept in the request's environ, not on ``g``: an app context can outlive one request (tests push one).
+    """
+    now: datetime | None = request.environ.get("flask_idempotent.now")
+    if now is None:
+        now = request.environ["flask_idempotent.now"] = ops.now()
+    return now
 
 
 def _page_url(page: int) -> str:
@@ -272,7 +270,6 @@ def _template_helpers() -> dict[str, Any]:
         "fi_page_url": _page_url,
         "fi_csrf_field": _csrf_field,
         "fi_csrf_token": _csrf_token,
-        "fi_version": _record_version,
         "fi_flash_ok": _FLASH_OK,
         "fi_flash_error": _FLASH_ERROR,
     }
@@ -305,12 +302,11 @@ for _code in (400, 403, 404, 409):
 @_exempt
 def overview() -> ResponseReturnValue:
     """Counts by state, stuck records, failures awaiting a decision, conflicts in the last 24 h."""
-    now = _now()
     return _render(
         "overview.html",
-        stats=ops.stats(now=now),
-        stuck=ops.list_stuck(per_page=5, now=now),
-        final=ops.list_failed(retryable=False, per_page=5, now=now),
+        stats=ops.stats(),
+        stuck=ops.list_stuck(per_page=5),
+        final=ops.list_failed(per_page=5, awaiting=True),
     )
 
 
@@ -322,17 +318,19 @@ def stuck() -> ResponseReturnValue:
     return _render("records.html", page=page, title="Stuck requests", kind="stuck")
 
 
-_FAILED_FILTERS: dict[str, bool | None] = {"all": None, "final": False, "retryable": True}
+_FAILED_FILTERS: dict[str, bool | None] = {"all": None, "awaiting": False, "final": False, "retryable": True}
 
 
 @blueprint.get("/failed")
 @_exempt
 def failed() -> ResponseReturnValue:
-    """FAILED records, newest first; ``?kind=final`` (awaiting a decision) or ``?kind=retryable``."""
+    """FAILED records, newest first; ``?kind=awaiting`` (final, not acknowledged), ``final`` or ``retryable``."""
     kind = request.args.get("kind", "all")
     if kind not in _FAILED_FILTERS:
         kind = "all"
-    page = ops.list_failed(_FAILED_FILTERS[kind], request.args.get("page"), request.args.get("per_page"))
+    page = ops.list_failed(
+        _FAILED_FILTERS[kind], request.args.get("page"), request.args.get("per_page"), awaiting=kind == "awaiting"
+    )
     return _render("records.html", page=page, title="Failed requests", kind="failed", failed_kind=kind)
 
 
@@ -349,7 +347,7 @@ def conflicts() -> ResponseReturnValue:
     hours = _WINDOWS[window]
     now = _now()
     since = None if hours is None else now - timedelta(hours=hours)
-    page = ops.list_conflicts(since, request.args.get("page"), request.args.get("per_page"), now=now)
+    page = ops.list_conflicts(since, request.args.get("page"), request.args.get("per_page"))
     return _render("conflicts.html", page=page, window=window)
 
 
@@ -362,18 +360,9 @@ def search() -> ResponseReturnValue:
     return _render("search.html", page=page, query=query)
 
 
-def _allowed(check: Callable[[Any, datetime], None], record: dict[str, Any], now: datetime) -> str | None:
-    """``None`` when the state machine allows the action, else the reason it does not."""
-    try:
-        check(record, now)
-    except ops.TransitionError as exc:
-        return str(exc)
-    return None
-
-
 def _load(record_id: int, *, body_limit: int | None = 0) -> dict[str, Any]:
     try:
-        return ops.get(record_id, body_limit=body_limit, now=_now())
+        return ops.get(record_id, body_limit=body_limit)
     except ops.RecordNotFound:
         abort(404, f"There is no idempotency record with id {record_id}; it may have been released or purged.")
 
@@ -384,18 +373,7 @@ def record(record_id: int) -> ResponseReturnValue:
     """One record: every field, the lease, the response, the events timeline and the actions."""
     show_bodies = _settings().show_bodies
     data = _load(record_id, body_limit=BODY_LIMIT if show_bodies else 0)
-    now = _now()
-    failed = data["state"] == State.FAILED
-    refused = {
-        "mark_retryable": _allowed(check_mark_retryable, data, now)
-        or ("it is already retryable: the next retry runs it again" if failed and data["retryable"] else None),
-        "mark_failed": _allowed(check_mark_failed, data, now)
-        or (
-            "it is already failed for good: retries get the stored failure"
-            if failed and not data["retryable"]
-            else None
-        ),
-    }
+    refused = {action.name.lower(): ops.refusal(action, data) for action in Action}
     return _render("record.html", record=data, refused=refused, show_bodies=show_bodies, body_limit=BODY_LIMIT)
 
 
@@ -403,29 +381,29 @@ def record(record_id: int) -> ResponseReturnValue:
 @_exempt
 def confirm_release(record_id: int) -> ResponseReturnValue:
     """The confirmation step before a record is deleted."""
-    return _render("release.html", record=_load(record_id))
+    data = _load(record_id)
+    return _render("release.html", record=data, refused=ops.refusal(Action.RELEASE, data))
 
 
 # Actions ----------------------------------------------------------------------------------------------------
 
 
-def _act(record_id: int, action: Callable[..., dict[str, Any]], done: str) -> dict[str, Any]:
+def _act(record_id: int, action: Action, done: str) -> dict[str, Any]:
     """Run an operator action for the current viewer; 403, 400, 404 or 409 when it must not run."""
     viewer = _require_operator()
     _check_csrf()
-    seen = request.form.get("version")
-    if not seen:
+    seen = request.form.get("version", "")
+    if not seen.isdigit():
         abort(400, "The form does not say which version of the record it acts on. Reload the page.")
-    current = _load(record_id)
-    if _record_version(current) != seen:
-        abort(409, "The record changed since you loaded the page. Look at it again, then decide.")
     try:
-        result = action(record_id, actor=viewer.name)
+        result = ops.act(action, record_id, actor=viewer.name, version=int(seen))
     except ops.RecordNotFound:
         abort(404, f"There is no idempotency record with id {record_id}.")
-    except (ops.TransitionError, ops.RecordChanged) as exc:
+    except ops.RecordChanged:
+        abort(409, "The record changed since you loaded the page. Look at it again, then decide.")
+    except ops.TransitionError as exc:
         abort(409, f"Not applied: {exc}.")
-    flash(done.format(id=record_id, key=current["key"]), _FLASH_OK)
+    flash(done.format(id=record_id, key=result["key"]), _FLASH_OK)
     return result
 
 
@@ -433,15 +411,23 @@ def _act(record_id: int, action: Callable[..., dict[str, Any]], done: str) -> di
 @_exempt
 def mark_retryable(record_id: int) -> ResponseReturnValue:
     """FAILED or stuck → FAILED retryable: the next retry with this key runs the view again."""
-    _act(record_id, ops.mark_retryable, "Record {id} (key {key}) is now retryable: the next retry runs it again.")
+    _act(record_id, Action.MARK_RETRYABLE, "Record {id} (key {key}) is now retryable: the next retry runs it again.")
     return redirect(url_for(".record", record_id=record_id), 303)
 
 
 @blueprint.post("/records/<int:record_id>/mark-failed")
 @_exempt
 def mark_failed(record_id: int) -> ResponseReturnValue:
-    """FAILED or stuck → FAILED final: retries with this key get the stored failure."""
-    _act(record_id, ops.mark_failed, "Record {id} (key {key}) is now failed for good: retries get the failure.")
+    """FAILED retryable or stuck → FAILED final: retries with this key get the stored failure."""
+    _act(record_id, Action.MARK_FAILED, "Record {id} (key {key}) is now failed for good: retries get the failure.")
+    return redirect(url_for(".record", record_id=record_id), 303)
+
+
+@blueprint.post("/records/<int:record_id>/acknowledge")
+@_exempt
+def acknowledge(record_id: int) -> ResponseReturnValue:
+    """A final failure stays as it is and leaves "awaiting a decision"."""
+    _act(record_id, Action.ACKNOWLEDGE, "Record {id} (key {key}) is acknowledged: it stays failed, decided.")
     return redirect(url_for(".record", record_id=record_id), 303)
 
 
@@ -453,5 +439,5 @@ def release(record_id: int) -> ResponseReturnValue:
         _require_operator()
         _check_csrf()
         return redirect(url_for(".confirm_release", record_id=record_id), 303)
-    _act(record_id, ops.release, "Record {id} (key {key}) was released: the key is free again.")
+    _act(record_id, Action.RELEASE, "Record {id} (key {key}) was released: the key is free again.")
     return redirect(url_for(".overview"), 303)

@@ -1,6 +1,6 @@
 """``@idempotent``: marks a view as protected and carries its options.
 
-The enforcing happens in the extension's request hooks (see ``extension.py``); the decorator only registers
+The enforcing happens in the extension's request hooks (README: "How it works"); the decorator only registers
 the options on the view and notes an exception the view raised, so the outcome can tell a transient error
 from any other.
 """
@@ -11,31 +11,14 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar, overload
+from typing import Any, Literal, TypeVar, overload
 
 from flask import current_app, g
-
-from .errors import IdempotencyError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 OPTIONS_ATTRIBUTE = "_flask_idempotent_options"
 _EXCEPTION_ATTRIBUTE = "_flask_idempotent_view_exception"
-
-
-class TransientError(IdempotencyError):
-    """Raise from a view to say "this failed, and trying again is safe" (FAILED, retryable).
-
-    Unhandled, it answers 503 ``transient-error`` with ``Retry-After``. Other exception types get the same
-    treatment when listed in ``transient=``.
-    """
-
-    code = 503
-    problem_code = "transient-error"
-    title = "Temporary failure, retry later"
-
-    def __init__(self, detail: str | None = None, *, retry_after: int | None = 1) -> None:
-        super().__init__(detail, retry_after=retry_after)
 
 
 def seconds(name: str, value: float | timedelta | None) -> float | None:
@@ -59,7 +42,7 @@ class RouteOptions:
     lease: float | None = None
     wait: float | None = None
     in_progress_status: int | None = None
-    on_stale: str | None = None
+    on_stale: Literal["hold", "takeover"] | None = None
     fingerprint: Callable[[], Any] | None = None
     replay: Callable[[Any], Any] | None = None
     transient: tuple[type[BaseException], ...] = ()
@@ -94,7 +77,7 @@ def idempotent(
     lease: float | timedelta | None = None,
     wait: float | timedelta | None = None,
     in_progress_status: int | None = None,
-    on_stale: str | None = None,
+    on_stale: Literal["hold", "takeover"] | None = None,
     fingerprint: Callable[[], Any] | None = None,
     replay: Callable[[Any], Any] | None = None,
     transient: tuple[type[BaseException], ...] | type[BaseException] = (),
@@ -112,7 +95,7 @@ def idempotent(
     lease: float | timedelta | None = None,
     wait: float | timedelta | None = None,
     in_progress_status: int | None = None,
-    on_stale: str | None = None,
+    on_stale: Literal["hold", "takeover"] | None = None,
     fingerprint: Callable[[], Any] | None = None,
     replay: Callable[[Any], Any] | None = None,
     transient: tuple[type[BaseException], ...] | type[BaseException] = (),
@@ -122,7 +105,7 @@ def idempotent(
 
     Use bare (``@idempotent``) or with keyword options; each option defaults to its ``IDEMPOTENCY_*`` config
     key. Place it below the route decorator. ``exempt=True`` opts a view out of ``IDEMPOTENCY_PROTECT_ALL``.
-    See SPEC's HTTP table for the responses it causes.
+    See the README's "Behaviour" table for the responses it causes.
     """
     options = RouteOptions(
         required=required,

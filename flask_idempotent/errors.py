@@ -1,6 +1,8 @@
 """Errors the layer answers with: RFC 9457 ``application/problem+json``.
 
-Each is a werkzeug ``HTTPException``, so an app can restyle any of them with ``@app.errorhandler(KeyReused)``.
+Each subclasses the matching werkzeug exception (``KeyReused`` is an ``UnprocessableEntity``, ``StoreUnavailable``
+a ``ServiceUnavailable``, ...), so an app's handler for that status catches it, and an app can restyle any of
+them with ``@app.errorhandler(KeyReused)``.
 The problem ``type`` is ``IDEMPOTENCY_PROBLEM_TYPE_BASE`` + the code (``urn:flask-idempotent:problem:key-reused``
 by default).
 """
@@ -8,10 +10,19 @@ by default).
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 from flask import current_app, has_app_context
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import (
+    BadRequest,
+    Conflict,
+    HTTPException,
+    InternalServerError,
+    RequestEntityTooLarge,
+    ServiceUnavailable,
+    UnprocessableEntity,
+)
 from werkzeug.sansio.response import Response as SansIOResponse
 from werkzeug.wrappers import Response
 
@@ -26,6 +37,7 @@ class IdempotencyError(HTTPException):
     code = 400
     problem_code = "error"
     title = "Idempotency error"
+    retry_after: datetime | int | None
 
     def __init__(self, detail: str | None = None, *, retry_after: int | None = None, status: int | None = None):
         super().__init__(description=detail or self.title)
@@ -52,7 +64,7 @@ class IdempotencyError(HTTPException):
         return response
 
 
-class MissingKey(IdempotencyError):
+class MissingKey(IdempotencyError, BadRequest):
     """400: the route requires an ``Idempotency-Key`` and the request has none. Nothing is stored."""
 
     code = 400
@@ -60,7 +72,7 @@ class MissingKey(IdempotencyError):
     title = "Idempotency key required"
 
 
-class InvalidKey(IdempotencyError):
+class InvalidKey(IdempotencyError, BadRequest):
     """400: the key is empty, too long, has characters outside 0x21-0x7E, repeats, or is a broken sf-string."""
 
     code = 400
@@ -68,7 +80,7 @@ class InvalidKey(IdempotencyError):
     title = "Invalid idempotency key"
 
 
-class BodyTooLargeToFingerprint(IdempotencyError):
+class BodyTooLargeToFingerprint(IdempotencyError, RequestEntityTooLarge):
     """413: the body exceeds ``IDEMPOTENCY_MAX_BODY_BYTES``; the view does not run and nothing is stored."""
 
     code = 413
@@ -76,7 +88,7 @@ class BodyTooLargeToFingerprint(IdempotencyError):
     title = "Request body too large for an idempotent request"
 
 
-class KeyReused(IdempotencyError):
+class KeyReused(IdempotencyError, UnprocessableEntity):
     """422: the key was used before with a different command. The record is untouched; an event is stored."""
 
     code = 422
@@ -84,7 +96,7 @@ class KeyReused(IdempotencyError):
     title = "Idempotency key reused with a different request"
 
 
-class RequestInProgress(IdempotencyError):
+class RequestInProgress(IdempotencyError, Conflict):
     """409 (or 202 when configured): a request with this key is still running. Retry after ``Retry-After``."""
 
     code = 409
@@ -92,7 +104,7 @@ class RequestInProgress(IdempotencyError):
     title = "A request with this idempotency key is in progress"
 
 
-class RecordStuck(IdempotencyError):
+class RecordStuck(IdempotencyError, Conflict):
     """409: the request with this key stopped without an outcome (lease expired). An operator decides."""
 
     code = 409
@@ -100,12 +112,34 @@ class RecordStuck(IdempotencyError):
     title = "The request with this idempotency key did not finish"
 
 
-class StoreUnavailable(IdempotencyError):
+class StoreUnavailable(IdempotencyError, ServiceUnavailable):
     """503: the record store cannot be reached; the view does not run (fail closed)."""
 
     code = 503
     problem_code = "store-unavailable"
     title = "Idempotency store unavailable"
+
+
+class TransientError(IdempotencyError, ServiceUnavailable):
+    """Raise from a view to say "this failed, and trying again is safe" (FAILED, retryable).
+
+    Unhandled, it answers 503 ``transient-error`` with ``Retry-After``. Other exception types get the same
+    treatment when listed in ``transient=``.
+    """
+
+    code = 503
+    problem_code = "transient-error"
+    title = "Temporary failure, retry later"
+
+    def __init__(self, detail: str | None = None, *, retry_after: int | None = 1) -> None:
+        super().__init__(detail, retry_after=retry_after)
+
+
+class SchemaVersionError(RuntimeError):
+    """The extension's tables are at an older schema version than this release needs.
+
+    The message names the migration to run (README: "Upgrading"); requests fail until it has run.
+    """
 
 
 class AtomicViewCommitted(RuntimeError):
@@ -124,7 +158,7 @@ class LeaseLost(RuntimeError):
     """
 
 
-class RequestFailed(IdempotencyError):
+class RequestFailed(IdempotencyError, InternalServerError):
     """500: the request with this key failed for good and no response of it was stored.
 
     This is what a retry sees after an operator marked a stuck record failed (final): the outcome is known to
@@ -136,7 +170,7 @@ class RequestFailed(IdempotencyError):
     title = "The request with this idempotency key failed"
 
 
-class ResponseNotStored(IdempotencyError):
+class ResponseNotStored(IdempotencyError, InternalServerError):
     """500: the request with this key completed, but its response exceeded ``IDEMPOTENCY_MAX_RESPONSE_BYTES``.
 
     The layer never replays a truncated body and never runs the command again; the original's allow-listed

@@ -1,20 +1,60 @@
-"""The state machine: every rule about records and outcomes, in one place.
+"""The state machine: every rule about records, in one place.
 
-The request hooks and the operations API (CLI, dashboard) both ask this module what a record in a given state
-means and which transitions are allowed; neither decides on its own.
+For every transition of a record (a request's claim, reclaim, replacement or takeover; its outcome; an
+operator's mark retryable, mark failed, acknowledge and release) this module says whether it is allowed and
+which values it writes. It also defines the predicates "stuck" and "expired" once, as SQL: the request path's
+deciding read computes them with the database's clock (see ``store.py``), and the dashboard's and CLI's
+listings filter with the very same expressions, so a NULL lease means the same thing everywhere.
+
+Times are never computed here: every time a transition writes is the database's clock (plus the lease or the
+time to live), filled in by the store. The request hooks (``pipeline.py``) and the operations API
+(``operations.py``, used by the CLI and the dashboard) ask this module; neither decides on its own.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from datetime import datetime
+from dataclasses import dataclass, field
 from typing import Any
 
-from .constants import State
+import sqlalchemy as sa
+
+from .constants import EventKind, State
 
 #: Statuses that say "try again later": the record is FAILED and retryable.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 502, 503, 504})
+
+
+# Predicates, as SQL over the records table and a "now" (the database's clock) ------------------------------
+
+
+def stuck(records: sa.Table, now: Any) -> sa.ColumnElement[bool]:
+    """IN_PROGRESS whose lease has ended (or never had one): its owner is presumed dead; an operator decides.
+
+    ``now`` is the database's clock as a SQL expression (``store.db_time``) or a bound value.
+    """
+    r = records.c
+    return sa.and_(r.state == State.IN_PROGRESS.value, sa.or_(r.locked_until.is_(None), r.locked_until <= now))
+
+
+def expired(records: sa.Table, now: Any) -> sa.ColumnElement[bool]:
+    """A record past ``expires_at`` that counts as absent.
+
+    An IN_PROGRESS record never expires by itself: it may be the only trace of a crash after an outside
+    effect, so only an operator (or a takeover) may end it.
+    """
+    r = records.c
+    return sa.and_(r.state != State.IN_PROGRESS.value, r.expires_at <= now)
+
+
+def awaiting_decision(records: sa.Table) -> sa.ColumnElement[bool]:
+    """A final failure nobody has acknowledged yet: the outcome may be ambiguous, an operator should look."""
+    r = records.c
+    return sa.and_(r.state == State.FAILED.value, r.retryable.is_(False), r.acknowledged_at.is_(None))
+
+
+# Requests ---------------------------------------------------------------------------------------------------
 
 
 class Decision(enum.Enum):
@@ -40,39 +80,105 @@ class Decision(enum.Enum):
 CLAIMING = frozenset({Decision.REPLACE, Decision.RETRY, Decision.TAKEOVER})
 
 
-def is_expired(record: Mapping[Any, Any], now: datetime) -> bool:
-    """Whether ``record`` counts as absent.
+def decide(seen: Mapping[Any, Any], request_hash: str, on_stale: str) -> Decision:
+    """Decide what a request with ``request_hash`` does to the record ``seen`` (the README's "Behaviour" table).
 
-    An IN_PROGRESS record never expires by itself: it may be the only trace of a crash after an outside
-    effect, so only an operator (or a takeover) may end it.
+    ``seen`` is a row of the store's deciding read: the record's columns plus ``is_stuck`` and ``is_expired``,
+    both evaluated by the database against its own clock in that same statement.
     """
-    return bool(record["state"] != State.IN_PROGRESS and record["expires_at"] <= now)
-
-
-def is_stale(record: Mapping[Any, Any], now: datetime) -> bool:
-    """Whether ``record`` is IN_PROGRESS with an expired lease: its owner is presumed dead."""
-    locked_until = record["locked_until"]
-    return record["state"] == State.IN_PROGRESS and (locked_until is None or locked_until <= now)
-
-
-def decide(record: Mapping[Any, Any], request_hash: str, now: datetime, on_stale: str) -> Decision:
-    """Decide what a request with ``request_hash`` does to an existing ``record`` (SPEC's HTTP table)."""
-    if is_expired(record, now):
+    if seen["is_expired"]:
         return Decision.REPLACE
-    if record["request_hash"] != request_hash:
+    if seen["request_hash"] != request_hash:
         return Decision.CONFLICT
-    state = record["state"]
+    state = seen["state"]
     if state == State.COMPLETED:
         return Decision.REPLAY
     if state == State.FAILED:
-        return Decision.RETRY if record["retryable"] else Decision.REPLAY
-    if not is_stale(record, now):
+        return Decision.RETRY if seen["retryable"] else Decision.REPLAY
+    if not seen["is_stuck"]:
         return Decision.IN_PROGRESS
     return Decision.TAKEOVER if on_stale == "takeover" else Decision.STUCK
 
 
+@dataclass(frozen=True)
+class Command:
+    """What a claim writes about the request: who owns the key and what the command was."""
+
+    scope: str
+    key: str
+    request_hash: str
+    method: str
+    path: str
+    endpoint: str | None
+    kind: str = "http"
+    summary: str | None = None
+
+
+#: A claim clears the previous attempt's outcome: an earlier attempt's response must never be replayed for
+#: this one. It also clears an operator's acknowledgement, which was about that outcome.
+_FRESH_OUTCOME: dict[str, Any] = {
+    "state": State.IN_PROGRESS.value,
+    "retryable": False,
+    "response_status": None,
+    "response_headers": None,
+    "response_body": None,
+    "resource_ref": None,
+    "error": None,
+    "acknowledged_at": None,
+    "acknowledged_by": None,
+}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The values a claim writes. The store adds the times: ``locked_until`` (now + lease), ``updated_at`` and
+    ``expires_at`` (now + ttl) always, ``created_at`` when :attr:`restart` is set; and ``version``."""
+
+    values: dict[str, Any]
+    attempt: int
+    #: A new record (insert) or an expired one replaced: ``created_at`` starts afresh.
+    restart: bool
+    #: The record's recovery point carries over to this attempt (retry, takeover); not on a restart.
+    resumes: bool
+
+
+def claim_new(command: Command, lease_token: str) -> Claim:
+    """The row that claims a key nobody holds: IN_PROGRESS under a new lease, first attempt."""
+    values = {
+        **_FRESH_OUTCOME,
+        "scope": command.scope,
+        "key": command.key,
+        "request_hash": command.request_hash,
+        "method": command.method,
+        "path": command.path,
+        "endpoint": command.endpoint,
+        "kind": command.kind,
+        "summary": command.summary,
+        "lease_token": lease_token,
+        "attempts": 1,
+        "event_count": 0,
+        "recovery_point": None,
+        "recovery_data": None,
+    }
+    return Claim(values, attempt=1, restart=True, resumes=False)
+
+
+def claim_existing(decision: Decision, seen: Mapping[Any, Any], command: Command, lease_token: str) -> Claim:
+    """The values with which a claiming ``decision`` takes the record ``seen`` (compare-and-set on its version)."""
+    if decision not in CLAIMING:
+        raise ValueError(f"{decision} does not claim the record")
+    if decision is Decision.REPLACE:
+        # An expired record counts as absent: start afresh under the new command.
+        fresh = claim_new(command, lease_token)
+        values = {name: value for name, value in fresh.values.items() if name not in ("scope", "key")}
+        return Claim(values, attempt=1, restart=True, resumes=False)
+    attempt = int(seen["attempts"]) + 1
+    values = {**_FRESH_OUTCOME, "lease_token": lease_token, "attempts": attempt}
+    return Claim(values, attempt=attempt, restart=False, resumes=True)
+
+
 def classify_status(status: int, *, atomic: bool) -> tuple[State, bool]:
-    """Return ``(state, retryable)`` for a response the view produced (SPEC's outcome table)."""
+    """Return ``(state, retryable)`` for a response the view produced (the README's outcome table)."""
     if status in RETRYABLE_STATUSES:
         return State.FAILED, True
     if status >= 500:
@@ -87,24 +193,103 @@ def classify_exception(exc: BaseException, transient: tuple[type[BaseException],
     return atomic or isinstance(exc, transient)
 
 
-# Operator transitions -------------------------------------------------------------------------------------
+def outcome(
+    state: State,
+    retryable: bool,
+    *,
+    status: int,
+    headers: list[list[str]],
+    body: bytes | None,
+    resource_ref: Any,
+    error: str | None,
+) -> dict[str, Any]:
+    """What the lease owner's outcome writes (fenced by its lease token). The store adds ``updated_at``."""
+    return {
+        "state": state.value,
+        "retryable": retryable if state is State.FAILED else False,
+        "locked_until": None,
+        "response_status": status,
+        "response_headers": headers,
+        "response_body": body,
+        "resource_ref": resource_ref,
+        "error": error,
+    }
+
+
+# Operators --------------------------------------------------------------------------------------------------
 
 
 class TransitionError(ValueError):
-    """An operator action that the record's state does not allow; the message says why."""
+    """An operator action that the record's state does not allow; the message says which rule refused it."""
 
 
-def check_mark_retryable(record: Mapping[Any, Any], now: datetime) -> None:
-    """Allow "mark retryable" on a FAILED record or a stuck IN_PROGRESS one (lease expired)."""
-    if record["state"] == State.COMPLETED:
-        raise TransitionError("a COMPLETED record is replayed; release it to run the command again")
-    if record["state"] == State.IN_PROGRESS and not is_stale(record, now):
-        raise TransitionError("the record's lease is still live: its owner may still be running")
+class Action(str, enum.Enum):
+    """The operator actions of the README's operator table."""
+
+    MARK_RETRYABLE = "mark-retryable"
+    MARK_FAILED = "mark-failed"
+    ACKNOWLEDGE = "acknowledge"
+    RELEASE = "release"
+
+    @property
+    def event(self) -> EventKind:
+        return _EVENTS[self]
 
 
-def check_mark_failed(record: Mapping[Any, Any], now: datetime) -> None:
-    """Allow "mark failed (final)" on a FAILED record or a stuck IN_PROGRESS one (lease expired)."""
-    if record["state"] == State.COMPLETED:
-        raise TransitionError("a COMPLETED record cannot be marked failed")
-    if record["state"] == State.IN_PROGRESS and not is_stale(record, now):
-        raise TransitionError("the record's lease is still live: its owner may still be running")
+_EVENTS = {
+    Action.MARK_RETRYABLE: EventKind.MARK_RETRYABLE,
+    Action.MARK_FAILED: EventKind.MARK_FAILED,
+    Action.ACKNOWLEDGE: EventKind.ACKNOWLEDGE,
+    Action.RELEASE: EventKind.RELEASE,
+}
+
+_LIVE = "its lease is still live: the request that owns it may still be running"
+
+
+@dataclass(frozen=True)
+class OperatorTransition:
+    """What an allowed operator action writes. ``delete`` (release) removes the record instead."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    delete: bool = False
+    #: Write ``acknowledged_at`` with the database's clock (and ``acknowledged_by`` = the actor).
+    acknowledge: bool = False
+
+
+def operator_transition(action: Action, seen: Mapping[Any, Any]) -> OperatorTransition:
+    """The rule for ``action`` on the record ``seen`` (a row with ``is_stuck`` from the database's clock).
+
+    Raises :class:`TransitionError` naming the rule when the action is not allowed (the README's operator table).
+    """
+    state, retryable = seen["state"], bool(seen["retryable"])
+    live = state == State.IN_PROGRESS and not seen["is_stuck"]
+    # Taking the record from its owner: the lease token goes, so a late outcome of that owner is refused.
+    end_lease = {"lease_token": None, "locked_until": None}
+    if action is Action.RELEASE:
+        if live:
+            raise TransitionError(f"release refused: {_LIVE}")
+        return OperatorTransition(delete=True)
+    if state == State.COMPLETED:
+        raise TransitionError(
+            f"{action.value} refused: a COMPLETED record is replayed; release it to run the command again"
+        )
+    if live:
+        raise TransitionError(f"{action.value} refused: {_LIVE}")
+    if action is Action.MARK_RETRYABLE:
+        if state == State.FAILED and retryable:
+            raise TransitionError("mark-retryable refused: it is already retryable; the next retry runs it again")
+        values = {**end_lease, "state": State.FAILED.value, "retryable": True}
+        return OperatorTransition({**values, "acknowledged_at": None, "acknowledged_by": None})
+    if action is Action.MARK_FAILED:
+        if state == State.FAILED and not retryable:
+            raise TransitionError("mark-failed refused: it is already failed for good; retries get the failure")
+        return OperatorTransition({**end_lease, "state": State.FAILED.value, "retryable": False})
+    # Acknowledge: only a final failure can be left as it is.
+    if state != State.FAILED or retryable:
+        raise TransitionError(
+            "acknowledge refused: only a final failure (FAILED, not retryable) can be acknowledged;"
+            " mark it failed first"
+        )
+    if seen["acknowledged_at"] is not None:
+        raise TransitionError(f"acknowledge refused: already acknowledged by {seen['acknowledged_by']}")
+    return OperatorTransition(acknowledge=True)

@@ -3,21 +3,40 @@
 They are defined on the application's own ``db.metadata`` so ``db.create_all()``, Flask-Migrate and Alembic's
 autogenerate see them like the app's own tables (and never try to drop them). Times are naive UTC.
 
-Schema version 1. A released schema is never edited in place: a change adds a new version and a migration.
+Schema version 2 (version 1 plus ``version``, ``kind``, ``summary``, ``acknowledged_at`` and
+``acknowledged_by``). A released schema is never edited in place: a change adds a new version and a migration
+(:mod:`flask_idempotent.migrations`; the README's "Upgrading").
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 RECORDS_TABLE = "idempotency_records"
 EVENTS_TABLE = "idempotency_events"
 
 _BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+
+def v2_columns() -> list[sa.Column[Any]]:
+    """The columns schema version 2 added, as a migration adds them to a version-1 table.
+
+    ``version`` and ``kind`` have server defaults so that existing rows (and a version-1 process still running
+    during a rolling deploy) get valid values.
+    """
+    return [
+        # +1 on every write of the record: every change is a compare-and-set on (id, version).
+        sa.Column("version", sa.Integer(), nullable=False, server_default=sa.text("1")),
+        sa.Column("kind", sa.String(16), nullable=False, server_default="http"),
+        sa.Column("summary", sa.String(255), nullable=True),
+        sa.Column("acknowledged_at", sa.DateTime(), nullable=True),
+        sa.Column("acknowledged_by", sa.String(255), nullable=True),
+    ]
 
 
 @dataclass(frozen=True)
@@ -42,6 +61,7 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Column("method", sa.String(16), nullable=False),
         sa.Column("path", sa.Text(), nullable=False),
         sa.Column("endpoint", sa.String(255), nullable=True),
+        *v2_columns(),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("retryable", sa.Boolean(), nullable=False, default=False),
         sa.Column("attempts", sa.Integer(), nullable=False, default=1),

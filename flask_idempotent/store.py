@@ -2,22 +2,37 @@
 
 Functions take a ``conn``: a SQLAlchemy ``Connection`` (leased mode, autocommit: each statement is its own
 short transaction) or the app's ``db.session`` (atomic mode: the view's own transaction). Correctness rests
-on the unique constraint on ``(scope, key)`` and on compare-and-set updates, never on process-local locks.
+on the unique constraint on ``(scope, key)``, on compare-and-set updates of ``(id, version)`` (the lease
+owner's also on its lease token) and on the database's clock, never on process-local locks or a host's clock.
+
+Time. Every time that decides something or is written comes from the database, inside the statement that uses
+it (:func:`db_time`). The store adds ``offset()`` seconds to it: zero in production, moved by tests that need a
+lease to run out (``Idempotency(clock_offset=...)``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Row
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
 
+from . import machine
 from .constants import EventKind, State
+from .machine import Claim
 from .models import Tables
+
+#: Counts shown on the dashboard and by the CLI stop here ("10000+"): counting is linear in what matches, and a
+#: hostile client can make conflicts numerous (measured: 1M conflict events took stats to 51 ms).
+COUNT_LIMIT = 10_000
+#: Above this many rows (the planner's estimate) PostgreSQL's COMPLETED count is estimated, not counted.
+EXACT_COUNT_LIMIT = 100_000
 
 
 class Executor(Protocol):
@@ -26,50 +41,129 @@ class Executor(Protocol):
     def execute(self, statement: Any, params: Any = ..., /) -> Any: ...
 
 
+class db_time(sa.sql.functions.FunctionElement[datetime]):  # noqa: N801 - reads like the SQL function it is
+    """The database's current time (naive UTC, like every stored time) plus ``seconds``, as SQL.
+
+    PostgreSQL: ``statement_timestamp()``, the same for every use within one statement. SQLite: ``'now'``,
+    also fixed for the duration of a statement. MySQL and MariaDB: ``UTC_TIMESTAMP(6)``.
+    """
+
+    type = sa.DateTime()
+    inherit_cache = True
+    name = "db_time"
+
+
+@compiles(db_time, "postgresql")
+def _db_time_postgresql(element: db_time, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return f"(timezone('UTC', statement_timestamp()) + make_interval(secs => {seconds}))"
+
+
+@compiles(db_time, "sqlite")
+def _db_time_sqlite(element: db_time, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', ({seconds}) || ' seconds')"
+
+
+@compiles(db_time, "mysql")
+@compiles(db_time, "mariadb")
+def _db_time_mysql(element: db_time, compiler: SQLCompiler, **kw: Any) -> str:
+    seconds = compiler.process(element.clauses, **kw)
+    return f"TIMESTAMPADD(MICROSECOND, ROUND(({seconds}) * 1000000), UTC_TIMESTAMP(6))"
+
+
 def advisory_key(scope: str, key: str) -> int:
     """A signed 64-bit lock id for ``(scope, key)``; a collision only makes a request wait, never run twice."""
     digest = hashlib.blake2b(f"{len(scope)}:{scope}{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
-def _dialect(conn: Any) -> str:
+def dialect_of(conn: Any) -> str:
     if isinstance(conn, sa.engine.Connection):
         return conn.dialect.name
     return str(conn.get_bind().dialect.name)
 
 
-class RecordStore:
-    """SQL for the extension's two tables."""
+def _now(name: str = "_now_s") -> db_time:
+    return db_time(sa.bindparam(name, type_=sa.Float))
 
-    def __init__(self, tables: Tables) -> None:
+
+class RecordStore:
+    """SQL for the extension's two tables.
+
+    The request path's statements are built once with bound parameters: per request only the values change,
+    so SQLAlchemy finds them in its compiled cache without rebuilding or re-keying them.
+    """
+
+    def __init__(self, tables: Tables, offset: Callable[[], float] = lambda: 0.0) -> None:
         self.tables = tables
-        self.records = tables.records
-        self.events = tables.events
-        # The request path's statements are built once with bound parameters: per request only the values
-        # change, so SQLAlchemy finds them in its compiled cache without rebuilding or re-keying them.
-        r, bind = self.records, sa.bindparam
-        self._find = sa.select(r).where(r.c.scope == bind("_scope"), r.c.key == bind("_key"))
-        one = sa.select(sa.literal(1).label("one")).subquery()
-        unique = ["scope", "key"]
-        self._insert = {
-            "postgresql": postgresql.insert(r).on_conflict_do_nothing(index_elements=unique).returning(r.c.id),
-            "sqlite": sqlite.insert(r).on_conflict_do_nothing(index_elements=unique).returning(r.c.id),
-        }
-        self._find_and_lock = sa.select(
-            sa.func.pg_try_advisory_xact_lock(bind("_lock", type_=sa.BigInteger)).label("_locked"), *r.c
-        ).select_from(one.outerjoin(r, sa.and_(r.c.scope == bind("_scope"), r.c.key == bind("_key"))))
-        unchanged = (
-            r.c.id == bind("_id"),
-            r.c.state == bind("_state"),
-            r.c.attempts == bind("_attempts"),
-            r.c.retryable == bind("_retryable"),
-            r.c.expires_at == bind("_expires_at"),
+        self.records = r = tables.records
+        self.events = e = tables.events
+        self.offset = offset
+        bind = sa.bindparam
+        now = _now()
+        #: The record's columns plus the predicates of ``machine`` evaluated with the database's clock.
+        self.seen_columns = (
+            *r.c,
+            machine.stuck(r, now).label("is_stuck"),
+            machine.expired(r, now).label("is_expired"),
+            now.label("db_now"),
         )
-        self._reclaim = {
-            False: sa.update(r).where(*unchanged, r.c.lease_token == bind("_lease_token")),
-            True: sa.update(r).where(*unchanged, r.c.lease_token.is_(None)),
+        # The deciding read: one row whether or not the record exists (its columns are NULL when it does not).
+        one = sa.select(sa.literal(1).label("one")).subquery()
+        on_key = sa.and_(r.c.scope == bind("_scope"), r.c.key == bind("_key"))
+        self._find = sa.select(*self.seen_columns).select_from(one.outerjoin(r, on_key))
+        self._find_and_lock = sa.select(
+            sa.func.pg_try_advisory_xact_lock(bind("_lock", type_=sa.BigInteger)).label("_locked"),
+            *self.seen_columns,
+        ).select_from(one.outerjoin(r, on_key))
+        self._get = sa.select(*self.seen_columns).where(r.c.id == bind("_id"))
+
+        claim_times = {"updated_at": now, "locked_until": _now("_lease_s"), "expires_at": _now("_ttl_s")}
+        self._claim_times = claim_times
+        unique = ["scope", "key"]
+        new = {**claim_times, "created_at": now, "version": 1}
+        self._insert = {
+            "postgresql": postgresql.insert(r)
+            .values(**new)
+            .on_conflict_do_nothing(index_elements=unique)
+            .returning(r.c.id),
+            "sqlite": sqlite.insert(r).values(**new).on_conflict_do_nothing(index_elements=unique).returning(r.c.id),
         }
-        e = self.events
+        self._insert_plain = sa.insert(r).values(**new)
+        next_version = r.c.version + sa.literal_column("1", sa.Integer)
+        at_version = (r.c.id == bind("_id"), r.c.version == bind("_version"))
+        self._reclaim = {
+            restart: sa.update(r)
+            .where(*at_version)
+            .values(**claim_times, version=next_version, **({"created_at": now} if restart else {}))
+            for restart in (False, True)
+        }
+        owner = (*at_version, r.c.lease_token == bind("_lease_token"), r.c.state == State.IN_PROGRESS.value)
+        self._settle = sa.update(r).where(*owner).values(updated_at=now, version=next_version)
+        self._checkpoint = (
+            sa.update(r).where(*owner).values(updated_at=now, locked_until=_now("_lease_s"), version=next_version)
+        )
+        self._operator_update = {
+            ack: sa.update(r)
+            .where(*at_version)
+            .values(updated_at=now, version=next_version, **({"acknowledged_at": now} if ack else {}))
+            for ack in (False, True)
+        }
+        self._operator_delete = sa.delete(r).where(*at_version)
+        self._withdraw = sa.delete(r).where(r.c.id == bind("_id"), r.c.lease_token == bind("_lease_token"))
+
+        # Parameters named like a record column would become SET clauses of the UPDATE: prefix them all.
+        event_values = {
+            "record_id": bind("_record_id", type_=e.c.record_id.type),
+            "scope": bind("_scope", type_=e.c.scope.type),
+            "key": bind("_key", type_=e.c.key.type),
+            "kind": bind("_kind", type_=e.c.kind.type),
+            "actor": bind("_actor", type_=e.c.actor.type),
+            "detail": bind("_detail", type_=e.c.detail.type),
+            "created_at": now,
+        }
+        self._add_event = sa.insert(e).values(**event_values)
         counted = (
             sa.update(r)
             .where(r.c.id == bind("_id"))
@@ -77,26 +171,37 @@ class RecordStore:
             .returning(r.c.event_count)
             .cte("counted")
         )
-        # Parameters named like a record column would become SET clauses of the UPDATE: prefix them all.
-        event_columns = ("record_id", "scope", "key", "kind", "detail", "created_at")
         self._add_client_event = sa.insert(e).from_select(
-            event_columns,
-            sa.select(*(bind(f"_{name}", type_=e.c[name].type) for name in event_columns)).where(
+            list(event_values),
+            sa.select(*event_values.values()).where(
                 sa.exists(sa.select(counted.c.event_count).where(counted.c.event_count <= bind("_cap")))
             ),
         )
-        self._settle = sa.update(r).where(
-            r.c.id == bind("_id"), r.c.lease_token == bind("_lease_token"), r.c.state == State.IN_PROGRESS.value
+        # Counting a client's event is not a change of the record: it leaves ``version`` alone, so a flood of
+        # conflicting requests can never make an operator's action fail as "changed since you looked".
+        self._count_client_event = (
+            sa.update(r).where(r.c.id == bind("_id")).values(event_count=r.c.event_count + 1).returning(r.c.event_count)
         )
+
+    def _times(self, lease: float = 0.0, ttl: float = 0.0) -> dict[str, float]:
+        offset = float(self.offset())
+        return {"_now_s": offset, "_lease_s": offset + lease, "_ttl_s": offset + ttl}
 
     # Reads ------------------------------------------------------------------------------------------------
 
     def find(self, conn: Executor, scope: str, key: str) -> Row[Any] | None:
-        return conn.execute(self._find, {"_scope": scope, "_key": key}).first()  # type: ignore[no-any-return]
+        """The record of ``(scope, key)`` with ``is_stuck``, ``is_expired`` and ``db_now``, or ``None``."""
+        row = conn.execute(self._find, {"_scope": scope, "_key": key, **self._times()}).one()
+        return None if row.id is None else row
 
     def get(self, conn: Executor, record_id: int) -> Row[Any] | None:
-        r = self.records
-        return conn.execute(sa.select(r).where(r.c.id == record_id)).first()  # type: ignore[no-any-return]
+        """The record ``record_id`` with ``is_stuck``, ``is_expired`` and ``db_now``, or ``None``."""
+        return conn.execute(self._get, {"_id": record_id, **self._times()}).first()  # type: ignore[no-any-return]
+
+    def now(self, conn: Executor) -> datetime:
+        """The database's clock (plus the offset)."""
+        value: datetime = conn.execute(sa.select(_now()), self._times()).scalar_one()
+        return value
 
     # Claims -----------------------------------------------------------------------------------------------
 
@@ -107,84 +212,59 @@ class RecordStore:
         flight); the row is still returned as last committed, so a replay never waits for a lock. Other
         databases serialize writers themselves (SQLite's write lock), so they always "lock".
         """
-        if _dialect(conn) != "postgresql":
+        if dialect_of(conn) != "postgresql":
             return True, self.find(conn, scope, key)
-        row = conn.execute(self._find_and_lock, {"_lock": advisory_key(scope, key), "_scope": scope, "_key": key}).one()
+        params = {"_lock": advisory_key(scope, key), "_scope": scope, "_key": key, **self._times()}
+        row = conn.execute(self._find_and_lock, params).one()
         return bool(row._locked), (None if row.id is None else row)
 
-    def claim_or_find(
-        self, conn: Executor, values: Mapping[str, Any], *, lock: bool = False
-    ) -> tuple[bool, int | None, Row[Any] | None]:
-        """Read the record holding the key of ``values``; if there is none, claim the key by inserting them.
-
-        Returns ``(locked, id, row)``: ``id`` when inserted; else ``row``, the record holding the key, or
-        ``None`` when another request inserted it between the read and the insert (read it again). With
-        ``lock`` (atomic mode) the read is :meth:`find_and_lock`; ``locked`` is ``False`` when another
-        transaction holds the key, and then nothing is inserted.
-
-        A read first, not an insert first: measured on PostgreSQL, a replay costs one plain SELECT (about
-        100 us) instead of a no-op INSERT and a SELECT, while a first request costs the same within noise
-        (folding both into one INSERT ... ON CONFLICT CTE saved the round trip but cost as much in planning).
-        """
-        scope, key = values["scope"], values["key"]
-        locked, row = self.find_and_lock(conn, scope, key) if lock else (True, self.find(conn, scope, key))
-        if row is not None or not locked:
-            return locked, None, row
-        return True, self.insert(conn, values), None
-
-    def insert(self, conn: Executor, values: Mapping[str, Any]) -> int | None:
-        """Insert a new record; return its id, or ``None`` if ``(scope, key)`` is already taken."""
-        stmt = self._insert.get(_dialect(conn))
-        if stmt is None:  # not a supported store, but the unique constraint still decides
+    def insert(self, conn: Executor, claim: Claim, *, lease: float, ttl: float) -> int | None:
+        """Insert the record ``claim`` creates; return its id, or ``None`` if ``(scope, key)`` is already taken."""
+        params = {**claim.values, **self._times(lease, ttl)}
+        stmt = self._insert.get(dialect_of(conn))
+        if stmt is None:  # no INSERT ... ON CONFLICT here, but the unique constraint still decides
             try:
-                result = conn.execute(sa.insert(self.records).values(**values))
+                result = conn.execute(self._insert_plain, params)
             except sa.exc.IntegrityError:
                 return None
             return int(result.inserted_primary_key[0])
-        row = conn.execute(stmt, dict(values)).first()
+        row = conn.execute(stmt, params).first()
         return None if row is None else int(row[0])
 
-    def reclaim(self, conn: Executor, seen: Row[Any], values: Mapping[str, Any]) -> bool:
-        """Take over the record ``seen`` if nobody changed it since it was read (compare and set)."""
-        params = {
-            **values,
-            "_id": seen.id,
-            "_state": seen.state,
-            "_attempts": seen.attempts,
-            "_retryable": seen.retryable,
-            "_expires_at": seen.expires_at,
-        }
-        if seen.lease_token is not None:
-            params["_lease_token"] = seen.lease_token
-        return bool(conn.execute(self._reclaim[seen.lease_token is None], params).rowcount == 1)
+    def reclaim(self, conn: Executor, record_id: int, version: int, claim: Claim, *, lease: float, ttl: float) -> bool:
+        """Take the record ``record_id`` with ``claim`` if it is still at ``version`` (nobody changed it since)."""
+        params = {**claim.values, "_id": record_id, "_version": version, **self._times(lease, ttl)}
+        return bool(conn.execute(self._reclaim[claim.restart], params).rowcount == 1)
+
+    def withdraw(self, conn: Executor, record_id: int, lease_token: str) -> bool:
+        """Delete a fresh claim that never ran its view (only while ``lease_token`` still owns it)."""
+        return bool(conn.execute(self._withdraw, {"_id": record_id, "_lease_token": lease_token}).rowcount == 1)
 
     # Fenced writes of the lease owner ----------------------------------------------------------------------
 
-    def settle(self, conn: Executor, record_id: int, lease_token: str, values: Mapping[str, Any]) -> bool:
+    def settle(self, conn: Executor, record_id: int, version: int, lease_token: str, values: Mapping[str, Any]) -> bool:
         """Write the outcome; ``False`` if the lease was lost (taken over, released or marked by an operator)."""
-        params = {**values, "_id": record_id, "_lease_token": lease_token}
+        params = {**values, "_id": record_id, "_version": version, "_lease_token": lease_token, **self._times()}
         return bool(conn.execute(self._settle, params).rowcount == 1)
+
+    def checkpoint(
+        self, conn: Executor, record_id: int, version: int, lease_token: str, values: Mapping[str, Any], lease: float
+    ) -> bool:
+        """Write a recovery point and extend the lease by ``lease`` seconds; ``False`` if the lease was lost."""
+        params = {**values, "_id": record_id, "_version": version, "_lease_token": lease_token}
+        return bool(conn.execute(self._checkpoint, {**params, **self._times(lease)}).rowcount == 1)
 
     # Operator transitions ---------------------------------------------------------------------------------
 
-    def update_if_unchanged(self, conn: Executor, seen: Row[Any], values: Mapping[str, Any]) -> bool:
-        """Operator update of ``seen``; ``False`` if the record changed since it was read."""
-        r = self.records
-        result = conn.execute(
-            sa.update(r)
-            .where(
-                r.c.id == seen.id,
-                r.c.updated_at == seen.updated_at,
-                r.c.state == seen.state,
-                r.c.attempts == seen.attempts,
-            )
-            .values(**values)
-        )
-        return bool(result.rowcount == 1)
+    def update_at_version(
+        self, conn: Executor, record_id: int, version: int, values: Mapping[str, Any], *, acknowledge: bool = False
+    ) -> bool:
+        """Operator update; ``False`` if the record is no longer at ``version``."""
+        params = {**values, "_id": record_id, "_version": version, **self._times()}
+        return bool(conn.execute(self._operator_update[acknowledge], params).rowcount == 1)
 
-    def delete(self, conn: Executor, record_id: int) -> bool:
-        r = self.records
-        return bool(conn.execute(sa.delete(r).where(r.c.id == record_id)).rowcount == 1)
+    def delete_at_version(self, conn: Executor, record_id: int, version: int) -> bool:
+        return bool(conn.execute(self._operator_delete, {"_id": record_id, "_version": version}).rowcount == 1)
 
     # Events -----------------------------------------------------------------------------------------------
 
@@ -192,46 +272,37 @@ class RecordStore:
         self,
         conn: Executor,
         *,
-        record: Row[Any] | None,
+        record_id: int | None,
         scope: str,
         key: str,
         kind: EventKind,
-        now: datetime,
         actor: str | None = None,
         detail: Mapping[str, Any] | None = None,
     ) -> None:
         conn.execute(
-            sa.insert(self.events).values(
-                record_id=None if record is None else record.id,
-                scope=scope,
-                key=key,
-                kind=kind.value,
-                actor=actor,
-                detail=dict(detail) if detail else None,
-                created_at=now,
-            )
+            self._add_event,
+            {
+                "_record_id": record_id,
+                "_scope": scope,
+                "_key": key,
+                "_kind": kind.value,
+                "_actor": actor,
+                "_detail": dict(detail) if detail else None,
+                **self._times(),
+            },
         )
 
     def add_client_event(
-        self,
-        conn: Executor,
-        *,
-        record: Row[Any],
-        kind: EventKind,
-        now: datetime,
-        detail: Mapping[str, Any],
-        cap: int,
+        self, conn: Executor, *, record: Row[Any], kind: EventKind, detail: Mapping[str, Any], cap: int
     ) -> None:
         """Count an event a client caused on ``record`` and store it while the record's count is within ``cap``.
 
         The count is ``event_count``, the only column this touches. One statement on PostgreSQL (the
         counting UPDATE in a CTE feeds the INSERT); elsewhere two.
         """
-        if _dialect(conn) != "postgresql":
+        if dialect_of(conn) != "postgresql":
             if self.count_client_event(conn, record.id) <= cap:
-                self.add_event(
-                    conn, record=record, scope=record.scope, key=record.key, kind=kind, now=now, detail=detail
-                )
+                self.add_event(conn, record_id=record.id, scope=record.scope, key=record.key, kind=kind, detail=detail)
             return
         params = {
             "_id": record.id,
@@ -240,17 +311,15 @@ class RecordStore:
             "_scope": record.scope,
             "_key": record.key,
             "_kind": kind.value,
+            "_actor": None,
             "_detail": dict(detail),
-            "_created_at": now,
+            **self._times(),
         }
         conn.execute(self._add_client_event, params)
 
     def count_client_event(self, conn: Executor, record_id: int) -> int:
         """Count an event a client caused on ``record_id``; return the new count (0 if the record is gone)."""
-        r = self.records
-        row = conn.execute(
-            sa.update(r).where(r.c.id == record_id).values(event_count=r.c.event_count + 1).returning(r.c.event_count)
-        ).first()
+        row = conn.execute(self._count_client_event, {"_id": record_id}).first()
         return 0 if row is None else int(row[0])
 
     def events_of(self, conn: Executor, record_id: int, limit: int = 200) -> Sequence[Row[Any]]:
@@ -258,3 +327,146 @@ class RecordStore:
         return conn.execute(  # type: ignore[no-any-return]
             sa.select(e).where(e.c.record_id == record_id).order_by(e.c.id.desc()).limit(limit)
         ).all()
+
+    # Listings for the operations API (dashboard and CLI) ---------------------------------------------------
+
+    def bounded_count(self, conn: Executor, table: sa.Table, where: Any) -> tuple[int, bool]:
+        """How many rows of ``table`` match ``where``, counting at most :data:`COUNT_LIMIT`; and whether it stopped."""
+        matching = sa.select(sa.literal(1)).select_from(table).where(where).limit(COUNT_LIMIT + 1).subquery()
+        params = {**self._times(), "_day_ago_s": self._times()["_now_s"] - 86400}
+        n = int(conn.execute(sa.select(sa.func.count()).select_from(matching), params).scalar_one())
+        return min(n, COUNT_LIMIT), n > COUNT_LIMIT
+
+    def page(self, conn: Executor, query: sa.Select[Any], limit: int, offset: int) -> Sequence[Row[Any]]:
+        return conn.execute(query.limit(limit).offset(offset), self._times()).all()  # type: ignore[no-any-return]
+
+    def stuck_query(self) -> tuple[sa.Select[Any], Any]:
+        """IN_PROGRESS records whose lease ended (``machine.stuck``), longest stuck first; and the filter."""
+        r = self.records
+        where = machine.stuck(r, _now())
+        query = sa.select(*self.seen_columns).where(where).order_by(r.c.locked_until, r.c.id)
+        return query, where
+
+    def failed_query(self, retryable: bool | None, awaiting: bool = False) -> tuple[sa.Select[Any], Any]:
+        """FAILED records, newest first; ``awaiting``: final failures nobody acknowledged yet."""
+        r = self.records
+        where: Any = machine.awaiting_decision(r) if awaiting else r.c.state == State.FAILED.value
+        if retryable is not None and not awaiting:
+            where = sa.and_(where, r.c.retryable == retryable)
+        query = sa.select(*self.seen_columns).where(where).order_by(r.c.updated_at.desc(), r.c.id.desc())
+        return query, where
+
+    def search_query(self, text: str, page: int, size: int) -> tuple[sa.Select[Any], Any]:
+        """Records whose key or scope equals ``text`` exactly, newest first (bound parameters; index-served).
+
+        One branch per column, each walking its (column, id) index newest first and cut to the rows this page
+        can need, then merged: with a single "key = q OR scope = q ORDER BY id DESC" PostgreSQL walks the
+        primary key backwards and, for a rare or missing value, reads the whole table (160 ms at 1M records).
+        """
+        r = self.records
+        branches = [r.c.key == text, sa.and_(r.c.scope == text, r.c.key != text)]
+        newest = [
+            sa.select(*self.seen_columns).where(where).order_by(r.c.id.desc()).limit(page * size).subquery()
+            for where in branches
+        ]
+        merged = sa.union_all(*(sa.select(branch) for branch in newest)).subquery()
+        return sa.select(merged).order_by(merged.c.id.desc()), sa.or_(*branches)
+
+    def conflicts(
+        self, conn: Executor, since: datetime | None, limit: int, offset: int
+    ) -> tuple[int, bool, Sequence[Row[Any]], dict[int, Row[Any]]]:
+        """Conflict events, newest first, with the records they were about (by id; missing once released)."""
+        r, e = self.records, self.events
+        where: Any = e.c.kind == EventKind.CONFLICT.value
+        if since is not None:
+            where = sa.and_(where, e.c.created_at >= since)
+        total, capped = self.bounded_count(conn, e, where)
+        events = conn.execute(
+            sa.select(e).where(where).order_by(e.c.created_at.desc(), e.c.id.desc()).limit(limit).offset(offset)
+        ).all()
+        ids = {ev.record_id for ev in events if ev.record_id is not None}
+        originals: dict[int, Row[Any]] = {}
+        if ids:
+            query = sa.select(*self.seen_columns).where(r.c.id.in_(ids))
+            originals = {row.id: row for row in conn.execute(query, self._times())}
+        return total, capped, events, originals
+
+    def stats(self, conn: Executor, postgresql_estimate: bool) -> dict[str, Any]:
+        """Counts by state, stuck records and the oldest one's lease end, failures, conflicts in the last 24 h."""
+        r, e = self.records, self.events
+        now = _now()
+
+        def count(where: Any) -> int:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(r).where(where)).scalar_one())
+
+        # Per-state counts on the (state, ...) indexes: a GROUP BY would scan the whole table. COMPLETED is
+        # the bulk of a large table, so PostgreSQL reports it from the planner's row estimate.
+        by_state = {
+            State.IN_PROGRESS.value: count(r.c.state == State.IN_PROGRESS.value),
+            State.FAILED.value: count(r.c.state == State.FAILED.value),
+        }
+        estimate = -1.0
+        if postgresql_estimate:
+            estimate = float(
+                conn.execute(
+                    sa.text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:t)"), {"t": r.name}
+                ).scalar()
+                or -1
+            )
+        completed_estimated = estimate >= EXACT_COUNT_LIMIT
+        if completed_estimated:
+            by_state[State.COMPLETED.value] = max(0, int(estimate) - sum(by_state.values()))
+        else:  # small, never analyzed, or SQLite: counting exactly is cheap enough
+            by_state[State.COMPLETED.value] = count(r.c.state == State.COMPLETED.value)
+        stuck_n, oldest, db_now = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(r.c.locked_until), sa.func.max(now)).where(machine.stuck(r, now)),
+            self._times(),
+        ).one()
+        if db_now is None:
+            db_now = self.now(conn)
+        failed = {
+            bool(row.retryable): int(row.n)
+            for row in conn.execute(
+                sa.select(r.c.retryable, sa.func.count().label("n"))
+                .where(r.c.state == State.FAILED.value)
+                .group_by(r.c.retryable)
+            )
+        }
+        awaiting = count(machine.awaiting_decision(r))
+        conflicts, conflicts_capped = self.bounded_count(
+            conn, e, sa.and_(e.c.kind == EventKind.CONFLICT.value, e.c.created_at >= _now("_day_ago_s"))
+        )
+        return {
+            "by_state": by_state,
+            "completed_estimated": completed_estimated,
+            "stuck": int(stuck_n),
+            "oldest_stuck_lease_end": oldest,
+            "failed_final": failed.get(False, 0),
+            "failed_retryable": failed.get(True, 0),
+            "awaiting_decision": awaiting,
+            "conflicts_24h": conflicts,
+            "conflicts_24h_capped": conflicts_capped,
+            "db_now": db_now,
+        }
+
+    def purge_batch(self, conn: Executor, batch_size: int) -> int:
+        """Delete up to ``batch_size`` expired records (``machine.expired``); return how many.
+
+        On PostgreSQL rows locked by a running request are skipped (``FOR UPDATE SKIP LOCKED``).
+        """
+        r = self.records
+        victims = sa.select(r.c.id).where(machine.expired(r, _now())).order_by(r.c.expires_at).limit(batch_size)
+        if dialect_of(conn) == "postgresql":
+            victims = victims.with_for_update(skip_locked=True)
+        deleted = conn.execute(sa.delete(r).where(r.c.id.in_(victims.scalar_subquery())), self._times()).rowcount
+        return int(deleted)
+
+    # Schema -----------------------------------------------------------------------------------------------
+
+    def missing_columns(self, conn: sa.Connection) -> set[str] | None:
+        """Columns of the model that the records table lacks; ``None`` when the table does not exist."""
+        inspector = sa.inspect(conn)
+        if not inspector.has_table(self.records.name):
+            return None
+        present = {column["name"] for column in inspector.get_columns(self.records.name)}
+        return {column.name for column in self.records.c} - present

@@ -63,5 +63,5 @@ def observe_polling(monkeypatch: Any) -> threading.Event:
         polling.set()
         real_sleep(seconds)
 
-    monkeypatch.setattr("flask_idempotent.extension.time.sleep", observed_sleep)
+    monkeypatch.setattr("flask_idempotent.pipeline.time.sleep", observed_sleep)
     return polling

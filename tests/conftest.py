@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
@@ -23,16 +23,29 @@ PG_SKIP_REASON = "PostgreSQL not reachable"
 
 
 class Clock:
-    """A clock the test moves by hand (naive UTC, like the stored times)."""
+    """Moves the database's clock as the layer sees it: the offset ``Idempotency(clock_offset=...)`` adds.
+
+    The database decides every lease and expiry with its own clock; a test moves that clock forward by hand
+    (``advance``) instead of waiting. ``now`` is the host's reading of it (the same machine's clock), for
+    stored times a test writes or compares within a margin.
+    """
 
     def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, 12, 0, 0)
+        self.offset = timedelta(0)
 
-    def __call__(self) -> datetime:
-        return self.now
+    def __call__(self) -> timedelta:
+        return self.offset
 
     def advance(self, **kwargs: float) -> None:
-        self.now += timedelta(**kwargs)
+        self.offset += timedelta(**kwargs)
+
+    @property
+    def now(self) -> datetime:
+        return datetime.now(timezone.utc).replace(tzinfo=None) + self.offset
+
+    def reads(self, stored: datetime, plus: timedelta = timedelta(0), margin: float = 5.0) -> bool:
+        """Whether ``stored`` is this clock's time (plus ``plus``) when written: within ``margin`` seconds."""
+        return abs((stored - plus - self.now).total_seconds()) <= margin
 
 
 @pytest.fixture(scope="session")

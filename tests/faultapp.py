@@ -3,8 +3,8 @@
 ``gunicorn 'faultapp:create_app()'`` and ``flask --app faultapp:create_app idempotency ...`` both build it from:
 
 - ``FAULTAPP_DATABASE_URL`` (required): the PostgreSQL URL, possibly through the test's TCP proxy;
-- ``FAULTAPP_CLOCK_FILE``: a file holding an offset in seconds added to the real UTC time. The test moves the
-  server's (and the CLI's) lease clock by rewriting it, so a lease expires without waiting for it;
+- ``FAULTAPP_CLOCK_FILE``: a file holding an offset in seconds added to the database's clock. The test moves the
+  database's clock as the server (and the CLI) see it by rewriting it, so a lease expires without waiting for it;
 - ``FAULTAPP_LEASE`` (seconds, default 30) and ``FAULTAPP_CONNECT_TIMEOUT`` (seconds, default 2);
 - ``FAULTAPP_SIGNAL_DIR``: where the app writes crash witnesses and meets held requests (see below);
 - ``FAULTAPP_VIEW_WORK_MS``: a slow query in each view, so that duplicates overlap (default 0).
@@ -29,7 +29,6 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -46,17 +45,16 @@ CRASH_POINTS = ("claimed", "effect", "completed")
 HOLD_TIMEOUT = 30.0
 
 
-def file_clock(path: str) -> Callable[[], datetime]:
-    """The real UTC time (naive, like stored times) plus the offset in seconds written in ``path``."""
+def file_clock(path: str) -> Callable[[], float]:
+    """The offset in seconds written in ``path``: added to the database's clock, which decides leases."""
 
-    def now() -> datetime:
+    def offset() -> float:
         try:
-            offset = float(Path(path).read_text() or 0)
+            return float(Path(path).read_text() or 0)
         except FileNotFoundError:
-            offset = 0.0
-        return datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=offset)
+            return 0.0
 
-    return now
+    return offset
 
 
 def engine_options(connect_timeout: float) -> dict[str, Any]:
@@ -95,7 +93,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
 
     db.init_app(app)
     clock = file_clock(env["FAULTAPP_CLOCK_FILE"]) if env.get("FAULTAPP_CLOCK_FILE") else None
-    idempotency = Idempotency(clock=clock) if clock is not None else Idempotency()
+    idempotency = Idempotency(clock_offset=clock)
     idempotency.init_app(app, db)
     app.extensions["faultapp"] = {"db": db, "Effect": Effect, "idempotency": idempotency}
 
@@ -156,10 +154,8 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     def health() -> Any:
         return jsonify(pid=os.getpid())
 
-    @app.post("/payments")
-    @idempotent
-    def payment() -> Any:
-        row = effect("payments")
+    def pay(route: str) -> Any:
+        row = effect(route)
         db.session.flush()
         response = created(row)
         # Leased mode: the effect is durable before the outcome is. After the commit the session holds no
@@ -167,6 +163,17 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         db.session.commit()
         fault("effect")
         return response
+
+    @app.post("/payments")
+    @idempotent
+    def payment() -> Any:
+        return pay("payments")
+
+    @app.post("/takeover-payments")
+    @idempotent(on_stale="takeover")
+    def takeover_payment() -> Any:
+        """``/payments`` with ``on_stale="takeover"``: a request finding the lease over takes it and runs again."""
+        return pay("takeover-payments")
 
     @app.post("/transfers")
     @idempotent(atomic=True)

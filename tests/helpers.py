@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
+
+T = TypeVar("T")
+
+
+def in_app(app: Flask, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call ``func`` (an operations API function, say) inside an app context of ``app``."""
+    with app.app_context():
+        return func(*args, **kwargs)
 
 
 def ext(app: Flask) -> dict[str, Any]:

@@ -209,7 +209,7 @@ def test_overview_shows_counts_stuck_age_conflicts_and_failures_awaiting_a_decis
     seed(app, client, clock)
     page = get(client, "/")
     assert 'data-fi-count="stuck">1<' in page and "oldest stuck for 11 min" in page
-    assert 'data-fi-count="failed_final">1<' in page
+    assert 'data-fi-count="awaiting_decision">1<' in page
     assert 'data-fi-count="conflicts_24h">1<' in page
     assert 'data-fi-count="failed_retryable">1<' in page
     for state, count in {"IN_PROGRESS": 1, "COMPLETED": 1, "FAILED": 2}.items():
@@ -503,7 +503,7 @@ def test_an_action_on_a_record_that_changed_since_it_was_viewed_is_409(
         db = ext(app)["db"]
         table = db.metadata.tables["idempotency_records"]
         with db.engine.begin() as conn:
-            conn.execute(sa.update(table).values(attempts=2, updated_at=clock.now + timedelta(seconds=5)))
+            conn.execute(sa.update(table).values(attempts=2, version=table.c.version + 1))
     before = records(app)
     response = client.post(f"{PREFIX}/records/{record_id}/release", data={**seen, "confirm": "release"})
     assert response.status_code == 409 and "changed since you loaded the page" in response.get_data(as_text=True)
@@ -636,9 +636,9 @@ def test_an_async_access_hook_works(app: Flask, client: FlaskClient) -> None:
 def test_counts_past_the_limit_show_a_plus_and_pages_go_on(
     app: Flask, client: FlaskClient, clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flask_idempotent import operations as ops
+    from flask_idempotent import store
 
-    monkeypatch.setattr(ops, "COUNT_LIMIT", 3)
+    monkeypatch.setattr(store, "COUNT_LIMIT", 3)
     allow(app)
     for i in range(5):
         insert(app, clock, f"f{i}")

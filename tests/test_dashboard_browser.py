@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,6 @@ from flask import Flask
 from helpers import events, ext, post, record
 from testapp import Controls, build_app
 from werkzeug.serving import make_server
-
-from flask_idempotent.extension import utcnow
 
 CHROMIUM = os.environ.get("IDEMPOTENCY_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -57,7 +55,7 @@ def browser() -> Iterator[Any]:
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[Flask, str]]:
     """The test app on a SQLite file, served by werkzeug on 127.0.0.1 in a thread; yields (app, base URL)."""
-    app = build_app(f"sqlite:///{tmp_path / 'browser.db'}", clock=utcnow, controls=Controls())
+    app = build_app(f"sqlite:///{tmp_path / 'browser.db'}", clock=lambda: 0.0, controls=Controls())
     with app.app_context():
         ext(app)["db"].create_all()
     ext(app)["idempotency"].dashboard_access(lambda: "oncall")
@@ -82,7 +80,7 @@ def seed(app: Flask) -> None:
     controls.status = 500
     post(client, "/payments", key="pay-final", user="merchant-7", json={"amount": 5})
     controls.status = None
-    now = utcnow()
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
     with app.app_context():
         db = ext(app)["db"]
         table = db.metadata.tables["idempotency_records"]
@@ -122,7 +120,7 @@ def test_operator_resolves_a_stuck_payment_without_javascript(browser: Any, serv
         assert page.locator('[data-fi-count="stuck"]').inner_text() == "1"
         assert "oldest stuck for 12 min" in page.locator(".fi-card").first.inner_text()
         assert page.locator('[data-fi-count="conflicts_24h"]').inner_text() == "1"
-        assert page.locator('[data-fi-count="failed_final"]').inner_text() == "1"
+        assert page.locator('[data-fi-count="awaiting_decision"]').inner_text() == "1"
         # The stylesheet loaded and applied: the header is the dashboard's dark bar.
         assert page.locator(".fi-header").evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(31, 42, 60)"
         page.screenshot(path=str(ARTIFACTS / "dashboard-overview.png"), full_page=True)

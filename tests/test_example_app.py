@@ -2,7 +2,7 @@
 
 Each test builds the app with ``create_app``, brings an empty database up with ``flask init-db`` (the
 migrations plus the demo users), and drives it with the test client. Concurrency is ordered with events, and
-time is the extension's clock, which the test moves; nothing sleeps.
+time is the database's clock as the extension sees it, which the test moves; nothing sleeps.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def example(
     database_url: str, clock: Any, monkeypatch: pytest.MonkeyPatch, example_config: dict[str, Any]
 ) -> Iterator[Flask]:
     reset_database(database_url)
-    monkeypatch.setattr(example_app.idempotency, "clock", clock)
+    monkeypatch.setattr(example_app.idempotency, "clock_offset", clock)
     app = create_app(
         {
             "TESTING": True,

@@ -150,7 +150,7 @@ def test_store_errors_are_logged_under_flask_idempotent(
 def test_client_caused_events_are_capped_per_record(app: Flask, client: FlaskClient) -> None:
     from helpers import events, record
 
-    from flask_idempotent.extension import MAX_CLIENT_EVENTS_PER_RECORD
+    from flask_idempotent.pipeline import MAX_CLIENT_EVENTS_PER_RECORD
 
     post(client, "/payments", json={"amount": 1})
     for amount in range(2, MAX_CLIENT_EVENTS_PER_RECORD + 12):
@@ -166,7 +166,7 @@ def test_leased_statements_use_an_autocommit_engine_disposed_with_the_apps(app: 
         engine, own = ext(app)["db"].engine, state.engine
         events = state.tables.events
         with own.connect() as conn:  # autocommit: visible to others at once, without a commit
-            conn.execute(sa.insert(events).values(scope="", key="k", kind="probe", created_at=state.clock()))
+            conn.execute(sa.insert(events).values(scope="", key="k", kind="probe", created_at=state.store.now(conn)))
             with engine.connect() as other:
                 assert other.execute(sa.select(sa.func.count()).select_from(events)).scalar_one() == 1
         if engine.dialect.name == "sqlite":

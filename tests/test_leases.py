@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from concurrency import Background, observe_polling
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import charges, events, ext, post, problem_code, record
+from helpers import charges, events, ext, in_app, post, problem_code, record
 
 from flask_idempotent import operations as ops
 from flask_idempotent import signals
@@ -78,16 +79,11 @@ def test_stale_lease_is_held_as_stuck_and_never_re_executed(app: Flask, client: 
     assert problem_code(stuck) == "stuck"
     assert record(app, "k-1")["state"] == "IN_PROGRESS"
     assert [e["kind"] for e in events(app)] == ["stale_hit"]
-    stuck_list = ops_in(app, ops.list_stuck)
+    stuck_list = in_app(app, ops.list_stuck)
     assert [r["key"] for r in stuck_list.items] == ["k-1"]
     controls.release.set()
     first.result()
     assert controls.runs["payments"] == 1
-
-
-def ops_in(app: Flask, func: Any, *args: Any, **kwargs: Any) -> Any:
-    with app.app_context():
-        return func(*args, **kwargs)
 
 
 def test_operator_marks_stuck_record_retryable_and_the_retry_runs_once(app: Flask, client: FlaskClient, clock) -> None:
@@ -98,7 +94,7 @@ def test_operator_marks_stuck_record_retryable_and_the_retry_runs_once(app: Flas
     clock.advance(minutes=5)
     assert post(client, "/payments", json={"amount": 5}).status_code == 409
     row = record(app, "k-1")
-    marked = ops_in(app, ops.mark_retryable, row["id"], actor="alice")
+    marked = in_app(app, ops.mark_retryable, row["id"], actor="alice")
     assert (marked["state"], marked["retryable"]) == ("FAILED", True)
     retry = post(client, "/payments", json={"amount": 5})
     assert retry.status_code == 201 and retry.get_json()["attempt"] == 2
@@ -125,7 +121,7 @@ def test_takeover_resumes_from_the_recovery_point_and_fences_the_old_owner(
     assert controls.entered.wait(10)  # charged and checkpointed, then "crashed"
     row = record(app, "k-1")
     assert row["recovery_point"] == "charged"
-    assert row["locked_until"] == clock.now + __import__("datetime").timedelta(seconds=30)
+    assert clock.reads(row["locked_until"], timedelta(seconds=30))
     clock.advance(seconds=31)
     takeover = post(client, "/phases", json={"order": 1})
     assert takeover.status_code == 201
@@ -162,7 +158,7 @@ def test_checkpoint_after_losing_the_lease_raises_lease_lost(app: Flask, clock) 
     owner = Background(app, "/two-phase", json={})
     assert gate.wait(10)
     clock.advance(seconds=61)
-    ops_in(app, ops.mark_failed, record(app, "k-1")["id"], actor="bob")
+    in_app(app, ops.mark_failed, record(app, "k-1")["id"], actor="bob")
     resume.set()
     assert owner.result().status_code == 500
     assert results == ["lease-lost"]
@@ -181,7 +177,7 @@ def test_a_retry_never_replays_an_earlier_attempts_response(app: Flask, client: 
     row = record(app, "k-1")
     assert (row["state"], row["attempts"], row["response_status"]) == ("IN_PROGRESS", 2, None)
     clock.advance(seconds=61)
-    ops_in(app, ops.mark_failed, row["id"], actor="dave")
+    in_app(app, ops.mark_failed, row["id"], actor="dave")
     answer = post(client, "/payments", json={"amount": 5})
     assert answer.status_code == 500 and problem_code(answer) == "failed"  # not attempt 1's 503
     controls.release.set()

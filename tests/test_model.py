@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from conftest import Clock
 from flask import Flask, jsonify, request
 from flask_sqlalchemy import SQLAlchemy
 from hypothesis import HealthCheck, settings
@@ -40,6 +41,7 @@ class ModelRecord:
     locked_until: datetime | None
     status: int | None = None
     body: bytes | None = None
+    acknowledged: bool = False
 
 
 @dataclass
@@ -101,25 +103,28 @@ class Model:
         rec = self.records.get((scope, key))
         if rec is None:
             return False
+        # SPEC's operator table.
+        if rec.state == "IN_PROGRESS" and rec.locked_until is not None and rec.locked_until > self.now:
+            return False  # a live lease: nothing, not even release
         if action == "release":
             del self.records[(scope, key)]
             return True
-        stuck = rec.state == "IN_PROGRESS" and rec.locked_until is not None and rec.locked_until <= self.now
-        if not (rec.state == "FAILED" or stuck):
+        if rec.state == "COMPLETED":
             return False
-        rec.state, rec.retryable, rec.locked_until = "FAILED", action == "mark_retryable", None
+        if action == "acknowledge":
+            if rec.state != "FAILED" or rec.retryable or rec.acknowledged:
+                return False
+            rec.acknowledged = True
+            return True
+        retryable = action == "mark_retryable"
+        if rec.state == "FAILED" and rec.retryable == retryable:
+            return False  # already so
+        rec.state, rec.retryable, rec.locked_until = "FAILED", retryable, None
+        rec.acknowledged = rec.acknowledged and not retryable
         return True
 
 
 # The real app ----------------------------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1)
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def model_app(database_url: str) -> tuple[Flask, SQLAlchemy, Clock, dict[str, Any]]:
@@ -128,7 +133,7 @@ def model_app(database_url: str) -> tuple[Flask, SQLAlchemy, Clock, dict[str, An
     db = SQLAlchemy()
     db.init_app(app)
     clock = Clock()
-    Idempotency(app, db, clock=clock)
+    Idempotency(app, db, clock_offset=clock)
     switch: dict[str, Any] = {"outcome": 201}
 
     def body(route: str) -> Any:
@@ -170,7 +175,7 @@ class Machine(RuleBasedStateMachine):
         with app.app_context(), db.engine.begin() as conn:
             for table in ("idempotency_events", "idempotency_records"):
                 conn.execute(sa.text(f"DELETE FROM {table}"))
-        clock.now = datetime(2026, 1, 1)
+        clock.offset = timedelta(0)
         switch["runs"] = dict.fromkeys(ROUTES, 0)
         self.app, self.db, self.clock, self.switch = app, db, clock, switch
         self.model = Model(now=clock.now)
@@ -190,6 +195,7 @@ class Machine(RuleBasedStateMachine):
 
     @rule(scope=scopes, key=keys, command=commands, outcome=st.sampled_from(OUTCOMES))
     def send(self, scope: str, key: str, command: tuple[Any, ...], outcome: Any) -> None:
+        self.model.now = self.clock.now
         expected_kind, expected_status = self.model.request(scope, key, command, outcome)
         self.switch["outcome"] = outcome
         route, amount = command
@@ -217,6 +223,7 @@ class Machine(RuleBasedStateMachine):
     def crash(self, scope: str, key: str, command: tuple[Any, ...]) -> None:
         """A worker claims the key, runs the view body's outside effect, and is killed before settling."""
         row = self.row(scope, key)
+        self.model.now = self.clock.now
         if not self.model.crash(scope, key, command):
             return
         self.switch["runs"][command[0]] += 1
@@ -263,12 +270,13 @@ class Machine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([1, 61, 24 * 3600 + 1]))
     def advance(self, seconds: int) -> None:
-        self.clock.now += timedelta(seconds=seconds)
+        self.clock.advance(seconds=seconds)
         self.model.now = self.clock.now
 
-    @rule(scope=scopes, key=keys, action=st.sampled_from(["mark_retryable", "mark_failed", "release"]))
+    @rule(scope=scopes, key=keys, action=st.sampled_from(["mark_retryable", "mark_failed", "acknowledge", "release"]))
     def operate(self, scope: str, key: str, action: str) -> None:
         row = self.row(scope, key)
+        self.model.now = self.clock.now
         allowed = self.model.operator(scope, key, action)
         if row is None:
             assert not allowed
@@ -292,6 +300,7 @@ class Machine(RuleBasedStateMachine):
             assert (row.state, row.attempts) == (rec.state, rec.attempts), where
             if rec.state == "FAILED":
                 assert row.retryable == rec.retryable
+            assert (row.acknowledged_at is not None) == rec.acknowledged, where
             if rec.state != "IN_PROGRESS" or row.lease_token != "dead-worker":
                 # One command, one hash; two commands never share one.
                 known = self.hashes.setdefault(rec.command, row.request_hash)

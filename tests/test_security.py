@@ -14,7 +14,7 @@ from helpers import charges, events, ext, post, record, records
 
 import flask_idempotent
 from flask_idempotent import operations as ops
-from flask_idempotent.extension import MAX_CLIENT_EVENTS_PER_RECORD
+from flask_idempotent.pipeline import MAX_CLIENT_EVENTS_PER_RECORD
 
 SECRET = "4242-4242-4242-4242"
 

@@ -18,7 +18,9 @@ def layer_statements(app: Flask) -> Iterator[list[str]]:
     seen: list[str] = []
     with app.app_context():
         # The app's engine (atomic mode, operations) and the one leased mode's autocommit statements use.
-        engines = {ext(app)["db"].engine, app.extensions["idempotency"].state(app).engine}
+        state = app.extensions["idempotency"].state(app)
+        engines = {ext(app)["db"].engine, state.engine}
+        state.check_schema()  # once per process, before the first claim: not a per-request cost
 
     cursors: list[Any] = []  # on SQLite the second engine is a view of the first: events arrive twice
 

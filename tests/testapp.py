@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, jsonify, request
@@ -27,14 +28,32 @@ class Controls:
         self.runs: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.seen: list[dict[str, Any]] = []
+        self._holds: dict[str, Hold] = {}
+
+    def hold(self, name: str) -> Hold:
+        """Block the next view that reaches step ``name`` (once), independently of ``hold_at``."""
+        held = self._holds[name] = Hold(threading.Event(), threading.Event())
+        return held
 
     def ran(self, name: str) -> None:
         with self._lock:
             self.runs[name] += 1
+            held = self._holds.pop(name, None)
+        if held is not None:
+            held.entered.set()
+            assert held.release.wait(30), "test never released the held view"
         if self.hold_at == name:
             self.hold_at = None
             self.entered.set()
             assert self.release.wait(30), "test never released the held view"
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A view parked at a step: ``entered`` when it got there, it goes on when the test sets ``release``."""
+
+    entered: threading.Event
+    release: threading.Event
 
 
 def build_app(database_url: str, *, clock: Any, controls: Controls, **config: Any) -> Flask:
@@ -59,7 +78,7 @@ def build_app(database_url: str, *, clock: Any, controls: Controls, **config: An
         route: Mapped[str]
 
     db.init_app(app)
-    idempotency = Idempotency(clock=clock)
+    idempotency = Idempotency(clock_offset=clock)
     idempotency.init_app(app, db)
     app.extensions["test"] = {"db": db, "Charge": Charge, "idempotency": idempotency, "controls": controls}
 
@@ -184,6 +203,7 @@ def build_app(database_url: str, *, clock: Any, controls: Controls, **config: An
                 raise controls.exception
             charge_id = row.id
         else:
+            controls.ran("phases-resumed")  # a test holds a resuming owner here
             charge_id = current_record.recovery_data["charge"]
         return jsonify(charge=charge_id, attempt=current_record.attempt), 201
 
