@@ -361,3 +361,70 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)  # wakes the pump blocked in recv() on it
             s.close()
+
+
+class ReplyDroppingProxy(TcpProxy):
+    """A :class:`TcpProxy` that can lose the reply to one statement: it runs on the server, the client never
+    hears back.
+
+    After :meth:`arm`, the next client-to-server bytes containing ``marker`` are forwarded as usual; the
+    server's reply on that connection is read up to the end of its ReadyForQuery message (so the statement's
+    implicit transaction has committed), dropped, and both sockets of that connection are closed: the client
+    sees the connection end while it waits for the reply. It fires once per :meth:`arm`; :attr:`dropped` is set
+    when it did. The marker must reach the proxy as plain text (PostgreSQL's simple query protocol,
+    ``sslmode=disable``).
+    """
+
+    READY_FOR_QUERY = b"Z\x00\x00\x00\x05"  # message type, then its length: 4 bytes of length + 1 of status
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._marker: bytes | None = None
+        self._doomed: set[tuple[socket.socket, socket.socket]] = set()
+        self.dropped = threading.Event()
+        self.statement = b""  # the client bytes that carried the marker
+        self.dropped_reply = b""  # the server's reply that never reached the client
+        super().__init__(target_host, target_port)
+
+    def arm(self, marker: bytes) -> None:
+        with self._lock:
+            self._marker = marker
+            self.statement = self.dropped_reply = b""
+            self.dropped.clear()
+
+    def _pump(self, pair: tuple[socket.socket, socket.socket], src: socket.socket, dst: socket.socket) -> None:
+        to_server = src is pair[0]
+        seen = b""  # the tail of the previous read (a marker split over two reads) or the reply held back
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if to_server:
+                    with self._lock:
+                        marker = self._marker
+                        if marker is not None and marker in seen + data:
+                            self._marker = None
+                            self._doomed.add(pair)  # before forwarding: the reply may come back at once
+                            self.statement = data
+                    seen = data[-len(marker) :] if marker else b""
+                    dst.sendall(data)
+                    continue
+                with self._lock:
+                    doomed = pair in self._doomed
+                if not doomed:
+                    dst.sendall(data)
+                    continue
+                src.settimeout(10)  # bounded: a reply that never ends closes the connection all the same
+                seen += data
+                if self.READY_FOR_QUERY in seen:
+                    self.dropped_reply = seen
+                    break  # never forwarded; finally closes both sockets
+        except OSError:
+            pass  # the other pump or cut() closed the pair
+        finally:
+            self._drop(pair)
+            with self._lock:
+                if pair in self._doomed:
+                    self._doomed.discard(pair)
+                    if self.dropped_reply:
+                        self.dropped.set()
