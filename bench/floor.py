@@ -16,10 +16,10 @@ when its Python side costs nothing; the report sets it against the bare route's 
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from infra import pg_connect
@@ -28,39 +28,102 @@ PAYMENT = (
     "INSERT INTO bench_payments (route, idem_key, amount, currency, creditor, reference, created_at)"
     " VALUES (%s, %s, 1250, 'EUR', 'ACME', 'floor', now()) RETURNING id"
 )
-FIND = "SELECT * FROM idempotency_records WHERE scope = %(scope)s AND key = %(key)s"
-FIND_AND_LOCK = (
-    "SELECT pg_try_advisory_xact_lock(%(lock)s) AS _locked, r.* FROM (SELECT 1) one"
-    " LEFT JOIN idempotency_records r ON r.scope = %(scope)s AND r.key = %(key)s"
+
+# The layer's statements as it sends them on PostgreSQL: flask_idempotent/store.py's prebuilt ``_find``,
+# ``_find_and_lock``, ``_insert["postgresql"]`` and ``_settle``, compiled with SQLAlchemy's postgresql dialect
+# and filled with the values a request's claim (machine.claim_new) and outcome (machine.outcome) bind. Every
+# time is the database's clock plus the store's offset (0 outside tests), computed in the statement itself;
+# constants the layer binds as parameters (1, 'IN_PROGRESS', the JSON nulls) are written inline: psycopg2
+# interpolates parameters on the client, so the server receives the same text. Re-derive these after a change
+# to store.py, e.g. ``str(RecordStore(define_tables(sa.MetaData()))._find.compile(dialect=postgresql.dialect()))``
+# (an INSERT or UPDATE names only the columns the call binds: capture the real statements for those).
+DB_NOW = "(timezone('UTC', statement_timestamp()) + make_interval(secs => %(now_s)s))"
+DB_LEASE_END = "(timezone('UTC', statement_timestamp()) + make_interval(secs => %(lease_s)s))"
+DB_EXPIRES = "(timezone('UTC', statement_timestamp()) + make_interval(secs => %(ttl_s)s))"
+# The records table's columns, in the model's order (the order the layer selects them in).
+COLUMNS = (
+    "id",
+    "scope",
+    "key",
+    "request_hash",
+    "method",
+    "path",
+    "endpoint",
+    "version",
+    "kind",
+    "summary",
+    "acknowledged_at",
+    "acknowledged_by",
+    "state",
+    "retryable",
+    "attempts",
+    "lease_token",
+    "locked_until",
+    "recovery_point",
+    "recovery_data",
+    "response_status",
+    "response_headers",
+    "response_body",
+    "resource_ref",
+    "error",
+    "event_count",
+    "created_at",
+    "updated_at",
+    "expires_at",
 )
-INSERT = """
-INSERT INTO idempotency_records (scope, key, request_hash, method, path, endpoint, state, retryable, attempts,
-    event_count, lease_token, locked_until, updated_at, created_at, expires_at)
-VALUES (%(scope)s, %(key)s, %(hash)s, 'POST', '/floor', 'floor', 'IN_PROGRESS', false, 1, 0, %(token)s,
-    %(until)s, %(now)s, %(now)s, %(expires)s)
-ON CONFLICT (scope, key) DO NOTHING RETURNING id
+R = "idempotency_records"
+SEEN = (
+    ", ".join(f"{R}.{column}" for column in COLUMNS)
+    + f", {R}.state = 'IN_PROGRESS' AND ({R}.locked_until IS NULL OR {R}.locked_until <= {DB_NOW}) AS is_stuck"
+    + f", {R}.state != 'IN_PROGRESS' AND {R}.expires_at <= {DB_NOW} AS is_expired"
+    + f", {DB_NOW} AS db_now"
+)
+ON_KEY = f"FROM (SELECT 1 AS one) AS anon_1 LEFT OUTER JOIN {R} ON {R}.scope = %(scope)s AND {R}.key = %(key)s"
+FIND = f"SELECT {SEEN} {ON_KEY}"
+FIND_AND_LOCK = f"SELECT pg_try_advisory_xact_lock(%(lock)s) AS _locked, {SEEN} {ON_KEY}"
+INSERT = f"""
+INSERT INTO idempotency_records (scope, key, request_hash, method, path, endpoint, version, kind, summary,
+    acknowledged_at, acknowledged_by, state, retryable, attempts, lease_token, locked_until, recovery_point,
+    recovery_data, response_status, response_headers, response_body, resource_ref, error, event_count, created_at,
+    updated_at, expires_at)
+VALUES (%(scope)s, %(key)s, %(hash)s, 'POST', '/floor', 'floor', 1, 'http', NULL, NULL, NULL, 'IN_PROGRESS', false, 1,
+    %(token)s, {DB_LEASE_END}, NULL, 'null'::JSON, NULL, 'null'::JSON, NULL, 'null'::JSON, NULL, 0, {DB_NOW},
+    {DB_NOW}, {DB_EXPIRES})
+ON CONFLICT (scope, key) DO NOTHING RETURNING idempotency_records.id
 """
 SETTLE = (
-    "UPDATE idempotency_records SET state = 'COMPLETED', retryable = false, locked_until = NULL, updated_at = %s,"
-    " response_status = 201, response_headers = %s, response_body = %s, resource_ref = NULL, error = NULL"
-    " WHERE id = %s AND lease_token = %s AND state = 'IN_PROGRESS'"
+    "UPDATE idempotency_records SET version = (idempotency_records.version + 1), state = 'COMPLETED',"
+    " retryable = false, locked_until = NULL, response_status = 201, response_headers = %(headers)s::JSON,"
+    f" response_body = %(body)s, resource_ref = 'null'::JSON, error = NULL, updated_at = {DB_NOW}"
+    " WHERE idempotency_records.id = %(id)s AND idempotency_records.version = %(version)s"
+    " AND idempotency_records.lease_token = %(token)s AND idempotency_records.state = 'IN_PROGRESS'"
 )
 HEADERS = '[["Content-Type", "application/json"], ["Location", "/payments/1"]]'
 BODY = b'{"amount":1250,"currency":"EUR","id":1,"status":"created"}\n'
 
 
+def _advisory_key(scope: str, key: str) -> int:
+    """flask_idempotent.store.advisory_key, without importing SQLAlchemy."""
+    digest = hashlib.blake2b(f"{len(scope)}:{scope}{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
 def _claim_params(run_id: str, n: int) -> dict[str, Any]:
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    key = f"{run_id}-{n}-{uuid.uuid4().hex}"
     return {
         "scope": "floor",
-        "key": f"{run_id}-{n}-{uuid.uuid4().hex}",
+        "key": key,
         "hash": "v1:" + uuid.uuid4().hex * 2,
         "token": uuid.uuid4().hex,
-        "until": now + timedelta(seconds=60),
-        "now": now,
-        "expires": now + timedelta(hours=24),
-        "lock": n,
+        "now_s": 0.0,
+        "lease_s": 60.0,
+        "ttl_s": 86400.0,
+        "lock": _advisory_key("floor", key),
     }
+
+
+def _settle_params(p: dict[str, Any], record_id: int) -> dict[str, Any]:
+    return {**p, "headers": HEADERS, "body": BODY, "id": record_id, "version": 1}
 
 
 def measure(db: str, run_id: str, rounds: int = 5, requests: int = 1000) -> dict[str, Any]:
@@ -87,7 +150,7 @@ def measure(db: str, run_id: str, rounds: int = 5, requests: int = 1000) -> dict
         record_id = claim(a, FIND, p)
         t.execute(PAYMENT, ("floor-leased", p["key"]))
         tx.commit()
-        a.execute(SETTLE, (p["now"], HEADERS, BODY, record_id, p["token"]))
+        a.execute(SETTLE, _settle_params(p, record_id))
 
     def atomic() -> None:
         nonlocal counter
@@ -95,7 +158,7 @@ def measure(db: str, run_id: str, rounds: int = 5, requests: int = 1000) -> dict
         p = _claim_params(run_id, counter)
         record_id = claim(t, FIND_AND_LOCK, p)
         t.execute(PAYMENT, ("floor-atomic", p["key"]))
-        t.execute(SETTLE, (p["now"], HEADERS, BODY, record_id, p["token"]))
+        t.execute(SETTLE, _settle_params(p, record_id))
         tx.commit()
 
     variants = {"bare": bare, "leased": leased, "atomic": atomic}

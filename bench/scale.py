@@ -171,20 +171,32 @@ def _timed(fn: Callable[[], Any], repeat: int) -> tuple[list[float], Any]:
 def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
     """Time every operations.py function and store.py method on the seeded table; EXPLAIN ANALYZE their SQL."""
     os.environ.update(bench_env(db, run_id))
-    from app import create_app, idempotency
+    from app import create_app
     from app import db as flask_db
 
     from flask_idempotent import operations as ops
-    from flask_idempotent.constants import EventKind
+    from flask_idempotent.constants import EventKind, State
+    from flask_idempotent.decorator import RouteOptions
+    from flask_idempotent.machine import (
+        Action,
+        Command,
+        Decision,
+        claim_existing,
+        claim_new,
+        operator_transition,
+        outcome,
+    )
+    from flask_idempotent.state import app_state
 
     app = create_app()
     with app.app_context():
-        state = idempotency.state()
+        state = app_state()
         store = state.store
         r = state.tables.records
+        options = state.resolve(RouteOptions())  # the config's lease and ttl, as a request gets them
         engine = flask_db.engine
         capture = Capture(engine)
-        now = state.clock()
+        now = ops.now()  # the database's clock
         with engine.connect() as conn:
 
             def one(where: Any) -> Any:
@@ -192,8 +204,10 @@ def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
 
             stuck = one(r.c.state == "IN_PROGRESS")
             failed = one(sa.and_(r.c.state == "FAILED", r.c.retryable.is_(False)))
+            retryable = one(sa.and_(r.c.state == "FAILED", r.c.retryable.is_(True)))
+            # mark_failed needs a retryable failure: a final one is refused ("already failed for good").
             failed2 = conn.execute(
-                sa.select(r).where(r.c.state == "FAILED", r.c.retryable.is_(False)).order_by(r.c.id.desc()).limit(1)
+                sa.select(r).where(r.c.state == "FAILED", r.c.retryable.is_(True)).order_by(r.c.id.desc()).limit(1)
             ).first()
             completed = one(r.c.state == "COMPLETED")
             completed2 = conn.execute(
@@ -202,6 +216,8 @@ def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
             conn.rollback()
 
         def store_call(method: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[[], Any]:
+            """``method(conn, *args, **kwargs)`` in a transaction that is rolled back (DML changes nothing)."""
+
             def run() -> Any:
                 with engine.connect() as conn:
                     trans = conn.begin()
@@ -212,23 +228,53 @@ def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
 
             return run
 
-        new_values = {
-            "scope": "tenant-1",
-            "key": f"{run_id}-new",
-            "request_hash": "v1:" + "0" * 64,
-            "method": "POST",
-            "path": "/leased",
-            "endpoint": "leased",
-            "state": "IN_PROGRESS",
-            "retryable": False,
-            "attempts": 1,
-            "event_count": 0,
-            "lease_token": "x" * 32,
-            "locked_until": now + timedelta(seconds=60),
-            "created_at": now,
-            "updated_at": now,
-            "expires_at": now + timedelta(hours=24),
-        }
+        # Claims and outcomes are built by the state machine, as the request path builds them.
+        token = "x" * 32
+        fresh = Command(
+            scope="tenant-1",
+            key=f"{run_id}-new",
+            request_hash="v1:" + "0" * 64,
+            method="POST",
+            path="/leased",
+            endpoint="leased",
+        )
+        fresh_claim = claim_new(fresh, token)
+        retry_claim = claim_existing(
+            Decision.RETRY,
+            retryable._mapping,
+            Command(
+                scope=retryable.scope,
+                key=retryable.key,
+                request_hash=retryable.request_hash,
+                method=retryable.method,
+                path=retryable.path,
+                endpoint=retryable.endpoint,
+            ),
+            token,
+        )
+        completed_outcome = outcome(
+            State.COMPLETED,
+            False,
+            status=201,
+            headers=[["Content-Type", "application/json"], ["Location", "/payments/1"]],
+            body=b'{"amount":1250,"currency":"EUR","id":1,"status":"created"}\n',
+            resource_ref=None,
+            error=None,
+        )
+        seen_failed = {**failed._mapping, "is_stuck": False}
+        mark_retryable_values = operator_transition(Action.MARK_RETRYABLE, seen_failed).values
+
+        def first_leased(conn: Any) -> int | None:
+            """A leased first request's claim: the read (no record), then the insert."""
+            assert store.find(conn, fresh.scope, fresh.key) is None
+            return store.insert(conn, fresh_claim, lease=options.lease, ttl=options.ttl)
+
+        def first_atomic(conn: Any) -> int | None:
+            """An atomic first request's claim: the read with the key's advisory lock, then the insert."""
+            locked, row = store.find_and_lock(conn, fresh.scope, fresh.key)
+            assert locked and row is None
+            return store.insert(conn, fresh_claim, lease=options.lease, ttl=options.ttl)
+
         cases: list[tuple[str, str, Callable[[], Any], bool]] = [
             # (name, where it is used, call, read-only)
             ("operations.stats", "dashboard overview, CLI stats", lambda: ops.stats(), True),
@@ -249,61 +295,67 @@ def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
             ("operations.search miss", "dashboard search", lambda: ops.search("no-such-key"), True),
             ("operations.get", "dashboard record detail", lambda: ops.get(completed.id), True),
             ("operations.show", "CLI show", lambda: ops.show(completed.scope, completed.key), True),
+            ("operations.now", "dashboard and CLI ages (the database's clock)", lambda: ops.now(), True),
             (
                 "operations.purge (1 batch, nothing expired)",
                 "CLI purge",
                 lambda: ops.purge(max_batches=1),
                 True,
             ),
-            ("store.find", "every protected request", store_call(store.find, completed.scope, completed.key), True),
+            (
+                "store.find",
+                "every protected request; replay, conflict, in progress (the read only)",
+                store_call(store.find, completed.scope, completed.key),
+                True,
+            ),
             ("store.get", "operations", store_call(store.get, completed.id), True),
             (
-                "store.claim_or_find (fresh key)",
+                "store.find + store.insert (fresh key)",
                 "first request, leased (claim)",
-                store_call(store.claim_or_find, new_values),
+                store_call(first_leased),
                 True,
             ),
             (
-                "store.claim_or_find (taken key)",
-                "replay, conflict, in progress (the read only)",
-                store_call(store.claim_or_find, {**new_values, "scope": completed.scope, "key": completed.key}),
-                True,
-            ),
-            (
-                "store.claim_or_find lock=True (fresh key)",
+                "store.find_and_lock + store.insert (fresh key)",
                 "first request, atomic (claim)",
-                store_call(store.claim_or_find, new_values, lock=True),
+                store_call(first_atomic),
                 True,
             ),
             (
                 "store.reclaim",
                 "retry of a retryable failure",
-                store_call(store.reclaim, failed, {"attempts": 2, "updated_at": now}),
+                store_call(
+                    store.reclaim, retryable.id, retryable.version, retry_claim, lease=options.lease, ttl=options.ttl
+                ),
                 True,
             ),
             (
                 "store.settle",
                 "outcome of every request",
-                store_call(store.settle, stuck.id, stuck.lease_token, {"state": "COMPLETED", "updated_at": now}),
+                store_call(store.settle, stuck.id, stuck.version, stuck.lease_token, completed_outcome),
                 True,
             ),
             (
-                "store.update_if_unchanged",
+                "store.update_at_version",
                 "operator actions",
-                store_call(store.update_if_unchanged, failed, {"retryable": True, "updated_at": now}),
+                store_call(store.update_at_version, failed.id, failed.version, mark_retryable_values),
                 True,
             ),
-            ("store.delete", "release", store_call(store.delete, completed.id), True),
+            (
+                "store.delete_at_version",
+                "release",
+                store_call(store.delete_at_version, completed.id, completed.version),
+                True,
+            ),
             (
                 "store.add_event",
                 "conflicts, operator actions",
                 store_call(
                     store.add_event,
-                    record=completed,
+                    record_id=completed.id,
                     scope=completed.scope,
                     key=completed.key,
                     kind=EventKind.CONFLICT,
-                    now=now,
                 ),
                 True,
             ),
@@ -322,6 +374,12 @@ def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
                 lambda: ops.mark_failed(failed2.id, actor="bench"),
                 False,
             ),
+            (
+                "operations.acknowledge",
+                "dashboard/CLI action",
+                lambda: ops.acknowledge(failed.id, actor="bench"),
+                False,
+            ),
             ("operations.release", "dashboard/CLI action", lambda: ops.release(completed2.id, actor="bench"), False),
         ]
         known = {name.split(" ")[0].split(".", 1)[1] for name, *_ in cases if name.startswith("operations.")}
@@ -330,7 +388,8 @@ def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
             for name, obj in inspect.getmembers(ops, inspect.isfunction)
             if obj.__module__ == ops.__name__ and not name.startswith("_") and name in getattr(ops, "__all__", [name])
         ]
-        not_measured = sorted(set(public) - known - {"bounds", "record_dict"})
+        # act: what the four actions call (measured through them); refusal: the state machine only, no SQL.
+        not_measured = sorted(set(public) - known - {"bounds", "record_dict", "act", "refusal"})
         results = _measure(cases, capture, db, repeat)
         sa.event.remove(engine, "before_cursor_execute", capture._hook)
     return {
@@ -409,15 +468,14 @@ def measure_event_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, An
     conn.close()
     log(f"added {added:,} conflict events ({total:,} in all) in {time.perf_counter() - t0:.1f}s")
     os.environ.update(bench_env(db, run_id))
-    from app import create_app, idempotency
+    from app import create_app
     from app import db as flask_db
 
     from flask_idempotent import operations as ops
 
     app = create_app()
     with app.app_context():
-        state = idempotency.state()
-        now = state.clock()
+        now = ops.now()  # the database's clock
         capture = Capture(flask_db.engine)
         cases: list[tuple[str, str, Callable[[], Any], bool]] = [
             ("operations.stats", "dashboard overview, CLI stats", lambda: ops.stats(), True),
