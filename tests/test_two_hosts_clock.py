@@ -257,7 +257,10 @@ class TwoHosts:
 @pytest.fixture(scope="module")
 def hosts(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
     if FAKETIME is None:
-        pytest.skip("faketime (libfaketime) is not installed: host B cannot run on another clock")
+        message = "faketime (libfaketime) is not installed: host B cannot run on another clock"
+        if os.environ.get("IDEMPOTENCY_REQUIRE_FAKETIME") == "1":
+            pytest.fail(f"IDEMPOTENCY_REQUIRE_FAKETIME=1 but {message}")
+        pytest.skip(message)
     reset_database(postgres_url)
     rig = TwoHosts(postgres_url, tmp_path_factory.mktemp("two-hosts"))
     try:
