@@ -10,6 +10,7 @@ from .dashboard import ReadOnly
 from .decorator import idempotent
 from .errors import (
     AtomicViewCommitted,
+    CommitFailed,
     IdempotencyError,
     InvalidKey,
     KeyReused,
@@ -18,8 +19,10 @@ from .errors import (
     RecordStuck,
     RequestFailed,
     RequestInProgress,
+    ResourceGone,
     ResponseNotStored,
     SchemaVersionError,
+    ScopeError,
     StoreUnavailable,
     TransientError,
 )
@@ -27,6 +30,7 @@ from .extension import Idempotency
 
 __all__ = [
     "AtomicViewCommitted",
+    "CommitFailed",
     "Idempotency",
     "IdempotencyError",
     "InvalidKey",
@@ -38,7 +42,9 @@ __all__ = [
     "RecordView",
     "RequestFailed",
     "RequestInProgress",
+    "ResourceGone",
     "ResponseNotStored",
+    "ScopeError",
     "SchemaVersionError",
     "StoreUnavailable",
     "TransientError",

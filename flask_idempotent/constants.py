@@ -53,7 +53,7 @@ DEFAULTS: dict[str, object] = {
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 #: Headers a replay always carries when the original response had them.
-BASE_REPLAY_HEADERS = ("Content-Type", "Location", "ETag")
+BASE_REPLAY_HEADERS = ("Content-Type", "Content-Encoding", "Content-Disposition", "Location", "ETag")
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 

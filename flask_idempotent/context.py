@@ -1,8 +1,8 @@
 """``current_record`` and the read-only record view that it and every signal give.
 
-One private :class:`RequestContext` per protected request (on ``flask.g``) carries what the request pipeline
-needs from the claim to the outcome; users see only :class:`RecordView` (signals) and :class:`CurrentRecord`
-(``current_record`` inside a protected view).
+One private :class:`RequestContext` per protected request (in the request's WSGI environ) carries what the
+request pipeline needs from the claim to the outcome; users see only :class:`RecordView` (signals) and
+:class:`CurrentRecord` (``current_record`` inside a protected view).
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import g
+from flask import has_request_context, request
 from werkzeug.local import LocalProxy
 
 from .errors import LeaseLost
 from .machine import Command
 from .state import AppState, Resolved
 
-_G_ATTRIBUTE = "_flask_idempotent_request"
+_ENVIRON_KEY = "flask_idempotent.request"
 UNSET: Any = object()
 
 
@@ -88,6 +88,8 @@ class RequestContext:
     claim: Any = None
     resource_ref: Any = field(default=UNSET)
     settled: bool = False
+    #: The outcome could not be written (the database went away after the view ran).
+    store_failed: bool = False
 
     @property
     def claimed(self) -> bool:
@@ -191,11 +193,14 @@ def _current() -> CurrentRecord:
 
 
 def set_current(context: RequestContext) -> None:
-    setattr(g, _G_ATTRIBUTE, context)
+    request.environ[_ENVIRON_KEY] = context
 
 
 def get_current() -> RequestContext | None:
-    context: RequestContext | None = g.get(_G_ATTRIBUTE)
+    """The protected request's context; kept in the WSGI environ, since an app context can outlive a request."""
+    if not has_request_context():
+        return None
+    context: RequestContext | None = request.environ.get(_ENVIRON_KEY)
     return context
 
 

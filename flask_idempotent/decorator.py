@@ -8,17 +8,24 @@ from any other.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, TypeVar, overload
 
-from flask import current_app, g
+from flask import current_app, request
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 OPTIONS_ATTRIBUTE = "_flask_idempotent_options"
-_EXCEPTION_ATTRIBUTE = "_flask_idempotent_view_exception"
+# Per request, in the WSGI environ (an app context, and so ``g``, can outlive a request: tests push one).
+_EXCEPTION_KEY = "flask_idempotent.view_exception"
+_STARTED_KEY = "flask_idempotent.view_started"
+_WATCHED_ATTRIBUTE = "_flask_idempotent_watched"
+#: The functions ``@idempotent`` wrapped: if one of them is registered as a view itself, the decorator was
+#: placed above the route decorator (see :func:`misplaced`).
+_DECORATED: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 
 def seconds(name: str, value: float | timedelta | None) -> float | None:
@@ -104,7 +111,9 @@ def idempotent(
     """Protect a view: unsafe requests to it need an ``Idempotency-Key`` and run at most once per command.
 
     Use bare (``@idempotent``) or with keyword options; each option defaults to its ``IDEMPOTENCY_*`` config
-    key. Place it below the route decorator. ``exempt=True`` opts a view out of ``IDEMPOTENCY_PROTECT_ALL``.
+    key. Place it below the route decorator: above it, the route would register the unprotected function, so
+    the first request to the app raises ``RuntimeError`` naming the view instead. ``exempt=True`` opts a view
+    out of ``IDEMPOTENCY_PROTECT_ALL``.
     See the README's "Behaviour" table for the responses it causes.
     """
     options = RouteOptions(
@@ -122,21 +131,51 @@ def idempotent(
     )
 
     def decorate(f: F) -> F:
-        @functools.wraps(f)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return current_app.ensure_sync(f)(*args, **kwargs)
-            except BaseException as exc:
-                # Error handlers may turn the exception into a response before after_request sees it.
-                setattr(g, _EXCEPTION_ATTRIBUTE, exc)
-                raise
-
+        if options_of(f) is not None:
+            raise TypeError(f"@idempotent is applied twice to {f.__qualname__}")
+        wrapper = watch(f)
         setattr(wrapper, OPTIONS_ATTRIBUTE, options)
-        return wrapper  # type: ignore[return-value]
+        _DECORATED.add(f)
+        return wrapper
 
     if view is not None:
         return decorate(view)
     return decorate
+
+
+def watch(view: F) -> F:
+    """Wrap ``view`` so the request hooks know that its body started, and which exception it raised.
+
+    ``@idempotent`` does it; so does the layer itself for views that ``IDEMPOTENCY_PROTECT_ALL`` protects.
+    Only a response the view body produced is an outcome: anything answered before it (an auth or CSRF hook)
+    is not stored, and the claim is withdrawn.
+    """
+
+    @functools.wraps(view)
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        request.environ[_STARTED_KEY] = True
+        try:
+            return current_app.ensure_sync(view)(*args, **kwargs)
+        except BaseException as exc:
+            # Error handlers may turn the exception into a response before after_request sees it.
+            request.environ[_EXCEPTION_KEY] = exc
+            raise
+
+    setattr(watched, _WATCHED_ATTRIBUTE, True)
+    return watched  # type: ignore[return-value]
+
+
+def is_watched(view: Callable[..., Any]) -> bool:
+    return bool(getattr(view, _WATCHED_ATTRIBUTE, False))
+
+
+def misplaced(views: Mapping[str, Callable[..., Any]]) -> list[str]:
+    """Endpoints whose registered view is a function ``@idempotent`` wrapped *after* it was registered.
+
+    That happens when ``@idempotent`` sits above the route decorator: the route registered the plain
+    function, so the protection would silently not apply.
+    """
+    return sorted(endpoint for endpoint, view in views.items() if view in _DECORATED)
 
 
 def options_of(view: Callable[..., Any] | None) -> RouteOptions | None:
@@ -146,5 +185,10 @@ def options_of(view: Callable[..., Any] | None) -> RouteOptions | None:
 
 def view_exception() -> BaseException | None:
     """The exception the protected view raised during this request, if any."""
-    exc: BaseException | None = g.get(_EXCEPTION_ATTRIBUTE)
+    exc: BaseException | None = request.environ.get(_EXCEPTION_KEY)
     return exc
+
+
+def view_started() -> bool:
+    """Whether the protected view's body started during this request."""
+    return bool(request.environ.get(_STARTED_KEY, False))

@@ -17,6 +17,7 @@ from flask import current_app, has_app_context
 from werkzeug.exceptions import (
     BadRequest,
     Conflict,
+    Gone,
     HTTPException,
     InternalServerError,
     RequestEntityTooLarge,
@@ -156,6 +157,39 @@ class LeaseLost(RuntimeError):
     Another request took over after the lease expired, or an operator acted on the record; the view should
     stop, because its outcome will not be recorded.
     """
+
+
+class CommitFailed(IdempotencyError, InternalServerError):
+    """500: an atomic request's final commit was refused by the database (a constraint its writes break).
+
+    Nothing of the request was written; the record is FAILED and retryable (a retry runs again, and fails the
+    same way unless the conflicting data changed).
+    """
+
+    code = 500
+    problem_code = "commit-failed"
+    title = "The request's changes could not be committed"
+
+
+class ScopeError(IdempotencyError, InternalServerError):
+    """500: the app's ``scope_loader`` raised, or returned something other than ``str``, ``int``, ``UUID`` or
+    ``None``. Nothing is claimed and the view does not run; the log names the problem."""
+
+    code = 500
+    problem_code = "scope-error"
+    title = "The idempotency scope could not be determined"
+
+
+class ResourceGone(IdempotencyError, Gone):
+    """410: the request with this key completed, but the resource its ``replay=`` callable rebuilds the
+    response from is gone (the callable returned ``None`` or raised ``LookupError`` or ``NotFound``).
+
+    The command is not run again; the original's allow-listed headers (such as ``Location``) come with it.
+    """
+
+    code = 410
+    problem_code = "resource-gone"
+    title = "The resource this request created is gone"
 
 
 class RequestFailed(IdempotencyError, InternalServerError):

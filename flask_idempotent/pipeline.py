@@ -8,31 +8,35 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import sqlalchemy as sa
 from flask import Response, current_app, has_request_context, request
 from flask.typing import ResponseReturnValue
 from sqlalchemy.engine import Row
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import HTTPException, InternalServerError, NotFound
 from werkzeug.wrappers import Response as BaseResponse
 
 from . import signals
 from .constants import REPLAYED_HEADER, UNSAFE_METHODS, ConfigKey, EventKind, State
 from .context import UNSET, RecordView, RequestContext, get_current, set_current
-from .decorator import RouteOptions, options_of, view_exception
+from .decorator import RouteOptions, is_watched, misplaced, options_of, view_exception, view_started, watch
 from .errors import (
     AtomicViewCommitted,
     BodyTooLargeToFingerprint,
+    CommitFailed,
     InvalidKey,
     KeyReused,
     MissingKey,
     RecordStuck,
     RequestFailed,
     RequestInProgress,
+    ResourceGone,
     ResponseNotStored,
+    ScopeError,
     StoreUnavailable,
 )
 from .fingerprint import BodyTooLarge, custom_command, hash_command, request_fingerprint
@@ -70,6 +74,19 @@ def _app() -> Any:
 # before_request: claim or answer ----------------------------------------------------------------------------
 
 
+def _check_views(state: AppState) -> None:
+    """Once per app, on its first request: refuse to serve with a view ``@idempotent`` cannot protect."""
+    if state.views_checked:
+        return
+    wrong = misplaced(current_app.view_functions)
+    if wrong:
+        raise RuntimeError(
+            f"@idempotent is placed above the route decorator on {', '.join(wrong)}: the route registered the"
+            " unprotected function. Put @idempotent below @app.route/@app.post (closest to the function)."
+        )
+    state.views_checked = True
+
+
 def _route_options(state: AppState) -> RouteOptions | None:
     if request.method not in UNSAFE_METHODS or request.endpoint is None:
         return None
@@ -77,22 +94,42 @@ def _route_options(state: AppState) -> RouteOptions | None:
     route = options_of(view)
     if route is None and state.protect_all and view is not None:
         route = RouteOptions()
+        if not is_watched(view):  # so that only what the view body produced becomes an outcome
+            current_app.view_functions[request.endpoint] = watch(view)
     if route is None or route.exempt:
         return None
     return route
 
 
 def _load_scope(state: AppState) -> str:
+    """The scope the app's loader names: ``str``, ``int`` or ``UUID`` (``None``: the global scope ``""``)."""
     loader = state.callbacks.scope_loader
-    owner = loader() if loader is not None else None
-    scope = "" if owner is None else str(owner)
+    if loader is None:
+        return ""
+    try:
+        owner = current_app.ensure_sync(loader)()
+    except HTTPException:
+        raise  # the loader answered itself (abort(401)): the app's decision
+    except Exception as exc:
+        logger.exception("the scope_loader raised; the request was not run")
+        raise ScopeError(f"The scope_loader raised {type(exc).__name__}; the request was not run.") from exc
+    if owner is None:
+        return ""
+    if isinstance(owner, bool) or not isinstance(owner, (str, int, uuid.UUID)):
+        # str() of an arbitrary object (a user row) would make a new scope per request: never guess.
+        message = f"the scope_loader returned a {type(owner).__name__}; return an id (str, int or UUID) or None"
+        logger.error(message)
+        raise ScopeError(f"The app's idempotency set-up is wrong: {message}.")
+    scope = str(owner)
     if len(scope) > 255:
-        raise ValueError("the scope_loader returned a scope longer than 255 characters")
+        logger.error("the scope_loader returned a scope longer than 255 characters")
+        raise ScopeError("The app's idempotency set-up is wrong: the scope is longer than 255 characters.")
     return scope
 
 
 def before_request() -> ResponseReturnValue | None:
     state = app_state()
+    _check_views(state)
     route = _route_options(state)
     if route is None:
         return None
@@ -195,7 +232,13 @@ def _claim_once(ctx: RequestContext) -> _Answer:
         if ctx.atomic:
             _rollback_quietly(state)  # the claim was in the rolled-back transaction: nothing was written
         if _is_lock_wait(exc):
-            return Decision.IN_PROGRESS, None
+            # SQLite: another connection held the write lock past the busy timeout. Nothing was claimed, and
+            # nothing says the key is in progress (it may be brand new): the store is busy, retry later.
+            logger.warning("idempotency store busy (locked) while claiming %r", ctx.command.key)
+            raise StoreUnavailable(
+                "The idempotency store is busy, so the request was not run. Retry after the time in Retry-After.",
+                retry_after=state.retry_after,
+            ) from exc
         if not ctx.atomic and _recover_lost_claim(ctx, token):
             return None, None
         logger.error("idempotency store unavailable while claiming %r: %s", ctx.command.key, _db_error(exc))
@@ -309,6 +352,11 @@ def _replay(ctx: RequestContext, row: Row[Any]) -> Response:
     if row.response_status is None:
         # Marked failed by an operator before any response was stored.
         raise RequestFailed("An operator marked the request with this key as failed; it will not run again.")
+    if row.state == State.FAILED and row.response_body is None and row.resource_ref is None:
+        # A final failure without a response to give back (a stream that broke midway): say so.
+        raise RequestFailed(
+            "The request with this key failed for good before its whole response was sent; it will not run again."
+        )
     headers = [(name, value) for name, value in (row.response_headers or [])]
     replay = ctx.options.replay
     if row.response_body is None and (row.resource_ref is None or replay is None):
@@ -321,7 +369,19 @@ def _replay(ctx: RequestContext, row: Row[Any]) -> Response:
         response.headers[REPLAYED_HEADER] = "true"
         return response  # type: ignore[return-value]
     if row.resource_ref is not None and replay is not None:
-        response = current_app.make_response(current_app.ensure_sync(replay)(row.resource_ref))
+        try:
+            rebuilt = current_app.ensure_sync(replay)(row.resource_ref)
+        except (LookupError, NotFound):
+            rebuilt = None
+        if rebuilt is None:
+            gone = ResourceGone(
+                f"The request with this key completed with status {row.response_status}, but the resource it"
+                " created is gone, so its response cannot be rebuilt. It is not run again."
+            ).get_response()
+            gone.headers.extend((n, v) for n, v in headers if n.lower() != "content-type")
+            gone.headers[REPLAYED_HEADER] = "true"
+            return gone  # type: ignore[return-value]
+        response = current_app.make_response(rebuilt)
         response.status_code = row.response_status
         for name, value in headers:
             if name not in response.headers:
@@ -342,6 +402,9 @@ def after_request(response: BaseResponse) -> BaseResponse:
     ctx = get_current()
     if ctx is None or not ctx.claimed or ctx.settled:
         return response
+    if not view_started():
+        _withdraw(ctx)  # a hook answered before the view (auth, CSRF): not an outcome
+        return response
     exc = view_exception()
     if exc is not None and isinstance(exc, ctx.options.transient):
         state, retryable = State.FAILED, True
@@ -352,7 +415,17 @@ def after_request(response: BaseResponse) -> BaseResponse:
 
 def teardown_request(exc: BaseException | None) -> None:
     ctx = get_current()
+    if ctx is not None and ctx.store_failed:
+        # The database went away after the view ran. Flask-SQLAlchemy's own teardown would roll the view's
+        # session back on a dead connection and raise, turning the view's real response into a bare 500.
+        _remove_session_quietly(ctx.state)
     if ctx is None or not ctx.claimed or ctx.settled:
+        return
+    if not view_started():
+        try:
+            _withdraw(ctx)
+        except Exception as error:  # teardown must not raise
+            logger.error("could not withdraw the claim of record %s: %s", ctx.record_id, _db_error(error))
         return
     # The request ended in an exception that skipped after_request (e.g. PROPAGATE_EXCEPTIONS).
     exc = exc or view_exception() or InternalServerError()
@@ -363,6 +436,29 @@ def teardown_request(exc: BaseException | None) -> None:
         _settle(ctx, fallback, State.FAILED, retryable, error=_describe(exc), status=status)
     except Exception as error:  # teardown must not raise
         logger.error("could not settle idempotency record %s: %s", ctx.record_id, _db_error(error))
+
+
+def _withdraw(ctx: RequestContext) -> None:
+    """Undo the claim of a request whose view never ran: the key is as free (or as stuck) as before it.
+
+    A fresh claim is deleted; a retry, takeover or replacement puts the record back as it was (compare and set
+    on this claim's version and lease token). Atomic mode: the claim was only in the rolled-back transaction.
+    """
+    state = ctx.state
+    ctx.settled = True
+    if ctx.atomic:
+        _rollback_quietly(state)
+        return
+    assert ctx.record_id is not None and ctx.lease_token is not None
+    try:
+        with state.engine.connect() as conn:
+            if ctx.previous is None:
+                state.store.withdraw(conn, ctx.record_id, ctx.lease_token)
+            else:
+                state.store.restore(conn, ctx.record_id, ctx.version, ctx.lease_token, ctx.previous)
+    except sa.exc.SQLAlchemyError as exc:
+        # The view did not run; the record stays IN_PROGRESS and shows as stuck once its lease ends.
+        logger.error("could not withdraw the claim of record %s: %s", ctx.record_id, _db_error(exc))
 
 
 def _settle(
@@ -377,38 +473,115 @@ def _settle(
     app = ctx.state
     ctx.settled = True
     has_resource = ctx.resource_ref is not UNSET
-    if response.direct_passthrough:
-        response.direct_passthrough = False  # buffer it: the body is stored
-    body: bytes | None = None
-    if not (has_resource and ctx.options.replay is not None):
-        body = response.get_data()
-        if len(body) > app.max_response_bytes:
-            # Never store a truncated body: replays answer 500 response-not-stored instead (see _replay).
-            error = error or f"response body of {len(body)} bytes exceeds {ConfigKey.MAX_RESPONSE_BYTES}"
-            body = None
+    keeps_body = not (has_resource and ctx.options.replay is not None)
     values = outcome(
         state,
         retryable,
         status=status or response.status_code,
         headers=[[n, v] for n, v in response.headers.items() if n.lower() in app.replay_headers],
-        body=body,
+        body=None,
         resource_ref=ctx.resource_ref if has_resource else None,
         error=error,
     )
+    declared = response.content_length
+    if response.is_streamed and not ctx.atomic and (declared is None or declared > app.max_response_bytes):
+        # Stored while it is sent, never buffered whole: the outcome is written when the stream ends. (A stream
+        # that declares a length within the limit, like an error page or a small file, is simply read.)
+        source, chunks = response.response, response.iter_encoded()  # taken now: response.response is replaced
+        response.response = _stored_while_sent(ctx, _app(), source, chunks, values, keeps_body)
+        return response
+    if keeps_body:
+        if response.direct_passthrough:
+            response.direct_passthrough = False  # buffer it (atomic mode only: it commits with the outcome)
+        body = response.get_data()
+        if len(body) <= app.max_response_bytes:
+            values["response_body"] = body
+        else:  # never a truncated body: replays answer 500 response-not-stored instead (see _replay)
+            values["error"] = error or _too_large(len(body))
     if ctx.atomic:
         return _settle_atomic(ctx, response, values)
+    _store_outcome(ctx, values)
+    return response
+
+
+def _too_large(size: int) -> str:
+    return f"response body of {size} bytes or more exceeds {ConfigKey.MAX_RESPONSE_BYTES}"
+
+
+def _store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
+    """The lease owner's outcome write (leased mode), fenced by its version and lease token."""
+    state = ctx.state
     assert ctx.record_id is not None and ctx.lease_token is not None
+    # The view ran: its outcome is worth waiting for. SQLite's write lock held past the busy timeout (an
+    # atomic request in flight) is waited out, within the lease, before the record is left to be stuck.
+    deadline = time.monotonic() + ctx.options.lease
+    delay = 0.05
     try:
-        with app.engine.connect() as conn:
-            stored = app.store.settle(conn, ctx.record_id, ctx.version, ctx.lease_token, values)
+        while True:
+            try:
+                with state.engine.connect() as conn:
+                    stored = state.store.settle(conn, ctx.record_id, ctx.version, ctx.lease_token, values)
+                break
+            except sa.exc.OperationalError as exc:
+                if not _is_lock_wait(exc) or time.monotonic() + delay > deadline:
+                    raise
+                logger.warning("outcome of record %s waits for the store's write lock", ctx.record_id)
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
     except sa.exc.SQLAlchemyError as exc:
-        # The view ran; the record stays IN_PROGRESS and shows up as stuck once its lease ends.
+        # The view ran; the record stays IN_PROGRESS and shows up as stuck once its lease ends. The client still
+        # gets the view's response: the view's own session is closed quietly at teardown (see teardown_request).
         logger.error("could not store the outcome of record %s: %s", ctx.record_id, _db_error(exc))
-        return response
+        ctx.store_failed = True
+        return
     if stored:
         ctx.version += 1
     _after_settle(ctx, stored, values)
-    return response
+
+
+def _stored_while_sent(
+    ctx: RequestContext,
+    app: Any,
+    source: Any,
+    chunks: Iterator[bytes],
+    values: dict[str, Any],
+    keeps_body: bool,
+) -> Iterator[bytes]:
+    """Send the streamed body chunk by chunk, keeping at most ``IDEMPOTENCY_MAX_RESPONSE_BYTES`` of it; when the
+    stream ends, store the outcome (with the body if it fit). A stream that breaks midway, or that the client
+    leaves, is a FAILED outcome: the view's effect may have happened, but the response was never whole."""
+    limit = ctx.state.max_response_bytes
+    kept: bytearray | None = bytearray() if keeps_body else None
+    size = 0
+    broken: BaseException | None = None
+    try:
+        for chunk in chunks:
+            size += len(chunk)
+            if kept is not None:
+                if len(kept) + len(chunk) <= limit:
+                    kept += chunk
+                else:
+                    kept = None  # over the limit: stop keeping (and free) it
+                    values["error"] = values["error"] or _too_large(size)
+            yield chunk
+    except BaseException as exc:  # GeneratorExit when the client went away
+        broken = exc
+        raise
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+        if broken is not None:
+            values.update(
+                state=State.FAILED.value,
+                retryable=ctx.atomic,
+                response_status=500,
+                error=_describe(broken) if not isinstance(broken, GeneratorExit) else "the client left mid-stream",
+            )
+        elif kept is not None:
+            values["response_body"] = bytes(kept)
+        with app.app_context():
+            _store_outcome(ctx, values)
 
 
 def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str, Any]) -> BaseResponse:
@@ -436,6 +609,16 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
         except sa.exc.SQLAlchemyError as exc:
             logger.error("could not commit atomic request %s: %s", ctx.record_id, _db_error(exc))
             _rollback_quietly(state)
+            if isinstance(exc, (sa.exc.IntegrityError, sa.exc.DataError)):
+                # The database refused the view's writes (a constraint): nothing was written. Say so, and
+                # record a retryable failure in a transaction of its own, for the dashboard.
+                values.update(state=State.FAILED.value, retryable=True, response_body=None, response_status=500)
+                values["error"] = f"the commit was refused: {_db_error(exc)}"
+                _store_atomic_failure(ctx, values)
+                return CommitFailed(  # type: ignore[return-value]
+                    "The database refused to commit this request's changes (for example a uniqueness rule), so"
+                    " nothing of it was saved. Retrying the same request will fail the same way."
+                ).get_response()
             return StoreUnavailable(  # type: ignore[return-value]
                 "The request could not be committed. Retrying with the same key is safe: its writes and its"
                 " outcome are committed together or not at all.",
@@ -514,6 +697,14 @@ def _is_lock_wait(exc: BaseException) -> bool:
     return "database is locked" in str(getattr(exc, "orig", ""))
 
 
+def _remove_session_quietly(state: AppState) -> None:
+    try:
+        state.db.session.remove()
+    except sa.exc.SQLAlchemyError as exc:
+        logger.warning("closing the view's session failed: %s", _db_error(exc))
+        state.db.session.registry.clear()  # drop it: a later remove() must not touch the dead connection
+
+
 def _rollback_quietly(state: AppState) -> None:
     try:
         state.db.session.rollback()
@@ -536,6 +727,8 @@ class CommitGuard:
     def _before_commit(session: Any) -> None:
         if not has_request_context():
             return
+        if session.in_nested_transaction():
+            return  # releasing a savepoint (begin_nested) is the view's own business; only the outer commit counts
         ctx = get_current()
         # The layer's own commit happens after it marked the record settled.
         if ctx is not None and ctx.claimed and ctx.atomic and not ctx.settled:

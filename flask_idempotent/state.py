@@ -105,6 +105,7 @@ class AppState:
         self._resolved: dict[RouteOptions, Resolved] = {}
         self._autocommit: Engine | None = None
         self._schema_checked = False
+        self.views_checked = False
 
     def resolve(self, route: RouteOptions) -> Resolved:
         resolved = self._resolved.get(route)

@@ -152,6 +152,10 @@ class RecordStore:
         }
         self._operator_delete = sa.delete(r).where(*at_version)
         self._withdraw = sa.delete(r).where(r.c.id == bind("_id"), r.c.lease_token == bind("_lease_token"))
+        self._restorable = [c.name for c in r.c if c.name not in ("id", "event_count")]
+        self._restore = sa.update(r).where(
+            r.c.id == bind("_id"), r.c.version == bind("_claim_version"), r.c.lease_token == bind("_lease_token")
+        )
 
         # Parameters named like a record column would become SET clauses of the UPDATE: prefix them all.
         event_values = {
@@ -239,6 +243,19 @@ class RecordStore:
     def withdraw(self, conn: Executor, record_id: int, lease_token: str) -> bool:
         """Delete a fresh claim that never ran its view (only while ``lease_token`` still owns it)."""
         return bool(conn.execute(self._withdraw, {"_id": record_id, "_lease_token": lease_token}).rowcount == 1)
+
+    def restore(
+        self, conn: Executor, record_id: int, version: int, lease_token: str, previous: Mapping[str, Any]
+    ) -> bool:
+        """Put back the record a claim took (``previous``, as read) when that claim's view never ran.
+
+        Compare and set on the claim's version and lease token. The record becomes exactly what it was, its
+        version included, as if the claim never happened: an owner it had taken over (still running) can then
+        store its outcome, and an operator who looked at it before can still act on it.
+        """
+        values = {name: previous[name] for name in self._restorable}
+        params = {**values, "_id": record_id, "_claim_version": version, "_lease_token": lease_token}
+        return bool(conn.execute(self._restore, params).rowcount == 1)
 
     # Fenced writes of the lease owner ----------------------------------------------------------------------
 

@@ -169,6 +169,18 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     def payment() -> Any:
         return pay("payments")
 
+    @app.post("/payments-rereading")
+    @idempotent
+    def payment_rereading() -> Any:
+        """``/payments`` whose view reads its effect back after the commit, so its session holds a connection
+        while the request is parked: a cut then reaches the view's own session too."""
+        row = effect("payments-rereading")
+        db.session.commit()
+        db.session.refresh(row)
+        response = created(row)
+        fault("effect")
+        return response
+
     @app.post("/takeover-payments")
     @idempotent(on_stale="takeover")
     def takeover_payment() -> Any:

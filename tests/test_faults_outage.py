@@ -149,6 +149,23 @@ def test_leased_cut_after_the_effect_keeps_the_record_held_never_re_executed(rig
 
 
 @pytest.mark.postgresql_only
+def test_the_client_gets_the_views_response_even_when_its_session_dies_with_the_database(rig: OutageRig) -> None:
+    key = "cut-mid-session"
+    thread, result = held_request(rig, "/payments-rereading", key)
+    rig.proxy.cut()  # the view's own session holds a connection now: its teardown would roll back on it
+    try:
+        reply = release(rig, key, thread, result)
+    finally:
+        rig.proxy.restore()
+    assert reply.status == 201 and reply.json()["effect"], reply  # not the server's bare 500
+    state = rig.state(key)
+    assert state["effects"] == [reply.json()["effect"]] and state["record"]["state"] == "IN_PROGRESS"
+    again = rig.post("/payments-rereading", key)
+    assert (again.status, again.problem) == (409, "in-progress"), again
+    assert rig.state(key)["effects"] == state["effects"]
+
+
+@pytest.mark.postgresql_only
 def test_atomic_cut_before_commit_answers_503_and_keeps_nothing(rig: OutageRig) -> None:
     key = "cut-mid-atomic"
     thread, result = held_request(rig, "/transfers", key)

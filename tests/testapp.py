@@ -58,9 +58,10 @@ class Hold:
 
 def build_app(database_url: str, *, clock: Any, controls: Controls, **config: Any) -> Flask:
     app = Flask(__name__)
+    default_engine_options = {"pool_size": 20} if database_url.startswith("postgresql") else {}
     app.config.update(
         SQLALCHEMY_DATABASE_URI=database_url,
-        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 20} if database_url.startswith("postgresql") else {},
+        SQLALCHEMY_ENGINE_OPTIONS=config.pop("SQLALCHEMY_ENGINE_OPTIONS", default_engine_options),
         TESTING=True,
         SECRET_KEY="test",
         **config,
@@ -161,6 +162,8 @@ def build_app(database_url: str, *, clock: Any, controls: Controls, **config: An
 
     def rebuild(ref: Any) -> Any:
         row = db.session.get(Charge, ref["charge"])
+        if row is None:
+            return None  # gone: the layer answers 410 resource-gone
         return jsonify(id=row.id, amount=row.amount, rebuilt=True)
 
     @app.post("/resources")
