@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Flask, jsonify, request
+from flask import Blueprint, Flask, Response, abort, jsonify, request
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -168,6 +168,37 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     @idempotent
     def payment() -> Any:
         return pay("payments")
+
+    guarded = Blueprint("guarded", __name__, url_prefix="/guarded")
+
+    @guarded.before_request
+    def authenticate() -> None:  # a blueprint's hook: it runs after the layer's claim
+        if request.headers.get("X-Auth") != "ok":
+            abort(401)
+
+    @guarded.post("/payments")
+    @idempotent
+    def guarded_payment() -> Any:
+        return pay("guarded-payments")
+
+    app.register_blueprint(guarded)
+
+    @app.post("/stream")
+    @idempotent
+    def stream() -> Any:
+        """``chunks`` kB of text, streamed; with ``X-Break`` the stream raises after 2 kB."""
+        row = effect("stream")
+        db.session.commit()
+        count, breaks = int(request.get_json()["chunks"]), bool(request.headers.get("X-Break"))
+        row_id = row.id
+
+        def body() -> Any:
+            for i in range(count):
+                if breaks and i == 2:
+                    raise RuntimeError("the upstream stream broke")
+                yield f"{row_id}:{i:06d}|".ljust(1000, ".").encode()
+
+        return Response(body(), 201, mimetype="text/plain")
 
     @app.post("/payments-rereading")
     @idempotent

@@ -1,0 +1,91 @@
+"""Edges that show only through a real server: gunicorn (sync and gthread workers) on PostgreSQL.
+
+A blueprint's auth hook rejecting the first attempt is not stored (the corrected retry runs); a streamed response
+is passed through whole and stored while it is sent, up to the response limit; a stream that breaks midway
+leaves a FAILED record, never an IN_PROGRESS one.
+"""
+
+from __future__ import annotations
+
+import http.client
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from faultapp import drop_tables, reset_database, snapshot
+from procs import Gunicorn, send
+
+pytestmark = pytest.mark.postgresql_only
+
+
+class Rig:
+    def __init__(self, url: str, tmp: Path, worker_class: str) -> None:
+        env = {"FAULTAPP_DATABASE_URL": url, "FAULTAPP_SIGNAL_DIR": str(tmp)}
+        self.server = Gunicorn(env, tmp / "gunicorn.log", workers=1, worker_class=worker_class, threads=4)
+        self.engine = sa.create_engine(url)
+
+    def state(self, key: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            return snapshot(conn, key)
+
+
+@pytest.fixture(scope="module", params=["sync", "gthread"])
+def rig(request: pytest.FixtureRequest, postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    reset_database(postgres_url)
+    rig = Rig(postgres_url, tmp_path_factory.mktemp(f"edges-{request.param}"), request.param)
+    try:
+        rig.server.start()
+        yield rig
+    finally:
+        rig.server.stop()
+        rig.engine.dispose()
+        drop_tables(postgres_url)
+
+
+def test_a_blueprint_auth_rejection_through_gunicorn_leaves_the_key_free(rig: Rig) -> None:
+    key = f"guarded-{rig.server.worker_class}"
+    rejected = send(rig.server.port, "POST", "/guarded/payments", key=key, body={"amount": 5})
+    assert rejected.status == 401 and not rejected.replayed
+    assert rig.state(key) == {"record": None, "effects": []}
+    ok = send(rig.server.port, "POST", "/guarded/payments", key=key, body={"amount": 5}, headers={"X-Auth": "ok"})
+    assert ok.status == 201 and not ok.replayed
+    again = send(rig.server.port, "POST", "/guarded/payments", key=key, body={"amount": 5}, headers={"X-Auth": "ok"})
+    assert again.status == 201 and again.replayed and again.body == ok.body
+    assert len(rig.state(key)["effects"]) == 1
+
+
+def test_a_stream_under_the_limit_is_stored_as_sent_and_replayed(rig: Rig) -> None:
+    key = f"small-stream-{rig.server.worker_class}"
+    first = send(rig.server.port, "POST", "/stream", key=key, body={"chunks": 20})
+    assert first.status == 201 and len(first.body) == 20_000
+    state = rig.state(key)
+    assert state["record"]["state"] == "COMPLETED" and state["record"]["response_body"] == first.body.decode()
+    replay = send(rig.server.port, "POST", "/stream", key=key, body={"chunks": 20})
+    assert replay.replayed and replay.body == first.body and len(rig.state(key)["effects"]) == 1
+
+
+def test_a_stream_over_the_limit_is_sent_whole_but_not_stored(rig: Rig) -> None:
+    key = f"big-stream-{rig.server.worker_class}"
+    first = send(rig.server.port, "POST", "/stream", key=key, body={"chunks": 3000})  # 3 MB through a 1 MiB limit
+    assert first.status == 201 and len(first.body) == 3_000_000
+    record = rig.state(key)["record"]
+    assert (record["state"], record["response_status"], record["response_body"]) == ("COMPLETED", 201, None)
+    replay = send(rig.server.port, "POST", "/stream", key=key, body={"chunks": 3000})
+    assert (replay.status, replay.problem, replay.replayed) == (500, "response-not-stored", True)
+    assert len(rig.state(key)["effects"]) == 1
+
+
+def test_a_stream_that_breaks_midway_is_failed_not_in_progress(rig: Rig) -> None:
+    key = f"broken-stream-{rig.server.worker_class}"
+    try:
+        broken = send(rig.server.port, "POST", "/stream", key=key, body={"chunks": 20}, headers={"X-Break": "1"})
+        assert len(broken.body) < 20_000  # the client never got a whole response
+    except (http.client.HTTPException, ConnectionError):
+        pass  # or the connection broke under it: either way the response was not whole
+    record = rig.state(key)["record"]
+    assert (record["state"], record["retryable"], record["response_status"]) == ("FAILED", False, 500)
+    retry = send(rig.server.port, "POST", "/stream", key=key, body={"chunks": 20})
+    assert (retry.status, retry.problem) == (500, "failed")
+    assert len(rig.state(key)["effects"]) == 1
