@@ -54,8 +54,18 @@ class RouteOptions:
     replay: Callable[[Any], Any] | None = None
     transient: tuple[type[BaseException], ...] = ()
     exempt: bool = False
+    key: Callable[[], str | None] | None = None
+    scope: str | None = None
+    describe: Callable[[], str | None] | None = None
+    runbook: str | None = None
 
     def __post_init__(self) -> None:
+        if self.key is not None and not callable(self.key):
+            raise TypeError("idempotent(key=...) takes a callable returning the key (or None when there is none)")
+        if self.scope is not None and (not isinstance(self.scope, str) or len(self.scope) > 255):
+            raise ValueError("idempotent(scope=...) must be a string of at most 255 characters")
+        if self.describe is not None and not callable(self.describe):
+            raise TypeError("idempotent(describe=...) takes a callable returning a short summary")
         if self.in_progress_status not in (None, 409, 202):
             raise ValueError("idempotent(in_progress_status=...) must be 409 or 202")
         if self.on_stale not in (None, "hold", "takeover"):
@@ -89,6 +99,10 @@ def idempotent(
     replay: Callable[[Any], Any] | None = None,
     transient: tuple[type[BaseException], ...] | type[BaseException] = (),
     exempt: bool = False,
+    key: Callable[[], str | None] | None = None,
+    scope: str | None = None,
+    describe: Callable[[], str | None] | None = None,
+    runbook: str | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -107,6 +121,10 @@ def idempotent(
     replay: Callable[[Any], Any] | None = None,
     transient: tuple[type[BaseException], ...] | type[BaseException] = (),
     exempt: bool = False,
+    key: Callable[[], str | None] | None = None,
+    scope: str | None = None,
+    describe: Callable[[], str | None] | None = None,
+    runbook: str | None = None,
 ) -> F | Callable[[F], F]:
     """Protect a view: unsafe requests to it need an ``Idempotency-Key`` and run at most once per command.
 
@@ -114,6 +132,12 @@ def idempotent(
     key. Place it below the route decorator: above it, the route would register the unprotected function, so
     the first request to the app raises ``RuntimeError`` naming the view instead. ``exempt=True`` opts a view
     out of ``IDEMPOTENCY_PROTECT_ALL``.
+
+    Webhooks and other senders that name the operation themselves: ``key=`` is a callable returning the key
+    from the request (a delivery-id header, the body's event id; ``None`` when there is none), and ``scope=``
+    a fixed scope for the route (``"stripe"``) instead of the ``scope_loader``'s. ``describe=`` returns a
+    short, PII-free summary of the command for operators (``"10.00 EUR to ACME"``), stored with the record;
+    ``runbook=`` is operator guidance for the route's stuck records (text or URL).
     See the README's "Behaviour" table for the responses it causes.
     """
     options = RouteOptions(
@@ -128,6 +152,10 @@ def idempotent(
         replay=replay,
         transient=transient if isinstance(transient, tuple) else (transient,),
         exempt=exempt,
+        key=key,
+        scope=scope,
+        describe=describe,
+        runbook=runbook,
     )
 
     def decorate(f: F) -> F:

@@ -3,17 +3,20 @@ app's callbacks. The hooks themselves are in ``pipeline.py`` (README: "How it wo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from flask import Flask
+from flask import Flask, current_app, has_app_context
 
 from . import pipeline
 from .cli import cli
 from .constants import DEFAULTS
 from .dashboard import init_dashboard
 from .state import AppState, Callbacks, app_state, register
+from .tasks import Operation, command_of, run_once, task_decorator
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
@@ -41,6 +44,7 @@ class Idempotency:
     ) -> None:
         self.clock_offset = clock_offset
         self._callbacks = Callbacks()
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
             if db is None:
                 raise TypeError("Idempotency(app, db) needs the app's Flask-SQLAlchemy instance")
@@ -53,6 +57,7 @@ class Idempotency:
         for name, value in DEFAULTS.items():
             app.config.setdefault(name, value)
         register(app, AppState(app, db, self._callbacks, self.clock_offset))
+        self._apps.add(app)
         app.extensions["idempotency"] = self
         pipeline.COMMIT_GUARD.install(db)
         app.cli.add_command(cli)
@@ -79,7 +84,89 @@ class Idempotency:
         """The per-app state of ``app`` (default: the current app)."""
         return app_state(app)
 
+    # Beyond views ------------------------------------------------------------------------------------------
+
+    def _bound(self) -> tuple[AppState, Callable[[], contextlib.AbstractContextManager[Any]]]:
+        """The app to work in: the current one, else the one app this extension was registered on."""
+        if has_app_context() and current_app._get_current_object() in self._apps:  # type: ignore[attr-defined]
+            return app_state(), contextlib.nullcontext
+        apps = list(self._apps)
+        if len(apps) != 1:
+            raise RuntimeError(
+                "an idempotent task called outside an app context needs the extension registered on exactly one"
+                f" app (it is on {len(apps)}); call it inside `with app.app_context():`"
+            )
+        return app_state(apps[0]), apps[0].app_context
+
+    def task(
+        self,
+        *,
+        key: Callable[..., str],
+        scope: str = "",
+        lease: float | timedelta | None = None,
+        ttl: float | timedelta | None = None,
+        transient: tuple[type[BaseException], ...] = (),
+        name: str | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Make a function (a Celery task's body, say) run at most once per key (README: "Tasks").
+
+        ``key`` computes the key from the call's arguments; the arguments (JSON) are the command, so the same
+        key with other arguments raises ``KeyReused``; the return value (JSON) is stored and returned to a
+        redelivered or repeated call. Outside an app context it pushes the context of the app it was registered
+        on. Place it below ``@celery.task``.
+        """
+        return task_decorator(
+            self._bound,
+            key=key,
+            scope=scope,
+            lease=_seconds(lease),
+            ttl=_seconds(ttl),
+            transient=transient,
+            name=name,
+        )
+
+    @contextlib.contextmanager
+    def once(
+        self,
+        scope: str,
+        key: str,
+        *,
+        command: Any = None,
+        name: str = "once",
+        lease: float | timedelta | None = None,
+        ttl: float | timedelta | None = None,
+        transient: tuple[type[BaseException], ...] = (),
+    ) -> Iterator[Operation]:
+        """Run a block at most once per ``(scope, key)`` (README: "Tasks and other code paths")::
+
+            with idempotency.once("refunds", refund_id, command=payload) as op:
+                if op.done:
+                    return op.result
+                op.complete(do_refund())
+
+        ``command`` (JSON) is what the key stands for: the same key with another command raises ``KeyReused``.
+        """
+        state, app_context = self._bound()
+        with (
+            app_context(),
+            run_once(
+                state,
+                scope=scope,
+                key=key,
+                command=command_of(name, {"command": command}),
+                name=name,
+                lease=_seconds(lease),
+                ttl=_seconds(ttl),
+                transient=transient,
+            ) as operation,
+        ):
+            yield operation
+
     def create_all(self) -> None:
         """Create the extension's tables if missing (apps without migrations; needs an app context)."""
         state = app_state()
         state.db.metadata.create_all(state.db.engine, tables=[state.tables.records, state.tables.events])
+
+
+def _seconds(value: float | timedelta | None) -> float | None:
+    return value.total_seconds() if isinstance(value, timedelta) else value

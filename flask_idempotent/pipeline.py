@@ -53,7 +53,7 @@ from .machine import (
     decide,
     outcome,
 )
-from .state import AppState, app_state
+from .state import AppState, Resolved, app_state
 from .store import Executor
 
 logger = logging.getLogger("flask_idempotent")
@@ -101,6 +101,41 @@ def _route_options(state: AppState) -> RouteOptions | None:
     return route
 
 
+def _request_key(state: AppState, options: Resolved) -> str | None:
+    """The request's key: the route's ``key=`` callable's, else the key header's. ``None``: unprotected."""
+    if options.key is not None:
+        found = current_app.ensure_sync(options.key)()
+        if found is not None and not isinstance(found, str):
+            raise TypeError(f"idempotent(key=...) returned a {type(found).__name__}; it must return a str or None")
+        lines, where = ([] if found is None else [found]), "The request's idempotency key"
+    else:
+        lines, where = request.headers.getlist(state.header), state.header
+    if not lines:
+        if options.required:
+            raise MissingKey(
+                f"This request needs an {state.header} header: a unique value per operation."
+                if options.key is None
+                else "This request carries no idempotency key where the route expects one."
+            )
+        return None
+    try:
+        return parse_key(lines)
+    except KeyFormatError as exc:
+        raise InvalidKey(f"{where}: {exc}.") from None
+
+
+def _describe_command(options: Resolved) -> str | None:
+    """The route's ``describe=`` summary for operators; a failing one is logged, never fails the request."""
+    if options.describe is None:
+        return None
+    try:
+        summary = current_app.ensure_sync(options.describe)()
+    except Exception:
+        logger.exception("idempotent(describe=...) raised; the record is stored without a summary")
+        return None
+    return None if summary is None else str(summary)[:255]
+
+
 def _load_scope(state: AppState) -> str:
     """The scope the app's loader names: ``str``, ``int`` or ``UUID`` (``None``: the global scope ``""``)."""
     loader = state.callbacks.scope_loader
@@ -134,16 +169,10 @@ def before_request() -> ResponseReturnValue | None:
     if route is None:
         return None
     options = state.resolve(route)
-    lines = request.headers.getlist(state.header)
-    if not lines:
-        if options.required:
-            raise MissingKey(f"This request needs an {state.header} header: a unique value per operation.")
+    key = _request_key(state, options)
+    if key is None:
         return None
-    try:
-        key = parse_key(lines)
-    except KeyFormatError as exc:
-        raise InvalidKey(f"{state.header}: {exc}.") from None
-    scope = _load_scope(state)
+    scope = options.scope if options.scope is not None else _load_scope(state)
     try:
         if options.fingerprint is not None:
             command = custom_command(request, current_app.ensure_sync(options.fingerprint)())
@@ -165,6 +194,7 @@ def before_request() -> ResponseReturnValue | None:
             method=request.method,
             path=request.path,
             endpoint=request.endpoint,
+            summary=_describe_command(options),
         ),
     )
     set_current(ctx)
@@ -177,7 +207,7 @@ def _claim(ctx: RequestContext) -> ResponseReturnValue | None:
     deadline = time.monotonic() + options.wait
     delay = 0.02
     while True:
-        decision, row = _claim_once(ctx)
+        decision, row = claim_once(ctx)
         if decision is None:
             signals.record_claimed.send(_app(), record=ctx.view())
             return None
@@ -186,7 +216,7 @@ def _claim(ctx: RequestContext) -> ResponseReturnValue | None:
             return _replay(ctx, row)
         if decision is Decision.CONFLICT:
             assert row is not None
-            _client_event(ctx, row, EventKind.CONFLICT)
+            client_event(ctx, row, EventKind.CONFLICT)
             signals.key_conflict.send(_app(), record=RecordView.of(row._mapping))
             raise KeyReused(
                 f"This {state.header} was first used for {row.method} {row.path} with a different request."
@@ -194,7 +224,7 @@ def _claim(ctx: RequestContext) -> ResponseReturnValue | None:
             )
         if decision is Decision.STUCK:
             assert row is not None
-            _client_event(ctx, row, EventKind.STALE_HIT)
+            client_event(ctx, row, EventKind.STALE_HIT)
             raise RecordStuck(
                 "The first request with this key stopped without recording an outcome. It may have had an"
                 " effect, so it is not run again until an operator decides."
@@ -206,7 +236,7 @@ def _claim(ctx: RequestContext) -> ResponseReturnValue | None:
             delay = min(delay * 2, 0.25)
             continue
         if row is not None:
-            _client_event(ctx, row, EventKind.IN_PROGRESS_HIT)
+            client_event(ctx, row, EventKind.IN_PROGRESS_HIT)
         raise RequestInProgress(
             "A request with this key is still being processed. Retry after the time in Retry-After.",
             retry_after=state.retry_after,
@@ -214,7 +244,7 @@ def _claim(ctx: RequestContext) -> ResponseReturnValue | None:
         )
 
 
-def _claim_once(ctx: RequestContext) -> _Answer:
+def claim_once(ctx: RequestContext) -> _Answer:
     state = ctx.state
     # One lease token per claim: whatever row carries it was written by this call, which is how a claim
     # whose reply was lost finds out that it did commit.
@@ -332,7 +362,7 @@ def _claimed(
         ctx.recovery_data = previous["recovery_data"]
 
 
-def _client_event(ctx: RequestContext, row: Row[Any], kind: EventKind) -> None:
+def client_event(ctx: RequestContext, row: Row[Any], kind: EventKind) -> None:
     """Store an event a client caused, up to the per-record cap; past it the event is only counted."""
     state, command = ctx.state, ctx.command
     detail = {
@@ -410,7 +440,7 @@ def after_request(response: BaseResponse) -> BaseResponse:
         state, retryable = State.FAILED, True
     else:
         state, retryable = classify_status(response.status_code, atomic=ctx.atomic)
-    return _settle(ctx, response, state, retryable, error=_describe(exc))
+    return _settle(ctx, response, state, retryable, error=describe_error(exc))
 
 
 def teardown_request(exc: BaseException | None) -> None:
@@ -433,7 +463,7 @@ def teardown_request(exc: BaseException | None) -> None:
     status = exc.code if isinstance(exc, HTTPException) and exc.code else 500
     fallback = InternalServerError().get_response() if not isinstance(exc, HTTPException) else exc.get_response()
     try:
-        _settle(ctx, fallback, State.FAILED, retryable, error=_describe(exc), status=status)
+        _settle(ctx, fallback, State.FAILED, retryable, error=describe_error(exc), status=status)
     except Exception as error:  # teardown must not raise
         logger.error("could not settle idempotency record %s: %s", ctx.record_id, _db_error(error))
 
@@ -500,7 +530,7 @@ def _settle(
             values["error"] = error or _too_large(len(body))
     if ctx.atomic:
         return _settle_atomic(ctx, response, values)
-    _store_outcome(ctx, values)
+    store_outcome(ctx, values)
     return response
 
 
@@ -508,7 +538,7 @@ def _too_large(size: int) -> str:
     return f"response body of {size} bytes or more exceeds {ConfigKey.MAX_RESPONSE_BYTES}"
 
 
-def _store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
+def store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
     """The lease owner's outcome write (leased mode), fenced by its version and lease token."""
     state = ctx.state
     assert ctx.record_id is not None and ctx.lease_token is not None
@@ -576,12 +606,12 @@ def _stored_while_sent(
                 state=State.FAILED.value,
                 retryable=ctx.atomic,
                 response_status=500,
-                error=_describe(broken) if not isinstance(broken, GeneratorExit) else "the client left mid-stream",
+                error=describe_error(broken) if not isinstance(broken, GeneratorExit) else "the client left mid-stream",
             )
         elif kept is not None:
             values["response_body"] = bytes(kept)
         with app.app_context():
-            _store_outcome(ctx, values)
+            store_outcome(ctx, values)
 
 
 def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str, Any]) -> BaseResponse:
@@ -600,7 +630,7 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
             values.update(
                 state=State.FAILED.value,
                 retryable=True,
-                error=_describe(exc),
+                error=describe_error(exc),
                 response_body=None,
                 response_status=500,
             )
@@ -679,7 +709,7 @@ def _after_settle(ctx: RequestContext, stored: bool, values: Mapping[str, Any]) 
 # Helpers ----------------------------------------------------------------------------------------------------
 
 
-def _describe(exc: BaseException | None) -> str | None:
+def describe_error(exc: BaseException | None) -> str | None:
     if exc is None:
         return None
     return f"{type(exc).__name__}: {exc}"[:2000]

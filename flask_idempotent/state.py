@@ -46,6 +46,10 @@ class Resolved:
     fingerprint: Callable[[], Any] | None
     replay: Callable[[Any], Any] | None
     transient: tuple[type[BaseException], ...]
+    key: Callable[[], str | None] | None = None
+    scope: str | None = None
+    describe: Callable[[], str | None] | None = None
+    runbook: str | None = None
 
 
 @dataclass
@@ -127,6 +131,10 @@ class AppState:
                 fingerprint=route.fingerprint,
                 replay=route.replay,
                 transient=(TransientError, *route.transient),
+                key=route.key,
+                scope=route.scope,
+                describe=route.describe,
+                runbook=route.runbook,
             )
             self._resolved[route] = resolved
         return resolved

@@ -1,0 +1,224 @@
+"""Idempotent tasks and code paths: ``idempotency.task(...)`` and ``idempotency.once(...)``.
+
+The same records, leases, fencing, dashboard and CLI as requests; the record's ``kind`` is ``task``. A call
+claims its (scope, key) like a request does (README: "Tasks and other code paths"):
+
+- claimed (new, retryable failure, expired): the function runs; its JSON-serialisable return value is stored
+  and returned; an exception is a FAILED outcome (retryable for ``TransientError`` and the ``transient=``
+  types, final otherwise: the effect may have happened) and is raised again;
+- COMPLETED: the stored value is returned without running anything (a redelivered Celery task, a retry);
+- FAILED final: :class:`~flask_idempotent.RequestFailed` with the stored error;
+- another call holds the lease: :class:`~flask_idempotent.RequestInProgress`, whose ``retry_after`` a Celery
+  task can turn into ``self.retry(countdown=exc.retry_after)``;
+- the lease ended without an outcome: :class:`~flask_idempotent.RecordStuck` (an operator decides);
+- the same key with other arguments: :class:`~flask_idempotent.KeyReused`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from .constants import EventKind, State
+from .context import RequestContext
+from .decorator import RouteOptions
+from .errors import KeyReused, RecordStuck, RequestFailed, RequestInProgress
+from .fingerprint import hash_command
+from .keys import KeyFormatError, parse_key
+from .machine import Command, Decision, classify_exception, outcome
+from .pipeline import claim_once, client_event, describe_error, store_outcome
+from .state import AppState
+
+#: ``method`` of task records (``path`` holds the task's name).
+TASK_METHOD = "TASK"
+_JSON = [["Content-Type", "application/json"]]
+
+
+def checked_key(value: Any, where: str) -> str:
+    """A task's key: a ``str`` obeying the key header's rules, else a clear error before any effect."""
+    if not isinstance(value, str):
+        raise TypeError(f"{where} must give the key as a str, got {type(value).__name__}")
+    try:
+        return parse_key([value])
+    except KeyFormatError as exc:
+        raise ValueError(f"{where} gave an unusable key: {exc}") from None
+
+
+def command_of(name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The command a task call stands for: its name and its arguments, each JSON (``TypeError`` names the one
+    that is not)."""
+    for argument, value in arguments.items():
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"argument {argument!r} of {name} is a {type(value).__name__}, which is not JSON-serialisable:"
+                " an idempotent task's arguments are its command and must be stored as JSON"
+            ) from None
+    return {"task": name, "arguments": dict(arguments)}
+
+
+class Operation:
+    """What ``idempotency.once(...)`` gives the block: ``done``, ``result`` and :meth:`complete`.
+
+    ``done`` is true when the operation already completed under this key (then ``result`` is its stored value
+    and the block must not repeat the effect). Otherwise the block owns the key: it does the work and calls
+    ``complete(value)`` with a JSON-serialisable result. Leaving the block without ``complete`` completes with
+    ``None``; leaving it with an exception stores a FAILED outcome and lets the exception through.
+    """
+
+    def __init__(self, ctx: RequestContext | None, *, done: bool = False, result: Any = None) -> None:
+        self._ctx = ctx
+        self.done = done
+        self.result = result
+
+    def complete(self, value: Any = None) -> None:
+        """Store ``value`` (JSON) as the outcome: later calls with this key get it as ``result``."""
+        if self.done:
+            raise RuntimeError("this operation is already complete")
+        try:
+            body = json.dumps(value, allow_nan=False).encode()
+        except (TypeError, ValueError):
+            raise TypeError(f"the result is a {type(value).__name__}, which is not JSON-serialisable") from None
+        assert self._ctx is not None
+        self._ctx.settled = True
+        store_outcome(
+            self._ctx,
+            outcome(State.COMPLETED, False, status=200, headers=_JSON, body=body, resource_ref=None, error=None),
+        )
+        self.done, self.result = True, value
+
+    def _fail(self, exc: BaseException) -> None:
+        ctx = self._ctx
+        assert ctx is not None
+        ctx.settled = True
+        retryable = classify_exception(exc, ctx.options.transient, atomic=False)
+        values = outcome(
+            State.FAILED, retryable, status=500, headers=_JSON, body=None, resource_ref=None, error=describe_error(exc)
+        )
+        store_outcome(ctx, values)
+
+
+@contextlib.contextmanager
+def run_once(
+    state: AppState,
+    *,
+    scope: str,
+    key: str,
+    command: Any,
+    name: str,
+    lease: float | None = None,
+    ttl: float | None = None,
+    transient: tuple[type[BaseException], ...] = (),
+    summary: str | None = None,
+) -> Iterator[Operation]:
+    """Claim ``(scope, key)`` for ``command`` and yield the :class:`Operation` (see the module docstring)."""
+    if not isinstance(scope, str) or len(scope) > 255:
+        raise ValueError("the scope must be a str of at most 255 characters")
+    options = state.resolve(RouteOptions(atomic=False, wait=0, lease=lease, ttl=ttl, transient=transient))
+    ctx = RequestContext(
+        state=state,
+        options=options,
+        command=Command(
+            scope=scope,
+            key=checked_key(key, name),
+            request_hash=hash_command(command),
+            method=TASK_METHOD,
+            path=name,
+            endpoint=name,
+            kind="task",
+            summary=summary,
+        ),
+    )
+    state.check_schema()
+    decision, row = claim_once(ctx)
+    if decision is not None:
+        assert row is not None or decision is Decision.IN_PROGRESS
+        yield _answer(ctx, decision, row)
+        return
+    operation = Operation(ctx)
+    try:
+        yield operation
+    except BaseException as exc:
+        if not ctx.settled:
+            operation._fail(exc)
+        raise
+    if not operation.done:
+        operation.complete(None)
+
+
+def _answer(ctx: RequestContext, decision: Decision, row: Any) -> Operation:
+    """A call that does not run: the stored result, or the exception that says why not."""
+    if decision is Decision.REPLAY:
+        if row.state == State.COMPLETED and row.response_body is not None:
+            return Operation(None, done=True, result=json.loads(row.response_body))
+        raise RequestFailed(f"The operation {row.path} with this key failed for good: {row.error or 'no detail'}.")
+    if decision is Decision.CONFLICT:
+        client_event(ctx, row, EventKind.CONFLICT)
+        raise KeyReused(f"The key {row.key!r} was first used for {row.path} with other arguments.")
+    if decision is Decision.STUCK:
+        client_event(ctx, row, EventKind.STALE_HIT)
+        raise RecordStuck(f"The operation {row.path} with this key stopped without an outcome; an operator decides.")
+    if row is not None:
+        client_event(ctx, row, EventKind.IN_PROGRESS_HIT)
+    raise RequestInProgress(
+        "Another call holds this key's lease and is still running. Retry after retry_after seconds.",
+        retry_after=ctx.state.retry_after,
+    )
+
+
+def task_decorator(
+    state_of: Callable[[], tuple[AppState, Callable[[], contextlib.AbstractContextManager[Any]]]],
+    *,
+    key: Callable[..., str],
+    scope: str = "",
+    lease: float | None = None,
+    ttl: float | None = None,
+    transient: tuple[type[BaseException], ...] = (),
+    name: str | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Build ``idempotency.task(...)``: ``state_of()`` gives the app state and a context manager that pushes
+    the app's context when the caller has none (a Celery worker)."""
+    if not callable(key):
+        raise TypeError("task(key=...) takes a callable computing the key from the call's arguments")
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(func)
+        task_name = name or f"{func.__module__}.{func.__qualname__}"
+
+        @functools.wraps(func)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            command = command_of(task_name, bound.arguments)  # TypeError before any effect
+            try:
+                computed = key(*args, **kwargs)
+            except Exception as exc:
+                raise ValueError(f"the key callable of task {task_name} raised {type(exc).__name__}: {exc}") from exc
+            state, app_context = state_of()
+            with (
+                app_context(),
+                run_once(
+                    state,
+                    scope=scope,
+                    key=checked_key(computed, f"the key callable of task {task_name}"),
+                    command=command,
+                    name=task_name,
+                    lease=lease,
+                    ttl=ttl,
+                    transient=transient,
+                ) as operation,
+            ):
+                if operation.done:
+                    return operation.result
+                result = func(*args, **kwargs)
+                operation.complete(result)
+                return result
+
+        return call
+
+    return decorate

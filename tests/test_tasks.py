@@ -1,0 +1,183 @@
+"""Idempotent tasks and code paths (``idempotency.task`` and ``idempotency.once``), on SQLite and PostgreSQL:
+the same records, leases, operator actions as requests, with ``kind = task``."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from flask import Flask
+from helpers import ext, in_app, record, records
+
+from flask_idempotent import KeyReused, RecordStuck, RequestFailed, RequestInProgress, TransientError
+from flask_idempotent import operations as ops
+
+
+class Provider:
+    """Counts charges; can fail or block on demand."""
+
+    def __init__(self) -> None:
+        self.charges: list[tuple[int, int]] = []
+        self.fail: BaseException | None = None
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.block = False
+
+    def charge(self, order_id: int, amount: int) -> dict[str, Any]:
+        if self.block:
+            self.entered.set()
+            assert self.release.wait(10)
+        if self.fail is not None:
+            raise self.fail
+        self.charges.append((order_id, amount))
+        return {"charge": f"ch_{order_id}", "amount": amount}
+
+
+@pytest.fixture
+def provider() -> Provider:
+    return Provider()
+
+
+@pytest.fixture
+def charge(app: Flask, provider: Provider) -> Any:
+    idempotency = ext(app)["idempotency"]
+
+    @idempotency.task(key=lambda order_id, amount: f"charge:{order_id}", scope="billing", lease=60)
+    def charge_order(order_id: int, amount: int) -> dict[str, Any]:
+        return provider.charge(order_id, amount)
+
+    return charge_order
+
+
+def test_a_task_called_twice_runs_once_and_returns_the_stored_result(
+    app: Flask, charge: Any, provider: Provider
+) -> None:
+    first = charge(7, 1000)  # no app context of the caller's: the task pushes the app's
+    second = charge(7, 1000)
+    assert first == second == {"charge": "ch_7", "amount": 1000}
+    assert provider.charges == [(7, 1000)]
+    row = record(app, "charge:7", "billing")
+    assert (row["kind"], row["method"], row["state"], row["attempts"]) == ("task", "TASK", "COMPLETED", 1)
+    assert row["path"].endswith("charge_order")
+
+
+def test_the_same_key_with_other_arguments_is_refused(app: Flask, charge: Any, provider: Provider) -> None:
+    charge(7, 1000)
+    before = records(app)
+    with pytest.raises(KeyReused):
+        charge(7, 9999)
+    assert provider.charges == [(7, 1000)]
+    assert [{k: v for k, v in r.items() if k != "event_count"} for r in records(app)] == [
+        {k: v for k, v in r.items() if k != "event_count"} for r in before
+    ]
+
+
+def test_a_final_failure_is_stored_and_never_run_again(app: Flask, charge: Any, provider: Provider) -> None:
+    provider.fail = RuntimeError("card declined")
+    with pytest.raises(RuntimeError, match="card declined"):
+        charge(7, 1000)
+    provider.fail = None
+    with pytest.raises(RequestFailed, match="card declined"):
+        charge(7, 1000)
+    assert provider.charges == []
+    row = record(app, "charge:7", "billing")
+    assert (row["state"], row["retryable"]) == ("FAILED", False)
+
+
+def test_a_transient_failure_is_retried_by_the_next_call(app: Flask, charge: Any, provider: Provider) -> None:
+    provider.fail = TransientError("provider timeout")
+    with pytest.raises(TransientError):
+        charge(7, 1000)
+    assert record(app, "charge:7", "billing")["retryable"] is True
+    provider.fail = None
+    assert charge(7, 1000)["charge"] == "ch_7"
+    row = record(app, "charge:7", "billing")
+    assert (row["state"], row["attempts"]) == ("COMPLETED", 2) and provider.charges == [(7, 1000)]
+
+
+def test_a_call_while_another_holds_the_lease_says_when_to_retry(app: Flask, charge: Any, provider: Provider) -> None:
+    provider.block = True
+    result: dict[str, Any] = {}
+    owner = threading.Thread(target=lambda: result.update(value=charge(7, 1000)), daemon=True)
+    owner.start()
+    assert provider.entered.wait(10)
+    provider.block = False
+    with pytest.raises(RequestInProgress) as busy:
+        charge(7, 1000)
+    assert busy.value.retry_after == 1  # what a Celery task passes to self.retry(countdown=...)
+    provider.release.set()
+    owner.join(10)
+    assert result["value"]["charge"] == "ch_7" and provider.charges == [(7, 1000)]
+
+
+def test_a_task_whose_lease_ran_out_is_stuck_until_an_operator_decides(
+    app: Flask, charge: Any, provider: Provider, clock: Any
+) -> None:
+    provider.block = True
+    late: dict[str, Any] = {}
+    owner = threading.Thread(target=lambda: late.update(value=charge(7, 1000)), daemon=True)
+    owner.start()
+    assert provider.entered.wait(10)
+    clock.advance(seconds=61)
+    with pytest.raises(RecordStuck):
+        charge(7, 1000)
+    row = record(app, "charge:7", "billing")
+    in_app(app, ops.mark_retryable, row["id"], actor="oncall")
+    provider.block = False
+    provider.release.set()
+    owner.join(10)  # the presumed-dead call finishes: its caller gets its value, its outcome is fenced out
+    assert late["value"]["charge"] == "ch_7"
+    assert record(app, "charge:7", "billing")["state"] == "FAILED"  # as the operator left it
+    assert charge(7, 1000)["charge"] == "ch_7"  # the operator said retry: it runs again
+    after = record(app, "charge:7", "billing")
+    assert (after["state"], after["attempts"]) == ("COMPLETED", 2) and len(provider.charges) == 2
+    with app.app_context():
+        assert [r["kind"] for r in ops.search("charge:7").items] == ["task"]
+
+
+def test_bad_keys_and_arguments_are_clear_errors_before_any_effect(app: Flask, provider: Provider) -> None:
+    idempotency = ext(app)["idempotency"]
+
+    @idempotency.task(key=lambda order: order["id"])
+    def by_number(order: dict[str, Any]) -> None:
+        provider.charge(1, 1)
+
+    @idempotency.task(key=lambda order_id: f"k:{order_id}")
+    def with_decimal(order_id: int, amount: Any = None) -> None:
+        provider.charge(order_id, 1)
+
+    with pytest.raises(TypeError, match="must give the key as a str, got int"):
+        by_number({"id": 5})
+    with pytest.raises(ValueError, match="key callable of task .* raised KeyError"):
+        by_number({})
+    with pytest.raises(TypeError, match="argument 'amount' of .* is a Decimal"):
+        with_decimal(1, Decimal("1.5"))
+    assert provider.charges == [] and records(app) == []
+    with pytest.raises(TypeError, match="task\\(key=...\\) takes a callable"):
+        idempotency.task(key="fixed")
+
+
+def test_once_runs_a_block_at_most_once(app: Flask, provider: Provider) -> None:
+    idempotency = ext(app)["idempotency"]
+
+    def refund(refund_id: str) -> Any:
+        with idempotency.once("refunds", refund_id, command={"amount": 500}) as op:
+            if op.done:
+                return op.result
+            op.complete(provider.charge(1, -500))
+            return op.result
+
+    assert refund("rf_1") == refund("rf_1") == {"charge": "ch_1", "amount": -500}
+    assert provider.charges == [(1, -500)]
+    with pytest.raises(KeyReused), idempotency.once("refunds", "rf_1", command={"amount": 600}):
+        pass
+    with pytest.raises(RuntimeError, match="boom"), idempotency.once("refunds", "rf_2", command={}) as op:
+        assert not op.done
+        raise RuntimeError("boom")
+    assert record(app, "rf_2", "refunds")["state"] == "FAILED"
+    with idempotency.once("refunds", "rf_3", command={}) as op:
+        pass  # leaving without complete() completes with None
+    with idempotency.once("refunds", "rf_3", command={}) as again:
+        assert again.done and again.result is None
