@@ -20,6 +20,7 @@ from .config import ConfigurationError, configure, normalize_database_url
 from .extensions import db, idempotency, migrate
 from .pages import pages
 from .provider import init_provider
+from .webhooks import webhooks
 
 __all__ = ["ConfigurationError", "MIGRATIONS_DIR", "create_app", "db", "idempotency", "normalize_database_url"]
 
@@ -41,6 +42,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     idempotency.init_app(app, db)
     app.register_blueprint(pages)
     app.register_blueprint(api)
+    app.register_blueprint(webhooks)
     app.register_blueprint(operator)
     app.cli.add_command(init_db_command)
     app.cli.add_command(add_user_command)

@@ -25,7 +25,7 @@ DEV_OPERATOR_USERNAME = "operator"
 #: Used only in debug mode when ``OPERATOR_PASSWORD`` is unset; never in production mode.
 DEV_OPERATOR_PASSWORD = "dev-password"
 
-_PLAIN_ENV = ("DATABASE_URL", "SECRET_KEY", "OPERATOR_USERNAME", "OPERATOR_PASSWORD")
+_PLAIN_ENV = ("DATABASE_URL", "SECRET_KEY", "OPERATOR_USERNAME", "OPERATOR_PASSWORD", "PROVIDER_WEBHOOK_SECRET")
 
 
 class ConfigurationError(RuntimeError):
@@ -47,6 +47,7 @@ def configure(app: Flask, overrides: Mapping[str, Any] | None) -> None:
         OPERATOR_USERNAME=DEV_OPERATOR_USERNAME,
         OPERATOR_PASSWORD=None,
         PROVIDER_HANG_TIMEOUT=300.0,
+        PROVIDER_WEBHOOK_SECRET=None,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=None,  # decided below, unless set (Flask's own default is False)
     )

@@ -8,6 +8,7 @@ time is the database's clock as the extension sees it, which the test moves; not
 from __future__ import annotations
 
 import html
+import json
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -560,3 +561,45 @@ def test_debug_mode_uses_the_documented_development_password(
 )
 def test_database_url_is_mapped_to_the_psycopg2_driver(url: str, expected: str) -> None:
     assert normalize_database_url(url) == expected
+
+
+# Webhooks: the provider's payout events ---------------------------------------------------------------------
+
+WEBHOOK_SECRET = "whsec-test"
+
+
+def deliver(client: FlaskClient, event: dict[str, Any], *, secret: str = WEBHOOK_SECRET) -> TestResponse:
+    from example_app.webhooks import SIGNATURE_HEADER, sign
+
+    body = json.dumps(event).encode()
+    return client.post(
+        "/webhooks/provider",
+        data=body,
+        headers={"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, secret)},
+    )
+
+
+@pytest.mark.parametrize("example_config", [{"PROVIDER_WEBHOOK_SECRET": WEBHOOK_SECRET}])
+def test_a_redelivered_payout_webhook_credits_once(example: Flask) -> None:
+    client = example.test_client()
+    before = balances(example)[BOB_CHECKING]
+    event = {"id": "evt_1", "type": "payout.paid", "account": BOB_CHECKING, "amount": 700}
+    first = deliver(client, event)
+    again = deliver(client, event)  # the sender did not see the first 200 and retries
+    assert (first.status_code, again.status_code) == (200, 200)
+    assert again.headers["Idempotent-Replayed"] == "true" and again.get_json() == first.get_json()
+    assert balances(example)[BOB_CHECKING] == before + 700
+    (rec,) = rows(example, "idempotency_records", scope="provider", key="evt_1")
+    assert rec["state"] == "COMPLETED" and rec["summary"] == f"payout.paid 700 to account {BOB_CHECKING}"
+    changed = deliver(client, {**event, "amount": 7000})
+    assert changed.status_code == 422 and problem_code(changed) == "key-reused"
+    assert balances(example)[BOB_CHECKING] == before + 700
+
+
+@pytest.mark.parametrize("example_config", [{"PROVIDER_WEBHOOK_SECRET": WEBHOOK_SECRET}])
+def test_a_forged_webhook_is_401_and_claims_nothing(example: Flask) -> None:
+    client = example.test_client()
+    before = balances(example)
+    forged = deliver(client, {"id": "evt_2", "type": "payout.paid", "account": 1, "amount": 5}, secret="guess")
+    assert forged.status_code == 401 and problem_code(forged) == "bad-signature"
+    assert rows(example, "idempotency_records", scope="provider") == [] and balances(example) == before
