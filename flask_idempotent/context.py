@@ -90,6 +90,8 @@ class RequestContext:
     settled: bool = False
     #: The outcome could not be written (the database went away after the view ran).
     store_failed: bool = False
+    #: How long the claim (or the answer without one) took, for metrics.
+    claim_seconds: float | None = None
 
     @property
     def claimed(self) -> bool:

@@ -199,7 +199,47 @@ def before_request() -> ResponseReturnValue | None:
     )
     set_current(ctx)
     state.check_schema()
-    return _claim(ctx)
+    return _claim_and_report(ctx)
+
+
+#: What a protected request's claim came to, by the exception that answered it (metrics' ``outcome``).
+_OUTCOMES: tuple[tuple[type[BaseException], str], ...] = (
+    (KeyReused, "key_reused"),
+    (RecordStuck, "stuck"),
+    (RequestInProgress, "in_progress"),
+    (StoreUnavailable, "store_unavailable"),
+    (RequestFailed, "replayed"),
+    (ResponseNotStored, "replayed"),
+    (ResourceGone, "replayed"),
+)
+
+
+def _claim_and_report(ctx: RequestContext) -> ResponseReturnValue | None:
+    """Claim or answer, then send ``request_outcome`` (what metrics count) with the claim's duration."""
+    started = time.perf_counter()
+    outcome_name: str | None = "error"
+    try:
+        answer = _claim(ctx)
+        # Claimed: "executed" is reported once the view body ran (or "rejected" if a hook answered first).
+        outcome_name = None if answer is None else "replayed"
+        return answer
+    except BaseException as exc:
+        outcome_name = next((name for kind, name in _OUTCOMES if isinstance(exc, kind)), "error")
+        raise
+    finally:
+        ctx.claim_seconds = time.perf_counter() - started
+        if outcome_name is not None:
+            _report(ctx, outcome_name)
+
+
+def _report(ctx: RequestContext, outcome_name: str) -> None:
+    signals.request_outcome.send(
+        _app(),
+        outcome=outcome_name,
+        endpoint=ctx.command.endpoint,
+        kind=ctx.command.kind,
+        claim_seconds=ctx.claim_seconds,
+    )
 
 
 def _claim(ctx: RequestContext) -> ResponseReturnValue | None:
@@ -476,6 +516,7 @@ def _withdraw(ctx: RequestContext) -> None:
     """
     state = ctx.state
     ctx.settled = True
+    _report(ctx, "rejected")
     if ctx.atomic:
         _rollback_quietly(state)
         return
@@ -502,6 +543,7 @@ def _settle(
 ) -> BaseResponse:
     app = ctx.state
     ctx.settled = True
+    _report(ctx, "executed")
     has_resource = ctx.resource_ref is not UNSET
     keeps_body = not (has_resource and ctx.options.replay is not None)
     values = outcome(

@@ -1,4 +1,5 @@
-"""Blinker signals. Each is sent with the Flask app as sender and ``record`` (a row mapping) as keyword.
+"""Blinker signals. Each is sent with the Flask app as sender; all but ``request_outcome`` with ``record``, a
+read-only :class:`~flask_idempotent.RecordView`.
 
 - ``record_claimed``: a request claimed a key and its view is about to run (new, retry, takeover).
 - ``record_completed``: the outcome was stored as COMPLETED.
@@ -7,6 +8,10 @@
 - ``key_conflict``: a key was reused with another command (answered 422).
 - ``lease_lost``: a request finished after losing its lease; its outcome was not stored.
 - ``operator_action``: an operator changed a record (``action`` and ``actor`` keywords).
+- ``request_outcome``: what a protected request's claim came to, for metrics: ``outcome`` (``executed``,
+  ``replayed``, ``in_progress``, ``key_reused``, ``stuck``, ``store_unavailable``, ``rejected`` — a hook
+  answered before the view, the claim was withdrawn —, or ``error``), ``endpoint``, ``kind`` and
+  ``claim_seconds`` (how long the claim took). ``executed`` is sent once the view body ran.
 """
 
 from __future__ import annotations
@@ -22,3 +27,4 @@ response_replayed = _signals.signal("idempotency-response-replayed")
 key_conflict = _signals.signal("idempotency-key-conflict")
 lease_lost = _signals.signal("idempotency-lease-lost")
 operator_action = _signals.signal("idempotency-operator-action")
+request_outcome = _signals.signal("idempotency-request-outcome")

@@ -449,3 +449,40 @@ def test_set_resource_with_something_not_json_is_a_type_error_at_the_call(app: F
         post(client, "/bad-resource", json={})
     row = record(app, "k-1")
     assert row["state"] == "FAILED" and "TypeError" in row["error"]  # settled, never left IN_PROGRESS
+
+
+def test_request_outcome_tells_what_each_protected_request_came_to(app: Flask, client: FlaskClient, clock: Any) -> None:
+    from concurrency import Background
+
+    from flask_idempotent import signals
+
+    add_guarded_blueprint(app)
+    seen: list[tuple[str, str | None]] = []
+
+    def receiver(sender: Flask, **kw: Any) -> None:
+        seen.append((kw["outcome"], kw["endpoint"]))
+        assert kw["claim_seconds"] >= 0 and kw["kind"] == "http"
+
+    controls = ext(app)["controls"]
+    with signals.request_outcome.connected_to(receiver, app):
+        post(client, "/payments", json={"amount": 1})
+        post(client, "/payments", json={"amount": 1})
+        post(client, "/payments", json={"amount": 2})
+        post(client, "/guarded/payments", key="g", json={"amount": 1})
+        held = controls.hold("payments")
+        owner = Background(app, "/payments", key="k-2", json={"amount": 1})
+        assert held.entered.wait(10)
+        post(client, "/payments", key="k-2", json={"amount": 1})
+        clock.advance(seconds=61)
+        post(client, "/payments", key="k-2", json={"amount": 1})
+        held.release.set()
+        owner.result()
+    assert seen == [
+        ("executed", "create_payment"),
+        ("replayed", "create_payment"),
+        ("key_reused", "create_payment"),
+        ("rejected", "guarded.pay"),
+        ("in_progress", "create_payment"),
+        ("stuck", "create_payment"),
+        ("executed", "create_payment"),  # the held owner, reported once its view ran
+    ]
