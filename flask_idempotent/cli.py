@@ -1,21 +1,135 @@
-"""``flask idempotency ...``: the operations API on the command line. Every command takes ``--json``."""
+"""``flask idempotency ...``: the operations API on the command line. Every command takes ``--json``.
+
+Errors are one line and a non-zero exit status, never a traceback (:class:`OperatorGroup` turns every
+exception of a command, and every usage error, into that line). Exit status 2: the command line is wrong (a
+usage error); 1: anything else (no such record, an action refused, the record changed, the database cannot be
+reached). Without ``--json`` the line goes to stderr as ``Error: ...``; with ``--json`` stdout holds one JSON
+object ``{"error": {"code": ..., "message": ...}}`` instead of the result, so stdout is always exactly one JSON
+document and the exit status says which.
+"""
 
 from __future__ import annotations
 
 import getpass
 import json
+import logging
+import math
+import re
 from collections.abc import Callable
 from datetime import date, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import click
+import sqlalchemy as sa
 from flask.cli import AppGroup
+from flask.helpers import get_debug_flag
 
 from . import operations as ops
+from .errors import SchemaVersionError
 from .migrations import upgrade_schema
 from .state import app_state
 
-cli = AppGroup("idempotency", help="Inspect and resolve idempotency records.")
+logger = logging.getLogger("flask_idempotent")
+
+_ARGV = "flask_idempotent.argv"
+
+#: Error codes of ``--json`` errors (``{"error": {"code": ..., "message": ...}}``).
+ERROR_CODES = (
+    "usage",
+    "not-found",
+    "refused",
+    "changed",
+    "invalid",
+    "database-unreachable",
+    "database-error",
+    "schema-version",
+    "internal-error",
+)
+
+
+def _one_line(text: str) -> str:
+    """Line breaks become one space; other spacing stays (a key with two spaces is quoted as it is)."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", text).strip() or "(no message)"
+
+
+def _db_error(exc: BaseException) -> str:
+    """The driver's words, first line only: no SQL, no parameters, no "Background on this error" link."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _classify(exc: Exception) -> tuple[str, str, int]:
+    """``(code, message, exit status)`` for an exception a command (or its parsing) raised."""
+    if isinstance(exc, click.UsageError):
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        return "usage", exc.format_message() + hint, exc.exit_code
+    if isinstance(exc, click.ClickException):
+        return "invalid", exc.format_message(), exc.exit_code
+    if isinstance(exc, ops.RecordNotFound):
+        return "not-found", str(exc), 1
+    if isinstance(exc, ops.TransitionError):
+        return "refused", str(exc), 1
+    if isinstance(exc, ops.RecordChanged):
+        return "changed", str(exc), 1
+    if isinstance(exc, SchemaVersionError):
+        return "schema-version", str(exc), 1
+    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)):
+        return "database-unreachable", f"the database cannot be reached: {_db_error(exc)}", 1
+    if isinstance(exc, sa.exc.SQLAlchemyError):
+        return "database-error", f"the database refused the command: {_db_error(exc)}", 1
+    if isinstance(exc, (ValueError, LookupError)):
+        return "invalid", str(exc), 1
+    return "internal-error", f"unexpected error: {type(exc).__name__}: {exc}", 1
+
+
+#: Not errors: an exit status chosen by the command, ^C or a declined confirmation, and click 8.2+'s help
+#: for a command given no arguments (shown through an exception).
+_PASS_THROUGH: tuple[type[BaseException], ...] = (
+    click.exceptions.Exit,
+    click.Abort,
+    *filter(None, [getattr(click.exceptions, "NoArgsIsHelpError", None)]),
+)
+
+
+class OperatorGroup(AppGroup):
+    """An ``AppGroup`` whose commands never end in a traceback: every error is one line and an exit status.
+
+    Usage errors (exit 2) and everything a command raises (exit 1) are reported by :func:`_classify`; with
+    ``--json`` on the command line as a JSON object on stdout, else as ``Error: ...`` on stderr. An unexpected
+    exception is logged with its traceback at DEBUG on the ``flask_idempotent`` logger, and re-raised (a
+    traceback) only when Flask's debug mode is on (``flask --debug``), for whoever is debugging the app.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[_ARGV] = list(args)  # the subcommand's arguments: to know about --json when parsing fails
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _PASS_THROUGH:
+            raise
+        except Exception as exc:  # the point: one line, never a traceback
+            code, message, status = _classify(exc)
+            if code == "internal-error":
+                logger.debug("flask idempotency: %s", message, exc_info=True)
+                if get_debug_flag():
+                    raise
+            _report(ctx, code, _one_line(message), status)
+
+
+def _report(ctx: click.Context, code: str, message: str, status: int) -> NoReturn:
+    argv: list[str] = ctx.meta.get(_ARGV, [])
+    given = argv[: argv.index("--")] if "--" in argv else argv
+    if "--json" in given:
+        click.echo(json.dumps({"error": {"code": code, "message": message}}, sort_keys=True))
+    else:
+        click.echo(f"Error: {message}", err=True)
+    raise click.exceptions.Exit(status)
+
+
+cli = OperatorGroup("idempotency", help="Inspect and resolve idempotency records.")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 
@@ -27,8 +141,30 @@ def _default_actor() -> str:
         return "cli"
 
 
+#: The audit columns (``idempotency_events.actor``, ``acknowledged_by``) hold this many characters.
+ACTOR_MAX = 255
+
+
+def _check_actor(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    name = value.strip()
+    if not name:
+        raise click.BadParameter("must name who acts: it is recorded in the audit event", ctx, param)
+    if len(name) > ACTOR_MAX:
+        raise click.BadParameter(f"at most {ACTOR_MAX} characters", ctx, param)
+    return name
+
+
 actor_option = click.option(
-    "--actor", default=_default_actor, show_default="cli:$USER", help="Name recorded in the audit event."
+    "--actor",
+    default=_default_actor,
+    show_default="cli:$USER",
+    callback=_check_actor,
+    help="Name recorded in the audit event (1 to 255 characters).",
+)
+
+page_option = click.option("--page", default=1, show_default=True, type=click.IntRange(1, ops.MAX_PAGE))
+per_page_option = click.option(
+    "--per-page", default=ops.DEFAULT_PER_PAGE, show_default=True, type=click.IntRange(1, ops.MAX_PER_PAGE)
 )
 
 
@@ -67,10 +203,6 @@ def _print_records(items: list[dict[str, Any]]) -> None:
         )
 
 
-def _fail(exc: Exception) -> None:
-    raise click.ClickException(str(exc))
-
-
 @cli.command("stats")
 @json_option
 def stats_command(as_json: bool) -> None:
@@ -88,8 +220,8 @@ def stats_command(as_json: bool) -> None:
 
 
 @cli.command("stuck")
-@click.option("--page", default=1, type=int)
-@click.option("--per-page", default=ops.DEFAULT_PER_PAGE, type=int)
+@page_option
+@per_page_option
 @json_option
 def stuck_command(page: int, per_page: int, as_json: bool) -> None:
     """IN_PROGRESS records whose lease expired: their outcome is unknown until an operator decides."""
@@ -114,10 +246,7 @@ def stuck_command(page: int, per_page: int, as_json: bool) -> None:
 @json_option
 def show_command(scope: str, key: str, body: bool, as_json: bool) -> None:
     """One record (by SCOPE and KEY; the global scope is "") with its events."""
-    try:
-        record = ops.show(scope, key, body_limit=None if body else 0)
-    except ops.RecordNotFound as exc:
-        _fail(exc)
+    record = ops.show(scope, key, body_limit=None if body else 0)
 
     def human(r: dict[str, Any]) -> None:
         for name, value in r.items():
@@ -142,10 +271,7 @@ def _action(action: ops.Action, help_text: str) -> None:
     @actor_option
     @json_option
     def command(record_id: int, expect_version: int | None, actor: str, as_json: bool) -> None:
-        try:
-            record = ops.act(action, record_id, actor=actor, version=expect_version)
-        except (ops.RecordNotFound, ops.TransitionError, ops.RecordChanged) as exc:
-            _fail(exc)
+        record = ops.act(action, record_id, actor=actor, version=expect_version)
         _emit(
             record,
             as_json,
@@ -165,10 +291,7 @@ _action(
 @json_option
 def upgrade_schema_command(as_json: bool) -> None:
     """Add the columns of the current schema version to existing tables (apps without migrations)."""
-    try:
-        added = upgrade_schema(app_state().db.engine)
-    except LookupError as exc:
-        _fail(exc)
+    added = upgrade_schema(app_state().db.engine)
     _emit(
         {"added": added},
         as_json,
@@ -176,14 +299,27 @@ def upgrade_schema_command(as_json: bool) -> None:
     )
 
 
+#: Bounds of ``purge``'s options: a batch is one transaction (and a LIMIT the database must hold); a pause is
+#: a sleep (``time.sleep`` refuses NaN and overflows on huge values).
+PURGE_BATCH_MAX = 1_000_000
+PURGE_PAUSE_MAX = 3600.0
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value):  # FloatRange lets NaN through: it compares false with both bounds
+        raise click.BadParameter(f"{value} is not a number of seconds", ctx, param)
+    return value
+
+
 @cli.command("purge")
-@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, PURGE_BATCH_MAX))
 @click.option("--max-batches", default=None, type=click.IntRange(min=1), help="Stop after this many batches.")
 @click.option(
     "--pause",
     default=ops.PURGE_PAUSE,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=click.FloatRange(0, PURGE_PAUSE_MAX),
+    callback=_finite,
     help="Seconds to rest between batches, leaving the database to requests.",
 )
 @json_option

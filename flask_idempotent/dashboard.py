@@ -26,6 +26,12 @@ Releasing (deleting) a record needs a confirmation step.
 
 Response bodies and recovery data are hidden unless ``IDEMPOTENCY_DASHBOARD_SHOW_BODIES`` is on; then the
 first :data:`BODY_LIMIT` bytes are shown.
+
+Hardening. Every response under the prefix (pages, actions, errors, the stylesheet, a 405) carries
+:data:`SECURITY_HEADERS`: it cannot be framed (the one-click actions cannot be clickjacked), is not cached, and
+loads nothing but the dashboard's own stylesheet. No query argument is a 500: paging values are clamped
+(``operations.bounds``), only the list parameters (:data:`LIST_ARGS`) ever reach ``url_for``, ids beyond 64 bits
+are 404, and a database that cannot be reached is a 503 dashboard page.
 """
 
 from __future__ import annotations
@@ -33,12 +39,15 @@ from __future__ import annotations
 import hmac
 import importlib
 import json
+import logging
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from flask import (
     Blueprint,
     Flask,
@@ -53,15 +62,19 @@ from flask import (
     url_for,
 )
 from flask.typing import ResponseReturnValue
+from flask.wrappers import Response
 from werkzeug.exceptions import HTTPException
 
 from . import operations as ops
 from .constants import ConfigKey
 from .decorator import idempotent
+from .errors import SchemaVersionError
 from .machine import Action
 from .state import app_state
 
-__all__ = ["BODY_LIMIT", "ReadOnly", "blueprint", "init_dashboard"]
+__all__ = ["BODY_LIMIT", "LIST_ARGS", "SECURITY_HEADERS", "ReadOnly", "blueprint", "init_dashboard"]
+
+logger = logging.getLogger("flask_idempotent")
 
 #: How much of a stored response body (and of recovery data) the record page shows, when bodies are shown.
 BODY_LIMIT = 4096
@@ -74,6 +87,23 @@ _SESSION_TOKEN = "_flask_idempotent_csrf"
 _CSRF_FIELD = "csrf_token"
 _FLASH_OK = "fi-success"
 _FLASH_ERROR = "fi-error"
+_OUTAGE = "flask_idempotent.dashboard_outage"
+
+#: Set on every dashboard response. The pages use no JavaScript, no inline style and nothing from elsewhere:
+#: only ``dashboard.css`` from the blueprint's static folder.
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "default-src 'self'; base-uri 'none'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
+
+#: The only query arguments carried into the pagination links (nothing else ever reaches ``url_for``).
+LIST_ARGS = frozenset({"page", "per_page", "kind", "window", "q"})
+
+#: What a dashboard page answers with 503 instead of a 500: the database (or its tables) cannot be used.
+_STORE_ERRORS = (sa.exc.DBAPIError, sa.exc.TimeoutError, SchemaVersionError)
 
 
 class ReadOnly(str):
@@ -95,6 +125,7 @@ class Settings:
     """The dashboard's config, read once in ``init_app``."""
 
     show_bodies: bool
+    prefix: str
 
 
 def _assets(name: str) -> str:
@@ -121,8 +152,29 @@ def init_dashboard(app: Flask) -> None:
     prefix = app.config.get(ConfigKey.DASHBOARD_URL_PREFIX)
     if not prefix:
         return
-    app.extensions[_SETTINGS] = Settings(show_bodies=bool(app.config[ConfigKey.DASHBOARD_SHOW_BODIES]))
-    app.register_blueprint(blueprint, url_prefix=str(prefix).rstrip("/"))
+    url_prefix = str(prefix).rstrip("/")
+    app.extensions[_SETTINGS] = Settings(
+        show_bodies=bool(app.config[ConfigKey.DASHBOARD_SHOW_BODIES]), prefix=url_prefix
+    )
+    app.register_blueprint(blueprint, url_prefix=url_prefix)
+
+
+def _is_dashboard_request() -> bool:
+    """A request routed to the dashboard, or one under its prefix that matched no route (a 404 or 405)."""
+    if request.blueprint == BLUEPRINT_NAME:
+        return True
+    if request.url_rule is not None:
+        return False
+    settings: Settings | None = current_app.extensions.get(_SETTINGS)
+    prefix = settings.prefix if settings is not None else ""
+    return bool(prefix) and (request.path == prefix or request.path.startswith(prefix + "/"))
+
+
+@blueprint.after_app_request
+def _harden(response: Response) -> Response:
+    if _is_dashboard_request():
+        response.headers.update(SECURITY_HEADERS)
+    return response
 
 
 # Access and CSRF --------------------------------------------------------------------------------------------
@@ -231,9 +283,23 @@ def _now() -> datetime:
     return now
 
 
+def _page_now() -> datetime | None:
+    """The clock for a page being rendered; ``None`` (ages shown as "-") for a visitor without access and
+    for the outage page, which must not wait on the database again."""
+    if _viewer() is None or request.environ.get(_OUTAGE):
+        return None
+    return _now()
+
+
 def _page_url(page: int) -> str:
-    args: dict[str, Any] = {**(request.view_args or {}), **request.args.to_dict(), "page": page}
-    return url_for(str(request.endpoint), **args)
+    """The current list page at another ``page``, keeping its list parameters and nothing else.
+
+    Only :data:`LIST_ARGS` are passed on: any other query argument would reach ``url_for`` as a keyword
+    (``_anchor``, ``_external``, ``_scheme``, ``_method`` change the link or make it fail).
+    """
+    args: dict[str, Any] = {name: value for name, value in request.args.items() if name in LIST_ARGS}
+    args["page"] = page
+    return url_for(str(request.endpoint), **(request.view_args or {}), **args)
 
 
 def _json(value: Any, limit: int | None = None) -> str:
@@ -245,11 +311,11 @@ def _json(value: Any, limit: int | None = None) -> str:
 
 @blueprint.context_processor
 def _template_helpers() -> dict[str, Any]:
-    now = _now()
+    now = _page_now()
     viewer = _viewer()
 
     def ago(value: datetime | None) -> str:
-        if value is None:
+        if value is None or now is None:
             return "-"
         seconds = (now - value).total_seconds()
         return f"{human_age(seconds)} ago" if seconds >= 0 else f"in {human_age(seconds)}"
@@ -293,6 +359,42 @@ def _error_page(exc: HTTPException) -> ResponseReturnValue:
 
 for _code in (400, 403, 404, 409):
     blueprint.register_error_handler(_code, _error_page)
+
+
+def _db_error(exc: BaseException) -> str:
+    """The first line of a database error: the driver's own words, without the SQL and parameters."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _outage_page(exc: Exception) -> ResponseReturnValue:
+    """The database cannot be reached (or its tables are at an older schema): 503, as a dashboard page."""
+    request.environ[_OUTAGE] = True
+    logger.error("dashboard %s %s: the database cannot be used: %s", request.method, request.path, _db_error(exc))
+    if _viewer() is None:  # the access hook itself failed: say nothing about the database
+        message = "The dashboard is unavailable. Try again in a moment."
+    elif isinstance(exc, SchemaVersionError):
+        message = str(exc)
+    else:
+        message = f"The database cannot be reached: {_db_error(exc)}. Try again in a moment."
+        if request.method == "POST":
+            message += (
+                " If your action was applied before the connection failed, sending it again is refused as"
+                " changed since you loaded the page."
+            )
+    return _render(
+        "error.html",
+        503,
+        status=503,
+        title="Service Unavailable",
+        message=message,
+        record_id=(request.view_args or {}).get("record_id"),
+    )
+
+
+for _error in _STORE_ERRORS:
+    blueprint.register_error_handler(_error, _outage_page)
 
 
 # Pages ------------------------------------------------------------------------------------------------------
@@ -356,7 +458,13 @@ def conflicts() -> ResponseReturnValue:
 def search() -> ResponseReturnValue:
     """Records whose key or scope is exactly ``?q=``."""
     query = request.args.get("q", "")
-    page = ops.search(query, request.args.get("page"), request.args.get("per_page")) if query else None
+    page_n, per_page = ops.bounds(request.args.get("page"), request.args.get("per_page"))
+    if not query:
+        page = None
+    elif "\x00" in query:  # no key or scope holds NUL (PostgreSQL cannot even compare with it): no match
+        page = ops.Page([], 0, page_n, per_page)
+    else:
+        page = ops.search(query, page_n, per_page)
     return _render("search.html", page=page, query=query)
 
 
@@ -388,12 +496,15 @@ def confirm_release(record_id: int) -> ResponseReturnValue:
 # Actions ----------------------------------------------------------------------------------------------------
 
 
+_VERSION = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+
+
 def _act(record_id: int, action: Action, done: str) -> dict[str, Any]:
     """Run an operator action for the current viewer; 403, 400, 404 or 409 when it must not run."""
     viewer = _require_operator()
     _check_csrf()
     seen = request.form.get("version", "")
-    if not seen.isdigit():
+    if not _VERSION.fullmatch(seen):
         abort(400, "The form does not say which version of the record it acts on. Reload the page.")
     try:
         result = ops.act(action, record_id, actor=viewer.name, version=int(seen))

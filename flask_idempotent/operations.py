@@ -50,6 +50,11 @@ __all__ = [
 
 MAX_PER_PAGE = 200
 DEFAULT_PER_PAGE = 50
+#: Pages beyond this are clamped to it: the row offset (``(page - 1) * per_page``) must fit the database's
+#: 64-bit integer (PostgreSQL answers "bigint out of range", SQLite's driver raises ``OverflowError``).
+MAX_PAGE = 1_000_000_000
+#: Record ids are 64-bit integers: an id outside ``-MAX_ID - 1 .. MAX_ID`` is never looked up, it does not exist.
+MAX_ID = 2**63 - 1
 
 
 class RecordNotFound(LookupError):
@@ -62,7 +67,7 @@ class RecordChanged(RuntimeError):
 
 @dataclass
 class Page:
-    """One page of a listing. ``page`` and ``per_page`` are clamped to 1.. and 1..200.
+    """One page of a listing. ``page`` and ``per_page`` are clamped to 1..:data:`MAX_PAGE` and 1..200.
 
     ``total`` is exact up to :data:`COUNT_LIMIT`; beyond it ``total_capped`` is true and ``total`` is the limit.
     """
@@ -105,7 +110,14 @@ def bounds(page: Any = 1, per_page: Any = DEFAULT_PER_PAGE) -> tuple[int, int]:
         except (TypeError, ValueError):
             return default
 
-    return max(1, as_int(page, 1)), min(MAX_PER_PAGE, max(1, as_int(per_page, DEFAULT_PER_PAGE)))
+    page_n = min(MAX_PAGE, max(1, as_int(page, 1)))
+    return page_n, min(MAX_PER_PAGE, max(1, as_int(per_page, DEFAULT_PER_PAGE)))
+
+
+def _check_id(record_id: int) -> None:
+    """An id no 64-bit column can hold is not found (and never reaches the driver, which would overflow)."""
+    if not -MAX_ID - 1 <= record_id <= MAX_ID:
+        raise RecordNotFound(f"no idempotency record with id {record_id}")
 
 
 def record_dict(row: Any, *, body_limit: int | None = 0) -> dict[str, Any]:
@@ -210,6 +222,7 @@ def _with_events(conn: Any, state: AppState, row: Any, body_limit: int | None) -
 
 def get(record_id: int, *, body_limit: int | None = 0) -> dict[str, Any]:
     """One record with its events (newest first). Raises :class:`RecordNotFound`."""
+    _check_id(record_id)
     state = _state()
     with state.db.engine.connect() as conn:
         row = state.store.get(conn, record_id)
@@ -257,6 +270,7 @@ def act(action: Action | str, record_id: int, *, actor: str, version: int | None
     action = Action(action)
     if not actor:
         raise ValueError("an operator action needs the actor's name")
+    _check_id(record_id)
     state = _state()
     store = state.store
     with state.db.engine.begin() as conn:

@@ -339,6 +339,7 @@ def test_search_by_exact_key_or_scope(app: Flask, client: FlaskClient, clock: An
         ("page=abc", "page 1 of 3 · 2 per page"),
         ("page=99", "page 99 of 3 · 2 per page"),
         ("page=3", "page 3 of 3 · 2 per page"),
+        ("page=99999999999999999999", "page 1000000000 of 3 · 2 per page"),
         ("per_page=100000", "page 1 of 1 · 200 per page"),
         ("per_page=abc", "page 1 of 1 · 50 per page"),
         ("per_page=0", "page 1 of 5 · 1 per page"),

@@ -73,6 +73,8 @@ def test_search_matches_key_or_scope_exactly_newest_first_across_pages(app: Flas
         ("abc", "xyz", (1, 50)),
         (2, 100000, (2, 200)),
         (1, 0, (1, 1)),
+        (10**20, 10**20, (ops.MAX_PAGE, 200)),  # the row offset must fit a 64-bit integer
+        ("9" * 5000, "1_0", (1, 10)),
     ],
 )
 def test_paging_values_are_bounded(page: Any, per_page: Any, expected: tuple[int, int]) -> None:
