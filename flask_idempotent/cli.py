@@ -197,9 +197,11 @@ def _print_records(items: list[dict[str, Any]]) -> None:
     for r in items:
         stuck = f" stuck {_age(r.get('stuck_for_seconds'))}" if r.get("stuck") else ""
         retry = " retryable" if r["state"] == "FAILED" and r["retryable"] else ""
+        what = f"task {r['path']}" if r.get("kind") == "task" else f"{r['method']} {r['path']}"
+        summary = f"  ({r['summary']})" if r.get("summary") else ""
         click.echo(
             f"{r['id']:>8}  {r['state']:<11}{retry}{stuck}  attempts={r['attempts']}  "
-            f"scope={r['scope']!r} key={r['key']!r}  {r['method']} {r['path']}"
+            f"scope={r['scope']!r} key={r['key']!r}  {what}{summary}"
         )
 
 
@@ -222,10 +224,11 @@ def stats_command(as_json: bool) -> None:
 @cli.command("stuck")
 @page_option
 @per_page_option
+@click.option("--kind", type=click.Choice(ops.KINDS), default=None, help="Only requests (http) or tasks.")
 @json_option
-def stuck_command(page: int, per_page: int, as_json: bool) -> None:
+def stuck_command(page: int, per_page: int, kind: str | None, as_json: bool) -> None:
     """IN_PROGRESS records whose lease expired: their outcome is unknown until an operator decides."""
-    result = ops.list_stuck(page, per_page)
+    result = ops.list_stuck(page, per_page, kind=kind)
     _emit(
         {
             "items": result.items,

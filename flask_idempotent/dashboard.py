@@ -100,7 +100,7 @@ SECURITY_HEADERS = {
 }
 
 #: The only query arguments carried into the pagination links (nothing else ever reaches ``url_for``).
-LIST_ARGS = frozenset({"page", "per_page", "kind", "window", "q"})
+LIST_ARGS = frozenset({"page", "per_page", "kind", "record_kind", "window", "q"})
 
 #: What a dashboard page answers with 503 instead of a 500: the database (or its tables) cannot be used.
 _STORE_ERRORS = (sa.exc.DBAPIError, sa.exc.TimeoutError, SchemaVersionError)
@@ -415,9 +415,10 @@ def overview() -> ResponseReturnValue:
 @blueprint.get("/stuck")
 @_exempt
 def stuck() -> ResponseReturnValue:
-    """IN_PROGRESS records whose lease expired, longest stuck first."""
-    page = ops.list_stuck(request.args.get("page"), request.args.get("per_page"))
-    return _render("records.html", page=page, title="Stuck requests", kind="stuck")
+    """IN_PROGRESS records whose lease expired, longest stuck first; ``?record_kind=http|task`` filters."""
+    record_kind = _record_kind()
+    page = ops.list_stuck(request.args.get("page"), request.args.get("per_page"), kind=record_kind)
+    return _render("records.html", page=page, title="Stuck requests", kind="stuck", record_kind=record_kind)
 
 
 _FAILED_FILTERS: dict[str, bool | None] = {"all": None, "awaiting": False, "final": False, "retryable": True}
@@ -430,10 +431,23 @@ def failed() -> ResponseReturnValue:
     kind = request.args.get("kind", "all")
     if kind not in _FAILED_FILTERS:
         kind = "all"
+    record_kind = _record_kind()
     page = ops.list_failed(
-        _FAILED_FILTERS[kind], request.args.get("page"), request.args.get("per_page"), awaiting=kind == "awaiting"
+        _FAILED_FILTERS[kind],
+        request.args.get("page"),
+        request.args.get("per_page"),
+        awaiting=kind == "awaiting",
+        kind=record_kind,
     )
-    return _render("records.html", page=page, title="Failed requests", kind="failed", failed_kind=kind)
+    return _render(
+        "records.html", page=page, title="Failed requests", kind="failed", failed_kind=kind, record_kind=record_kind
+    )
+
+
+def _record_kind() -> str | None:
+    """``?record_kind=http|task``; anything else means all kinds."""
+    value = request.args.get("record_kind")
+    return value if value in ops.KINDS else None
 
 
 _WINDOWS = {"24h": 24, "7d": 24 * 7, "all": None}

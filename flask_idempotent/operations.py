@@ -27,6 +27,7 @@ from .store import COUNT_LIMIT
 __all__ = [
     "COUNT_LIMIT",
     "Action",
+    "KINDS",
     "Page",
     "RecordChanged",
     "RecordNotFound",
@@ -178,18 +179,34 @@ def stats() -> dict[str, Any]:
     }
 
 
-def list_stuck(page: Any = 1, per_page: Any = DEFAULT_PER_PAGE) -> Page:
-    """IN_PROGRESS records whose lease expired (by the database's clock), longest stuck first."""
-    query, where = _state().store.stuck_query()
+#: Record kinds: requests (``http``) and tasks and other code paths (``task``); lists filter by them.
+KINDS = ("http", "task")
+
+
+def _kind(kind: str | None) -> str | None:
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    return kind
+
+
+def list_stuck(page: Any = 1, per_page: Any = DEFAULT_PER_PAGE, *, kind: str | None = None) -> Page:
+    """IN_PROGRESS records whose lease expired (by the database's clock), longest stuck first; ``kind``
+    (``http`` or ``task``) keeps only records of that kind."""
+    query, where = _state().store.stuck_query(_kind(kind))
     return _page(query, where, page, per_page)
 
 
 def list_failed(
-    retryable: bool | None = None, page: Any = 1, per_page: Any = DEFAULT_PER_PAGE, *, awaiting: bool = False
+    retryable: bool | None = None,
+    page: Any = 1,
+    per_page: Any = DEFAULT_PER_PAGE,
+    *,
+    awaiting: bool = False,
+    kind: str | None = None,
 ) -> Page:
     """FAILED records, newest first; ``retryable`` filters retryable (True) or final (False) ones; ``awaiting``
-    lists only final failures nobody acknowledged yet ("awaiting a decision")."""
-    query, where = _state().store.failed_query(retryable, awaiting)
+    lists only final failures nobody acknowledged yet ("awaiting a decision"); ``kind`` as for stuck."""
+    query, where = _state().store.failed_query(retryable, awaiting, _kind(kind))
     return _page(query, where, page, per_page)
 
 

@@ -357,17 +357,26 @@ class RecordStore:
     def page(self, conn: Executor, query: sa.Select[Any], limit: int, offset: int) -> Sequence[Row[Any]]:
         return conn.execute(query.limit(limit).offset(offset), self._times()).all()  # type: ignore[no-any-return]
 
-    def stuck_query(self) -> tuple[sa.Select[Any], Any]:
-        """IN_PROGRESS records whose lease ended (``machine.stuck``), longest stuck first; and the filter."""
+    def stuck_query(self, kind: str | None = None) -> tuple[sa.Select[Any], Any]:
+        """IN_PROGRESS records whose lease ended (``machine.stuck``), longest stuck first; and the filter.
+
+        ``kind`` (``http`` or ``task``) keeps only records of that kind.
+        """
         r = self.records
         where = machine.stuck(r, _now())
+        if kind is not None:
+            where = sa.and_(where, r.c.kind == kind)
         query = sa.select(*self.seen_columns).where(where).order_by(r.c.locked_until, r.c.id)
         return query, where
 
-    def failed_query(self, retryable: bool | None, awaiting: bool = False) -> tuple[sa.Select[Any], Any]:
-        """FAILED records, newest first; ``awaiting``: final failures nobody acknowledged yet."""
+    def failed_query(
+        self, retryable: bool | None, awaiting: bool = False, kind: str | None = None
+    ) -> tuple[sa.Select[Any], Any]:
+        """FAILED records, newest first; ``awaiting``: final failures nobody acknowledged yet; ``kind`` as above."""
         r = self.records
         where: Any = machine.awaiting_decision(r) if awaiting else r.c.state == State.FAILED.value
+        if kind is not None:
+            where = sa.and_(where, r.c.kind == kind)
         if retryable is not None and not awaiting:
             where = sa.and_(where, r.c.retryable == retryable)
         query = sa.select(*self.seen_columns).where(where).order_by(r.c.updated_at.desc(), r.c.id.desc())

@@ -181,3 +181,32 @@ def test_once_runs_a_block_at_most_once(app: Flask, provider: Provider) -> None:
         pass  # leaving without complete() completes with None
     with idempotency.once("refunds", "rf_3", command={}) as again:
         assert again.done and again.result is None
+
+
+def test_task_records_are_listed_and_filtered_by_kind(
+    app: Flask, client: Any, charge: Any, provider: Provider, clock: Any
+) -> None:
+    from concurrency import make_stuck
+
+    provider.block = True
+    owner = threading.Thread(target=lambda: charge(7, 1000), daemon=True)
+    owner.start()
+    assert provider.entered.wait(10)
+    http_owner = make_stuck(app, clock)  # a stuck request too; the clock moves 12 minutes
+    try:
+        with app.app_context():
+            assert {r["kind"] for r in ops.list_stuck().items} == {"http", "task"}
+            assert [r["key"] for r in ops.list_stuck(kind="task").items] == ["charge:7"]
+            assert [r["key"] for r in ops.list_stuck(kind="http").items] == ["stuck-1"]
+            with pytest.raises(ValueError, match="kind must be one of"):
+                ops.list_stuck(kind="cron")
+        ext(app)["idempotency"].dashboard_access(lambda: "oncall")
+        page = client.get("/idempotency/stuck?record_kind=task").get_data(as_text=True)
+        assert "charge:7" in page and "stuck-1" not in page and 'data-fi-kind="task"' in page
+        cli = app.test_cli_runner().invoke(args=["idempotency", "stuck", "--kind", "task"])
+        assert cli.exit_code == 0 and "charge:7" in cli.output and "task " in cli.output and "stuck-1" not in cli.output
+    finally:
+        provider.release.set()
+        owner.join(10)
+        ext(app)["controls"].release.set()
+        http_owner.result()
