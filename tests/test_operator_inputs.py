@@ -31,7 +31,7 @@ HUGE = "99999999999999999999"  # above int64
 BEYOND_INT64 = [str(2**63), HUGE]
 ACTIONS = ["mark-retryable", "mark-failed", "acknowledge", "release"]
 #: The only query arguments a pagination link may carry.
-LIST_ARGS = {"page", "per_page", "kind", "window", "q"}
+LIST_ARGS = {"page", "per_page", "kind", "record_kind", "window", "q"}
 
 
 def framed_or_cached(response: TestResponse) -> list[str]:
