@@ -1,7 +1,11 @@
 """Parsing the ``Idempotency-Key`` header.
 
 Two spellings name the same key: a bare token (``abc``) and an RFC 8941 sf-string (``"abc"``). The key itself
-is 1..255 visible ASCII characters (0x21-0x7E) in either spelling.
+is 1..255 visible ASCII characters (0x21-0x7E) other than the comma, in either spelling.
+
+The comma is refused because servers (gunicorn, Werkzeug, most WSGI servers) join repeated header lines with a
+comma before the app sees them: ``Idempotency-Key: a`` and ``Idempotency-Key: b`` arrive as the one value
+``a,b``, which must not become a key of its own.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ class KeyFormatError(ValueError):
 
 def _is_visible_ascii(text: str) -> bool:
     return all("\x21" <= ch <= "\x7e" for ch in text)
+
+
+_COMMA = "a key may not contain a comma (servers join two key header lines with one: send the header once)"
 
 
 def _unquote_sf_string(value: str) -> str:
@@ -39,11 +46,15 @@ def _unquote_sf_string(value: str) -> str:
 def parse_key(values: list[str]) -> str:
     """Return the key carried by the header lines ``values`` (all lines with the header's name).
 
-    Raises :class:`KeyFormatError` for two or more lines, an empty or over-long key, characters outside
-    0x21-0x7E, or a broken sf-string.
+    Raises :class:`KeyFormatError` for two or more lines (given apart, or joined by the server with a comma),
+    an empty or over-long key, characters outside 0x21-0x7E, a comma, or a broken sf-string.
     """
     if len(values) != 1:
         raise KeyFormatError("the key header must appear exactly once")
+    if "," in values[0]:
+        # Before unquoting: a comma joins two lines whatever their spelling (``a,b``, ``"a","b"``), and the
+        # content of an sf-string obeys the bare key's rule, so ``"a,b"`` is refused too.
+        raise KeyFormatError(_COMMA)
     # Optional whitespace around a field value is not part of it (RFC 9110 section 5.5).
     value = values[0].strip(" \t")
     if value.startswith('"'):

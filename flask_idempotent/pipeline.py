@@ -39,7 +39,7 @@ from .errors import (
     ScopeError,
     StoreUnavailable,
 )
-from .fingerprint import BodyTooLarge, custom_command, hash_command, request_fingerprint
+from .fingerprint import BodyTooLarge, custom_command, hash_command, limit_body, request_fingerprint
 from .keys import KeyFormatError, parse_key
 from .machine import (
     CLAIMING,
@@ -175,6 +175,7 @@ def before_request() -> ResponseReturnValue | None:
     scope = options.scope if options.scope is not None else _load_scope(state)
     try:
         if options.fingerprint is not None:
+            limit_body(request, max_body_bytes=state.max_body_bytes)  # the callable may read the body
             command = custom_command(request, current_app.ensure_sync(options.fingerprint)())
         else:
             command = request_fingerprint(

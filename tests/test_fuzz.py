@@ -3,10 +3,12 @@ it never crashes, never answers a 500 of its own, and never lets two different c
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 import pytest
+import rfc8785
 from flask import Flask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +17,7 @@ from flask_idempotent.fingerprint import canonical_json, hash_command, request_f
 from flask_idempotent.keys import MAX_KEY_LENGTH, KeyFormatError, parse_key
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-visible = st.characters(min_codepoint=0x21, max_codepoint=0x7E)
+visible = st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters=",")
 
 
 @FUZZ
@@ -27,6 +29,17 @@ def test_parse_key_returns_a_valid_key_or_a_key_format_error(lines: list[str]) -
         return
     assert 1 <= len(key) <= MAX_KEY_LENGTH
     assert all(0x21 <= ord(c) <= 0x7E for c in key)
+    assert "," not in key  # two header lines joined by the server
+
+
+@FUZZ
+@given(st.text(visible, max_size=40), st.text(visible, max_size=40))
+def test_a_comma_is_refused_in_either_spelling(before: str, after: str) -> None:
+    key = f"{before},{after}"
+    quoted = '"' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    for raw in (key, quoted, f"{before}, {after}"):
+        with pytest.raises(KeyFormatError, match="comma"):
+            parse_key([raw])
 
 
 @FUZZ
@@ -71,6 +84,42 @@ def same_json(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and a == b
+
+
+# The C encoder's fast path against the reference implementation: the same bytes, always --------------------
+
+json_numbers = (
+    st.integers(-(2**53) + 1, 2**53 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.sampled_from(
+        [0.1, 1e-4, 9.99e-5, 1e-6, 1e-7, 1e15, 1e16, 1e20, 1e21, 1e22, 2.0**53, 2.0**53 + 2, 123e-20, -0.0]
+    )
+)
+json_text = st.text(max_size=6) | st.sampled_from(["\U0001f600", "\ue000", "\uffff", "\x7f", "\u2028", "a\x00b"])
+any_json = st.recursive(
+    st.none() | st.booleans() | json_numbers | json_text,
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(json_text, children, max_size=5),
+    max_leaves=16,
+)
+
+
+@FUZZ
+@given(any_json, st.sampled_from([None, 1]), st.booleans())
+def test_canonical_json_is_the_reference_rfc8785_form(document: Any, indent: Any, ascii_only: bool) -> None:
+    raw = json.dumps(document, indent=indent, ensure_ascii=ascii_only).encode()
+    try:
+        expected: bytes | None = rfc8785.dumps(json.loads(raw))
+    except rfc8785.CanonicalizationError:
+        expected = None
+    assert canonical_json(raw) == expected
+
+
+@FUZZ
+@given(
+    st.recursive(json_text | st.integers(-(2**53) + 1, 2**53 - 1) | st.none() | st.booleans(), st.lists, max_leaves=12)
+)
+def test_hash_command_is_the_sha256_of_the_reference_rfc8785_form(command: Any) -> None:
+    assert hash_command(command) == "v1:" + hashlib.sha256(rfc8785.dumps(command)).hexdigest()
 
 
 def fingerprint_of(app: Flask, body: bytes, content_type: str = "application/json") -> str:

@@ -21,6 +21,7 @@ from flask_idempotent.keys import MAX_KEY_LENGTH, KeyFormatError, parse_key
         ("x" * MAX_KEY_LENGTH, "x" * MAX_KEY_LENGTH),
         ("!~", "!~"),
         ("9f1c-uuid-like_key.1", "9f1c-uuid-like_key.1"),
+        ('"a;b=c"', "a;b=c"),
     ],
 )
 def test_valid_keys_parse(raw: str, key: str) -> None:
@@ -44,6 +45,15 @@ def test_valid_keys_parse(raw: str, key: str) -> None:
         ['"bad\\escape"'],
         ['"trailing\\"'],
         ['"a b"'],
+        ["a,b"],  # two header lines, joined by the server (gunicorn, werkzeug) before the app sees them
+        ["a, b"],
+        [","],
+        ["key,"],
+        [",key"],
+        ['"a,b"'],  # an sf-string's content obeys the bare key's rule: no comma
+        ['"a",b'],
+        ['"a","b"'],
+        ['"a", "b"'],
         ["one", "two"],
         [],
     ],
@@ -76,6 +86,20 @@ def test_two_key_header_lines_are_rejected(app: Flask, client: FlaskClient) -> N
     assert response.status_code == 400
     assert problem_code(response) == "invalid-key"
     assert records(app) == []
+
+
+@pytest.mark.parametrize("value", ["a,b", '"a,b"', '"a","b"'])
+def test_a_comma_is_two_joined_header_lines_and_rejected(app: Flask, client: FlaskClient, value: str) -> None:
+    """Servers join repeated header lines with a comma before the app sees them: ``a,b`` is two keys."""
+    response = client.post("/payments", headers={"Idempotency-Key": value}, json={"amount": 1})
+    assert response.status_code == 400
+    assert problem_code(response) == "invalid-key"
+    assert "comma" in response.get_json()["detail"]
+    assert charges(app) == 0
+    assert records(app) == []
+    retry = post(client, "/payments", key="a", json={"amount": 1})  # one line: the key is free and runs once
+    assert retry.status_code == 201
+    assert charges(app) == 1
 
 
 @pytest.mark.parametrize("app_config", [{"IDEMPOTENCY_HEADER": "X-Request-Key"}])

@@ -1,0 +1,43 @@
+"""``testapp`` as gunicorn serves it for the request-input tests: ``gunicorn 'inputapp:create_app()'``.
+
+Configured from the environment: ``INPUTAPP_DATABASE_URL`` (required; SQLite or PostgreSQL) and
+``INPUTAPP_MAX_BODY_BYTES`` (``IDEMPOTENCY_MAX_BODY_BYTES``, default: the extension's own). Every view run writes a
+row to ``charges``, which the test reads from its own process. Besides testapp's routes:
+
+- ``GET /health``: the worker's pid, for :meth:`procs.Gunicorn.wait_ready`;
+- ``POST /echo`` (idempotent): the length and sha256 of the body the view reads with ``request.get_data()``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import timedelta
+from typing import Any
+
+from flask import Flask, jsonify, request
+from testapp import Controls, build_app
+
+from flask_idempotent import idempotent
+
+
+def create_app() -> Flask:
+    config: dict[str, Any] = {}
+    if os.environ.get("INPUTAPP_MAX_BODY_BYTES"):
+        config["IDEMPOTENCY_MAX_BODY_BYTES"] = int(os.environ["INPUTAPP_MAX_BODY_BYTES"])
+    app = build_app(os.environ["INPUTAPP_DATABASE_URL"], clock=lambda: timedelta(0), controls=Controls(), **config)
+    ext = app.extensions["test"]
+
+    @app.get("/health")
+    def health() -> Any:
+        return jsonify(pid=os.getpid())
+
+    @app.post("/echo")
+    @idempotent
+    def echo() -> Any:
+        data = request.get_data()
+        ext["db"].session.add(ext["Charge"](amount=len(data), route="echo"))
+        ext["db"].session.commit()
+        return jsonify(length=len(data), sha256=hashlib.sha256(data).hexdigest()), 201
+
+    return app
