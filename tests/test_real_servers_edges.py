@@ -1,4 +1,5 @@
-"""Edges that show only through a real server: gunicorn (sync and gthread workers) on PostgreSQL.
+"""Edges that show only through a real server: gunicorn (sync and gthread workers) and Werkzeug's server,
+on PostgreSQL.
 
 A blueprint's auth hook rejecting the first attempt is not stored (the corrected retry runs); a streamed response
 is passed through whole and stored while it is sent, up to the response limit; a stream that breaks midway
@@ -8,22 +9,47 @@ leaves a FAILED record, never an IN_PROGRESS one.
 from __future__ import annotations
 
 import http.client
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from faultapp import drop_tables, reset_database, snapshot
+from faultapp import create_app, drop_tables, reset_database, snapshot
 from procs import Gunicorn, send
+from werkzeug.serving import make_server
 
 pytestmark = pytest.mark.postgresql_only
 
 
+class WerkzeugServer:
+    """faultapp on Werkzeug's threaded server, in a thread of the test process."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.worker_class = "werkzeug"
+        self.app = create_app(env)
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.port = self.server.server_port
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        with self.app.app_context():
+            self.app.extensions["sqlalchemy"].engine.dispose()
+
+
 class Rig:
-    def __init__(self, url: str, tmp: Path, worker_class: str) -> None:
+    def __init__(self, url: str, tmp: Path, server: str) -> None:
         env = {"FAULTAPP_DATABASE_URL": url, "FAULTAPP_SIGNAL_DIR": str(tmp)}
-        self.server = Gunicorn(env, tmp / "gunicorn.log", workers=1, worker_class=worker_class, threads=4)
+        self.server: Any = (
+            WerkzeugServer(env)
+            if server == "werkzeug"
+            else Gunicorn(env, tmp / "gunicorn.log", workers=1, worker_class=server, threads=4)
+        )
         self.engine = sa.create_engine(url)
 
     def state(self, key: str) -> dict[str, Any]:
@@ -31,7 +57,7 @@ class Rig:
             return snapshot(conn, key)
 
 
-@pytest.fixture(scope="module", params=["sync", "gthread"])
+@pytest.fixture(scope="module", params=["sync", "gthread", "werkzeug"])
 def rig(request: pytest.FixtureRequest, postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     reset_database(postgres_url)
     rig = Rig(postgres_url, tmp_path_factory.mktemp(f"edges-{request.param}"), request.param)
