@@ -496,7 +496,14 @@ def record(record_id: int) -> ResponseReturnValue:
     show_bodies = _settings().show_bodies
     data = _load(record_id, body_limit=BODY_LIMIT if show_bodies else 0)
     refused = {action.name.lower(): ops.refusal(action, data) for action in Action}
-    return _render("record.html", record=data, refused=refused, show_bodies=show_bodies, body_limit=BODY_LIMIT)
+    return _render(
+        "record.html",
+        record=data,
+        refused=refused,
+        show_bodies=show_bodies,
+        body_limit=BODY_LIMIT,
+        runbook=data["runbook"],
+    )
 
 
 @blueprint.get("/records/<int:record_id>/release")

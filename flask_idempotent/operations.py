@@ -20,6 +20,7 @@ from flask import current_app
 
 from . import signals
 from .context import RecordView
+from .decorator import options_of
 from .machine import Action, TransitionError, operator_transition
 from .state import AppState, app_state
 from .store import COUNT_LIMIT
@@ -231,8 +232,16 @@ def search(query: str, page: Any = 1, per_page: Any = DEFAULT_PER_PAGE) -> Page:
     return _page(select, where, page, per_page)
 
 
+def runbook_of(endpoint: str | None) -> str | None:
+    """The ``runbook=`` of the route that wrote a record (``None`` for tasks and routes without one)."""
+    view = current_app.view_functions.get(endpoint) if endpoint else None
+    options = options_of(view)
+    return None if options is None else options.runbook
+
+
 def _with_events(conn: Any, state: AppState, row: Any, body_limit: int | None) -> dict[str, Any]:
     data = record_dict(row, body_limit=body_limit)
+    data["runbook"] = runbook_of(data.get("endpoint"))
     data["events"] = [dict(ev._mapping) for ev in state.store.events_of(conn, row.id)]
     return data
 

@@ -115,3 +115,28 @@ def test_route_options_are_checked_when_the_view_is_decorated() -> None:
         idempotent(key="X-Delivery")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="scope="):
         idempotent(scope="x" * 256)
+
+
+def test_a_routes_runbook_is_shown_with_its_records(app: Flask, client: FlaskClient, clock: Any) -> None:
+    controls = ext(app)["controls"]
+
+    @app.post("/payouts")
+    @idempotent(runbook="https://wiki.example/runbooks/payouts", describe=lambda: "payout 5.00 EUR")
+    def payout() -> Any:
+        controls.ran("payouts")
+        return jsonify(ok=True), 201
+
+    from concurrency import Background
+
+    held = controls.hold("payouts")
+    owner = Background(app, "/payouts", key="p-1", json={})
+    assert held.entered.wait(10)
+    clock.advance(seconds=61)
+    row = record(app, "p-1")
+    ext(app)["idempotency"].dashboard_access(lambda: "oncall")
+    page = client.get(f"/idempotency/records/{row['id']}").get_data(as_text=True)
+    assert 'href="https://wiki.example/runbooks/payouts"' in page and "payout 5.00 EUR" in page
+    shown = app.test_cli_runner().invoke(args=["idempotency", "show", "", "p-1", "--json"])
+    assert '"runbook": "https://wiki.example/runbooks/payouts"' in shown.output
+    held.release.set()
+    owner.result()
