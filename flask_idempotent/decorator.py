@@ -1,6 +1,6 @@
 """``@idempotent``: marks a view as protected and carries its options.
 
-The enforcing happens in the extension's request hooks (README: "How it works"); the decorator only registers
+The enforcing happens in the extension's request hooks (README: "Behaviour"); the decorator only registers
 the options on the view and notes an exception the view raised, so the outcome can tell a transient error
 from any other.
 """

@@ -1,5 +1,5 @@
 """The ``Idempotency`` extension: registration of the request hooks, the CLI group, the dashboard and the
-app's callbacks. The hooks themselves are in ``pipeline.py`` (README: "How it works")."""
+app's callbacks. The hooks themselves are in ``pipeline.py`` (README: "Behaviour")."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ class Idempotency:
     blueprint, and adds the extension's tables to ``db.metadata``.
 
     ``clock_offset`` (a callable returning seconds or a ``timedelta``) is for tests that need a lease to run
-    out: it is added to the database's clock, which decides every lease, expiry and "stuck" (README: "Time").
+    out: it is added to the database's clock, which decides every lease, expiry and "stuck"
+    (README: "Time: the database's clock decides").
     """
 
     def __init__(
@@ -108,7 +109,9 @@ class Idempotency:
         transient: tuple[type[BaseException], ...] = (),
         name: str | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Make a function (a Celery task's body, say) run at most once per key (README: "Tasks").
+        """Make a function (a Celery task's body, say) run at most once per key.
+
+        README: "Tasks and other code paths".
 
         ``key`` computes the key from the call's arguments; the arguments (JSON) are the command, so the same
         key with other arguments raises ``KeyReused``; the return value (JSON) is stored and returned to a
