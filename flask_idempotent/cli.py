@@ -16,7 +16,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, NoReturn
 
 import click
@@ -242,14 +242,89 @@ def stuck_command(page: int, per_page: int, kind: str | None, as_json: bool) -> 
     )
 
 
+def _page_data(result: ops.Page) -> dict[str, Any]:
+    return {
+        "items": result.items,
+        "total": result.total,
+        "total_capped": result.total_capped,
+        "page": result.page,
+        "per_page": result.per_page,
+    }
+
+
+_FAILED_WHICH = {"all": None, "awaiting": False, "final": False, "retryable": True}
+
+
+@cli.command("failed")
+@click.option(
+    "--which",
+    type=click.Choice(list(_FAILED_WHICH)),
+    default="all",
+    show_default=True,
+    help="awaiting: final failures nobody acknowledged yet.",
+)
+@page_option
+@per_page_option
+@click.option("--kind", type=click.Choice(ops.KINDS), default=None, help="Only requests (http) or tasks.")
+@json_option
+def failed_command(which: str, page: int, per_page: int, kind: str | None, as_json: bool) -> None:
+    """FAILED records, newest first."""
+    result = ops.list_failed(_FAILED_WHICH[which], page, per_page, awaiting=which == "awaiting", kind=kind)
+    _emit(_page_data(result), as_json, lambda d: _print_records(d["items"]))
+
+
+@cli.command("conflicts")
+@click.option("--hours", type=click.IntRange(1, 24 * 366), default=None, help="Only the last HOURS hours.")
+@page_option
+@per_page_option
+@json_option
+def conflicts_command(hours: int | None, page: int, per_page: int, as_json: bool) -> None:
+    """Keys reused with another command: the original request and the conflicting one, newest first."""
+    since = None if hours is None else ops.now() - timedelta(hours=hours)
+    result = ops.list_conflicts(since, page, per_page)
+
+    def human(d: dict[str, Any]) -> None:
+        if not d["items"]:
+            click.echo("(none)")
+        for ev in d["items"]:
+            original = ev["record"]
+            first = (
+                "released" if original is None else f"{original['method']} {original['path']} (record {original['id']})"
+            )
+            detail = ev["detail"] or {}
+            click.echo(
+                f"{ev['created_at']:%Y-%m-%d %H:%M:%S} UTC  scope={ev['scope']!r} key={ev['key']!r}  first: {first}"
+                f"  then: {detail.get('method')} {detail.get('path')}"
+            )
+
+    _emit(_page_data(result), as_json, human)
+
+
+@cli.command("search")
+@click.argument("text")
+@page_option
+@per_page_option
+@json_option
+def search_command(text: str, page: int, per_page: int, as_json: bool) -> None:
+    """Records whose key or scope is exactly TEXT."""
+    _emit(_page_data(ops.search(text, page, per_page)), as_json, lambda d: _print_records(d["items"]))
+
+
 @cli.command("show")
-@click.argument("scope")
-@click.argument("key")
+@click.argument("target", nargs=-1, required=True)
 @click.option("--body", is_flag=True, help="Include the stored response body.")
 @json_option
-def show_command(scope: str, key: str, body: bool, as_json: bool) -> None:
-    """One record (by SCOPE and KEY; the global scope is "") with its events."""
-    record = ops.show(scope, key, body_limit=None if body else 0)
+def show_command(target: tuple[str, ...], body: bool, as_json: bool) -> None:
+    """One record with its events: by ID, or by SCOPE and KEY (the global scope is "")."""
+    limit = None if body else 0
+    if len(target) == 1:
+        if not target[0].isascii() or not target[0].isdigit():
+            raise click.UsageError("give a record ID (a number), or SCOPE and KEY")
+        record = ops.get(int(target[0]), body_limit=limit)
+    elif len(target) == 2:
+        record = ops.show(target[0], target[1], body_limit=limit)
+    else:
+        raise click.UsageError("give a record ID, or SCOPE and KEY")
 
     def human(r: dict[str, Any]) -> None:
         for name, value in r.items():
@@ -263,6 +338,8 @@ def show_command(scope: str, key: str, body: bool, as_json: bool) -> None:
 
 
 def _action(action: ops.Action, help_text: str) -> None:
+    release = action is ops.Action.RELEASE
+
     @cli.command(action.value, help=help_text)
     @click.argument("record_id", type=int)
     @click.option(
@@ -271,9 +348,29 @@ def _action(action: ops.Action, help_text: str) -> None:
         default=None,
         help="Act only if the record is still at this version (the one you looked at); else exit 1.",
     )
+    @click.option("--yes", is_flag=True, help="Release without asking (release only).", hidden=not release)
     @actor_option
     @json_option
-    def command(record_id: int, expect_version: int | None, actor: str, as_json: bool) -> None:
+    def command(record_id: int, expect_version: int | None, yes: bool, actor: str, as_json: bool) -> None:
+        if release and not yes:
+            # The rule first (a live lease is refused without a question), then the question, then the
+            # release of exactly the version the operator was asked about.
+            seen = ops.get(record_id)
+            if expect_version is not None and expect_version != seen["version"]:
+                raise ops.RecordChanged(
+                    f"record {record_id} changed since you looked at it (version {expect_version}, now"
+                    f" {seen['version']}); look at it again, then decide"
+                )
+            refused = ops.refusal(action, seen)
+            if refused:
+                raise ops.TransitionError(refused)
+            click.confirm(
+                f"Release record {record_id} (key {seen['key']!r}, {seen['state']})? The next request with its key"
+                " runs as new",
+                abort=True,
+                err=True,
+            )
+            expect_version = seen["version"] if expect_version is None else expect_version
         record = ops.act(action, record_id, actor=actor, version=expect_version)
         _emit(
             record,
@@ -286,7 +383,9 @@ _action(ops.Action.MARK_RETRYABLE, "Mark a FAILED or stuck record retryable: the
 _action(ops.Action.MARK_FAILED, "Mark a retryable or stuck record failed for good: retries get the failure.")
 _action(ops.Action.ACKNOWLEDGE, "Leave a final failure as it is: it no longer awaits a decision.")
 _action(
-    ops.Action.RELEASE, "Delete a record (not while its lease is live): its key is free again. The audit event stays."
+    ops.Action.RELEASE,
+    "Delete a record (not while its lease is live): its key is free again. The audit event stays. Asks first"
+    " unless --yes.",
 )
 
 

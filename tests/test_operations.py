@@ -270,3 +270,56 @@ def test_counts_stop_at_the_limit_and_say_so(app: Flask, client: FlaskClient, mo
     listed = json.loads(cli(app, "stuck", "--json").output)
     assert (listed["total"], listed["total_capped"]) == (0, False)
     assert len(events(app, "conflict")) == 4
+
+
+def test_cli_lists_failed_conflicts_and_search_like_the_dashboard(app: Flask, client: FlaskClient) -> None:
+    controls = ext(app)["controls"]
+    post(client, "/payments", key="ok", json={"amount": 1})
+    post(client, "/payments", key="ok", json={"amount": 2})  # a conflict
+    controls.status = 500
+    post(client, "/payments", key="final", json={"amount": 1})
+    controls.status = 503
+    post(client, "/payments", key="retry", json={"amount": 1})
+    controls.status = None
+
+    def keys(*args: str) -> list[str]:
+        result = cli(app, *args, "--json")
+        assert result.exit_code == 0, result.output
+        return [item["key"] for item in json.loads(result.output)["items"]]
+
+    assert keys("failed") == ["retry", "final"]
+    assert keys("failed", "--which", "awaiting") == ["final"] == keys("failed", "--which", "final")
+    assert keys("failed", "--which", "retryable") == ["retry"]
+    assert keys("failed", "--kind", "task") == []
+    assert keys("conflicts") == ["ok"] == keys("conflicts", "--hours", "1")
+    assert keys("search", "ok") == ["ok"] and keys("search", "nope") == []
+    human = cli(app, "conflicts")
+    assert human.exit_code == 0 and "key='ok'" in human.output and "first: POST /payments" in human.output
+    assert "final" in cli(app, "failed", "--which", "final").output
+
+
+def test_cli_show_takes_an_id_or_a_scope_and_key(app: Flask, client: FlaskClient) -> None:
+    post(client, "/payments", key="k", json={"amount": 1})
+    row = record(app, "k")
+    by_id = json.loads(cli(app, "show", str(row["id"]), "--json").output)
+    by_key = json.loads(cli(app, "show", "", "k", "--json").output)
+    assert by_id["id"] == by_key["id"] == row["id"] and by_id["version"] == 2
+    bad = cli(app, "show", "x1")
+    assert bad.exit_code == 2 and "give a record ID" in bad.output
+
+
+def test_cli_release_asks_first_and_refuses_before_asking(app: Flask, client: FlaskClient, clock: Any) -> None:
+    post(client, "/payments", key="k", json={"amount": 1})
+    row = record(app, "k")
+    declined = app.test_cli_runner().invoke(args=["idempotency", "release", str(row["id"])], input="n\n")
+    assert declined.exit_code == 1 and "Release record" in declined.output and record(app, "k") is not None
+    accepted = app.test_cli_runner().invoke(args=["idempotency", "release", str(row["id"])], input="y\n")
+    assert accepted.exit_code == 0, accepted.output
+    assert record(app, "k") is None and [e["kind"] for e in events(app)] == ["release"]
+    owner = make_stuck(app, clock)  # a stuck record whose owner is still alive
+    clock.advance(minutes=-12)  # ... and back: its lease is live again
+    live = record(app, "stuck-1")
+    refused = app.test_cli_runner().invoke(args=["idempotency", "release", str(live["id"])])
+    assert refused.exit_code == 1 and "lease is still live" in refused.output and "Release record" not in refused.output
+    ext(app)["controls"].release.set()
+    owner.result()

@@ -93,7 +93,8 @@ def via_api(app: Flask, client: FlaskClient, action: Action, record_id: int) -> 
 
 
 def via_cli(app: Flask, client: FlaskClient, action: Action, record_id: int) -> tuple[bool, str]:
-    result = app.test_cli_runner().invoke(args=["idempotency", action.value, str(record_id), "--actor", "alice"])
+    yes = ["--yes"] if action is Action.RELEASE else []  # release asks first; its refusals come before the question
+    result = app.test_cli_runner().invoke(args=["idempotency", action.value, str(record_id), "--actor", "alice", *yes])
     assert result.exit_code in (0, 1), result.output
     assert "Traceback" not in result.output
     return result.exit_code == 0, result.output
