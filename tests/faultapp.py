@@ -227,6 +227,12 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         fault("effect")
         return response
 
+    @app.post("/webhooks/sender")
+    @idempotent(key=lambda: request.headers.get("X-Delivery"), scope="sender")
+    def webhook_sender() -> Any:
+        """A webhook receiver: the sender's delivery id is the key, in the fixed scope ``sender``."""
+        return pay("webhooks-sender")
+
     app.wsgi_app = CrashAfterCompletion(app.wsgi_app, witness)  # type: ignore[method-assign]
     return app
 

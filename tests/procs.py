@@ -428,3 +428,153 @@ class ReplyDroppingProxy(TcpProxy):
                     self._doomed.discard(pair)
                     if self.dropped_reply:
                         self.dropped.set()
+
+
+@dataclass
+class LostReply:
+    """A response :class:`ResponseDroppingProxy` kept from its client: the request it answered, and its bytes."""
+
+    marker: bytes
+    withheld: bool
+    request: bytes  # the client bytes that matched the marker
+    reply: bytes  # what the server answered (possibly nothing, if the client gave up first)
+
+    @property
+    def status(self) -> int | None:
+        line = self.reply.split(b"\r\n", 1)[0].split()
+        return int(line[1]) if len(line) > 1 and line[1].isdigit() else None
+
+    @property
+    def body(self) -> bytes:
+        return self.reply.partition(b"\r\n\r\n")[2]
+
+
+class ResponseDroppingProxy(TcpProxy):
+    """An HTTP client-to-app :class:`TcpProxy` that loses the response to chosen requests.
+
+    :meth:`arm` queues one fault: the next request whose bytes contain ``marker`` (any request for ``b""``) is
+    forwarded as usual, and its response is never delivered:
+
+    - by default the server's whole response is read (up to its ``Content-Length``, the end of a chunked body,
+      or the server closing the connection): the view ran and the outcome was stored. Then both sockets are
+      closed, so the client sees its connection end without a response;
+    - with ``withhold=True`` the response is held back and the connection left open until the client gives up
+      (its own timeout) and closes it, bounded by 30 s: a response that never came.
+
+    Each fault fires once; every other request and response passes through. :attr:`lost` lists the faults that
+    fired, in order.
+    """
+
+    WITHHOLD_LIMIT = 30.0
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self._faults: list[tuple[bytes, bool]] = []
+        self._doomed: dict[tuple[socket.socket, socket.socket], tuple[bytes, bool, bytes]] = {}
+        self._closed: dict[tuple[socket.socket, socket.socket], threading.Event] = {}
+        self.lost: list[LostReply] = []
+        super().__init__(target_host, target_port)
+
+    def arm(self, marker: bytes = b"", *, withhold: bool = False) -> None:
+        with self._lock:
+            self._faults.append((marker, withhold))
+
+    @property
+    def armed(self) -> int:
+        """Faults queued that have not fired yet."""
+        with self._lock:
+            return len(self._faults)
+
+    @staticmethod
+    def _starts_request(data: bytes) -> bool:
+        """Whether ``data`` begins with a request line (``POST /path HTTP/1.1``): a new request on the connection."""
+        line = data.split(b"\r\n", 1)[0].split(b" ")
+        return len(line) == 3 and line[0].isalpha() and line[0].isupper() and line[2].startswith(b"HTTP/1.")
+
+    @staticmethod
+    def _complete(reply: bytes, *, head: bool = False) -> bool:
+        """Whether ``reply`` holds a whole response (``head``: one to a HEAD request, which has no body)."""
+        start, sep, body = reply.partition(b"\r\n\r\n")
+        if not sep:
+            return False
+        if head:
+            return True
+        lines = start.decode("latin-1").split("\r\n")
+        status = lines[0].split()[1] if len(lines[0].split()) > 1 else ""
+        fields = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:])}
+        if status in ("204", "304"):
+            return True
+        if "content-length" in fields:
+            return len(body) >= int(fields["content-length"])
+        if "chunked" in fields.get("transfer-encoding", "").lower():
+            return body.endswith(b"0\r\n\r\n")
+        return False  # delimited by the server closing the connection
+
+    def _pump(self, pair: tuple[socket.socket, socket.socket], src: socket.socket, dst: socket.socket) -> None:
+        to_server = src is pair[0]
+        with self._lock:
+            self._closed.setdefault(pair, threading.Event())
+        request = b""
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if to_server:
+                    request = data if self._starts_request(data) else (request + data)[-65536:]
+                    with self._lock:
+                        for fault in [] if pair in self._doomed else self._faults:  # one fault per request
+                            if fault[0] in request:
+                                self._faults.remove(fault)
+                                self._doomed[pair] = (*fault, request)  # before forwarding: the reply may be quick
+                                request = b""
+                                break
+                    dst.sendall(data)
+                    continue
+                with self._lock:
+                    doomed = self._doomed.get(pair)
+                if doomed is None:
+                    dst.sendall(data)
+                    continue
+                self._lose(pair, src, doomed, data)
+                return
+        except OSError:
+            pass  # the other pump or cut() closed the pair
+        finally:
+            self._drop(pair)
+            with self._lock:
+                doomed = None if to_server else self._doomed.pop(pair, None)
+                if doomed is not None:  # the client hung up before the server's first byte: lost all the same
+                    self.lost.append(LostReply(doomed[0], doomed[1], doomed[2], b""))
+
+    def _lose(
+        self,
+        pair: tuple[socket.socket, socket.socket],
+        src: socket.socket,
+        doomed: tuple[bytes, bool, bytes],
+        reply: bytes,
+    ) -> None:
+        """Read the doomed response to its end without forwarding it; then drop it, or wait for the client."""
+        marker, withheld, request = doomed
+        src.settimeout(10)  # bounded: a response that never ends is lost all the same
+        try:
+            while not self._complete(reply, head=request.startswith(b"HEAD ")):
+                data = src.recv(65536)
+                if not data:
+                    break
+                reply += data
+        except OSError:
+            pass
+        with self._lock:
+            closed = self._closed.get(pair)
+        if withheld and closed is not None:
+            closed.wait(self.WITHHOLD_LIMIT)  # the client's pump drops the pair when it hangs up
+        with self._lock:
+            self._doomed.pop(pair, None)
+            self.lost.append(LostReply(marker, withheld, request, reply))
+
+    def _drop(self, pair: tuple[socket.socket, socket.socket]) -> None:
+        super()._drop(pair)
+        with self._lock:
+            closed = self._closed.pop(pair, None)
+        if closed is not None:
+            closed.set()
