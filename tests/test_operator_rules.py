@@ -18,6 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from helpers import charges, events, ext, post, problem_code, record, records
 from test_dashboard import PREFIX, allow, form_fields
+from test_dashboard import insert as insert_row
 
 from flask_idempotent import operations as ops
 from flask_idempotent.machine import Action
@@ -51,35 +52,19 @@ REFUSED = {
 
 
 def insert(app: Flask, clock: Any, key: str, scenario: str) -> int:
-    """A record in ``scenario``'s state. Decisive times go in as SQL text (hand-written, or the DB's clock)."""
-    values: dict[str, Any] = {
-        "scope": "",
-        "key": key,
-        "request_hash": "v1:" + "0" * 64,
-        "method": "POST",
-        "path": "/payments",
-        "endpoint": "create_payment",
-        "retryable": False,
-        "attempts": 1,
-        "event_count": 0,
-        "response_headers": [["Content-Type", "application/json"]],
-        "created_at": clock.now,
-        "updated_at": clock.now,
-        "expires_at": clock.now + timedelta(hours=24),
-        **SCENARIOS[scenario],
-    }
+    """A record in ``scenario``'s state (the dashboard tests' row). Decisive times go in as SQL text:
+    hand-written, or the DB's clock."""
+    values: dict[str, Any] = {"response_status": None, "response_body": None, "error": None, **SCENARIOS[scenario]}
     locked_until = values.pop("locked_until", None)
     if values.get("acknowledged_by"):
         values["acknowledged_at"] = clock.now
-    with app.app_context():
-        db = ext(app)["db"]
-        table = db.metadata.tables[RECORDS_TABLE]
-        with db.engine.begin() as conn:
-            record_id = int(conn.execute(sa.insert(table).values(**values)).inserted_primary_key[0])
-            if locked_until == "+10 minutes":
-                conn.execute(sa.update(table).values(locked_until=clock.now + timedelta(minutes=10)))
-            elif locked_until is not None:
-                conn.execute(sa.text(f"UPDATE {RECORDS_TABLE} SET locked_until = '{locked_until}'"))
+    record_id = insert_row(app, clock, key, **values)
+    with app.app_context(), ext(app)["db"].engine.begin() as conn:
+        table = ext(app)["db"].metadata.tables[RECORDS_TABLE]
+        if locked_until == "+10 minutes":
+            conn.execute(sa.update(table).values(locked_until=clock.now + timedelta(minutes=10)))
+        elif locked_until is not None:
+            conn.execute(sa.text(f"UPDATE {RECORDS_TABLE} SET locked_until = '{locked_until}'"))
     return record_id
 
 
