@@ -43,6 +43,7 @@ class IdempotencyError(HTTPException):
     def __init__(self, detail: str | None = None, *, retry_after: int | None = None, status: int | None = None):
         super().__init__(description=detail or self.title)
         self.detail = detail or self.title
+        self.args = (self.detail,)  # so that the message survives pickling (a Celery result backend, a log)
         self.retry_after = retry_after
         if status is not None:
             self.code = status

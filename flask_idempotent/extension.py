@@ -108,6 +108,7 @@ class Idempotency:
         ttl: float | timedelta | None = None,
         transient: tuple[type[BaseException], ...] = (),
         name: str | None = None,
+        bind: bool = False,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Make a function (a Celery task's body, say) run at most once per key.
 
@@ -116,7 +117,8 @@ class Idempotency:
         ``key`` computes the key from the call's arguments; the arguments (JSON) are the command, so the same
         key with other arguments raises ``KeyReused``; the return value (JSON) is stored and returned to a
         redelivered or repeated call. Outside an app context it pushes the context of the app it was registered
-        on. Place it below ``@celery.task``.
+        on. Place it below ``@celery.task``; with Celery's ``bind=True`` pass ``bind=True`` here too: the task
+        object (``self``) is then handed to the function but is neither part of the key nor of the command.
         """
         return task_decorator(
             self._bound,
@@ -126,6 +128,7 @@ class Idempotency:
             ttl=_seconds(ttl),
             transient=transient,
             name=name,
+            bind=bind,
         )
 
     @contextlib.contextmanager

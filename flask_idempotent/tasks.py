@@ -180,18 +180,26 @@ def task_decorator(
     ttl: float | None = None,
     transient: tuple[type[BaseException], ...] = (),
     name: str | None = None,
+    bind: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Build ``idempotency.task(...)``: ``state_of()`` gives the app state and a context manager that pushes
-    the app's context when the caller has none (a Celery worker)."""
+    the app's context when the caller has none (a Celery worker). ``bind``: the first positional argument is the
+    task object (Celery's ``bind=True``): passed through to the function, but neither in the key nor the command."""
     if not callable(key):
         raise TypeError("task(key=...) takes a callable computing the key from the call's arguments")
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         signature = inspect.signature(func)
+        if bind:
+            parameters = list(signature.parameters.values())
+            if not parameters:
+                raise TypeError(f"task(bind=True) needs a first parameter for the task object in {func.__qualname__}")
+            signature = signature.replace(parameters=parameters[1:])
         task_name = name or f"{func.__module__}.{func.__qualname__}"
 
         @functools.wraps(func)
-        def call(*args: Any, **kwargs: Any) -> Any:
+        def call(*all_args: Any, **kwargs: Any) -> Any:
+            passed, args = (all_args[:1], all_args[1:]) if bind else ((), all_args)
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             command = command_of(task_name, bound.arguments)  # TypeError before any effect
@@ -215,7 +223,7 @@ def task_decorator(
             ):
                 if operation.done:
                     return operation.result
-                result = func(*args, **kwargs)
+                result = func(*passed, *args, **kwargs)
                 operation.complete(result)
                 return result
 

@@ -210,3 +210,27 @@ def test_task_records_are_listed_and_filtered_by_kind(
         owner.join(10)
         ext(app)["controls"].release.set()
         http_owner.result()
+
+
+def test_a_bound_celery_task_passes_itself_through_outside_the_key_and_command(app: Flask, provider: Provider) -> None:
+    idempotency = ext(app)["idempotency"]
+    seen: list[Any] = []
+
+    class FakeTask:  # what Celery passes as ``self`` with bind=True: not JSON, never part of the command
+        def retry(self, countdown: int) -> None: ...
+
+    @idempotency.task(key=lambda order_id: f"bound:{order_id}", bind=True)
+    def bound_charge(self: Any, order_id: int) -> dict[str, Any]:
+        seen.append(self)
+        return provider.charge(order_id, 1)
+
+    first, second = FakeTask(), FakeTask()
+    assert bound_charge(first, 3) == bound_charge(second, 3) == {"charge": "ch_3", "amount": 1}
+    assert seen == [first] and provider.charges == [(3, 1)]
+
+
+def test_the_errors_keep_their_message_when_pickled() -> None:
+    import pickle
+
+    error = pickle.loads(pickle.dumps(RecordStuck("the charge of order 7 stopped without an outcome")))
+    assert isinstance(error, RecordStuck) and "order 7" in str(error) and error.code == 409
