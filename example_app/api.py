@@ -16,10 +16,14 @@ from flask_idempotent import TransientError, current_record, idempotent
 from .auth import require_user
 from .extensions import db
 from .models import Account, Payment, Transfer
-from .problems import abort_problem, problem
+from .problems import DATABASE_DOWN, abort_problem, database_unavailable, problem
 from .provider import SIMULATE_HEADER, ProviderError, ProviderUnavailable, get_provider
 
 api = Blueprint("api", __name__)
+# A database outage answers 503 store-unavailable (problem+json, Retry-After) on every API route, also when it
+# hits the token lookup, which runs before the idempotency layer's hook.
+for _down in DATABASE_DOWN:
+    api.register_error_handler(_down, database_unavailable)
 
 MAX_AMOUNT = 10**12
 
@@ -76,17 +80,38 @@ def create_payment() -> ResponseReturnValue:
     current_record.checkpoint("provider-charged", {"charge_id": charge.id})
     if simulate == "crash":
         provider.crash()
-    payment = Payment(
-        user_id=user.id,
-        amount=amount,
-        currency=currency,
-        description=description,
-        charge_id=charge.id,
-        idempotency_key=current_record.key,
-    )
-    db.session.add(payment)
-    db.session.commit()
+    payment = None if charge.created else _booked(charge.id)
+    if payment is None:
+        payment = Payment(
+            user_id=user.id,
+            amount=amount,
+            currency=currency,
+            description=description,
+            charge_id=charge.id,
+            idempotency_key=current_record.key,
+        )
+        db.session.add(payment)
+        try:
+            db.session.commit()
+        except sa.exc.IntegrityError:
+            # Booked in between by another request of this charge: answer with that payment.
+            db.session.rollback()
+            payment = _booked(charge.id)
+            if payment is None:
+                raise
     return jsonify(payment.to_dict()), 201, {"Location": url_for("api.get_payment", payment_id=payment.id)}
+
+
+def _booked(charge_id: str) -> Payment | None:
+    """The payment already booked for a provider charge.
+
+    The provider answers a repeated reference (``scope:key``) with the charge it made before. After a crash the
+    payment was never booked; but when an operator released a completed record, the key runs again and gets the
+    charge whose payment exists: that payment is the answer (201 with the same body as the first time), not a
+    second booking, which the unique ``charge_id`` would refuse with an IntegrityError.
+    """
+    payment: Payment | None = db.session.scalar(sa.select(Payment).where(Payment.charge_id == charge_id))
+    return payment
 
 
 @api.get("/payments/<int:payment_id>")

@@ -10,6 +10,9 @@ Environment variables:
   development password :data:`DEV_OPERATOR_PASSWORD` is used and a warning says so.
 - Any ``FLASK_<KEY>`` sets config ``<KEY>`` (Flask's ``from_prefixed_env``, values parsed as JSON), e.g.
   ``FLASK_IDEMPOTENCY_LEASE=10`` for a 10 s lease, ``FLASK_PROVIDER_SIMULATION=true``.
+- ``FLASK_LOG_LEVEL`` (default ``INFO``): the log level; ``DEBUG`` adds tracebacks to failures (see ``logs.py``).
+- ``FLASK_PROVIDER_HANG_DIR``: where the simulated provider's ``hang`` calls wait for ``POST /provider/release``
+  (default: ``<instance folder>/provider-hang``); every worker of one server must share it (see ``provider.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+
+from .logs import configure_logging
 
 DEV_OPERATOR_USERNAME = "operator"
 #: Used only in debug mode when ``OPERATOR_PASSWORD`` is unset; never in production mode.
@@ -46,7 +51,9 @@ def configure(app: Flask, overrides: Mapping[str, Any] | None) -> None:
     config.from_mapping(
         OPERATOR_USERNAME=DEV_OPERATOR_USERNAME,
         OPERATOR_PASSWORD=None,
+        LOG_LEVEL="INFO",
         PROVIDER_HANG_TIMEOUT=300.0,
+        PROVIDER_HANG_DIR=None,
         PROVIDER_WEBHOOK_SECRET=None,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=None,  # decided below, unless set (Flask's own default is False)
@@ -56,6 +63,7 @@ def configure(app: Flask, overrides: Mapping[str, Any] | None) -> None:
         if os.environ.get(name):
             config[name] = os.environ[name]
     config.update(overrides or {})
+    configure_logging(app)  # first: the warnings below are logged in its format
     development = app.debug or app.testing
 
     if "SQLALCHEMY_DATABASE_URI" not in config:

@@ -10,7 +10,8 @@ Switches, per request (``X-Simulate`` header, when ``PROVIDER_SIMULATION`` is on
 - ``transient``: the provider is unavailable (a 503 or a timeout) and charged nothing: safe to retry;
 - ``fail``: the provider answers 500 and the charge's fate is unknown: a final failure, an operator decides;
 - ``hang``: the call blocks until ``POST /provider/release`` (or ``PROVIDER_HANG_TIMEOUT`` seconds, then it
-  counts as ``transient``), to show the 409 a concurrent duplicate gets;
+  counts as ``transient``), to show the 409 a concurrent duplicate gets. The release reaches the call in any
+  worker process: the gate is a directory the workers share (``PROVIDER_HANG_DIR``, see :class:`HangGate`);
 - ``crash``: the charge is made, then the process is killed with SIGKILL before the payment is booked: the
   record stays IN_PROGRESS and shows up as stuck once its lease runs out.
 """
@@ -21,7 +22,9 @@ import os
 import secrets
 import signal
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlalchemy as sa
 from flask import Flask, current_app
@@ -53,45 +56,75 @@ class Charge:
 
 
 class HangGate:
-    """Where ``hang`` calls wait; ``release`` lets every waiting call go on."""
+    """Where ``hang`` calls wait; ``release`` lets every waiting call go on, in any process of the server.
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._waiting = 0
-        self._generation = 0
+    Under gunicorn the request that hangs holds one worker and ``POST /provider/release`` is served by another,
+    so the gate lives in a directory every worker shares (``PROVIDER_HANG_DIR``, by default in the instance
+    folder): each waiting call keeps a file in ``waiting/``, and a release writes a new token to ``released``,
+    which waiting calls poll for. Workers on several hosts need a shared directory (or one host for the demo).
+    """
+
+    POLL_INTERVAL = 0.05
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self._waiting_dir = self.directory / "waiting"
+        self._released = self.directory / "released"
 
     def hold(self, timeout: float) -> bool:
         """Block until released (True) or ``timeout`` seconds passed (False)."""
-        with self._cond:
-            generation = self._generation
-            self._waiting += 1
-            self._cond.notify_all()
-            try:
-                return self._cond.wait_for(lambda: self._generation != generation, timeout)
-            finally:
-                self._waiting -= 1
-                self._cond.notify_all()
+        self._waiting_dir.mkdir(parents=True, exist_ok=True)
+        seen = self._release_token()  # before the waiting file: a release in between is not missed
+        waiting = self._waiting_dir / f"{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
+        waiting.touch()
+        deadline = time.monotonic() + timeout
+        try:
+            while self._release_token() == seen:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(self.POLL_INTERVAL)
+            return True
+        finally:
+            waiting.unlink(missing_ok=True)
 
     def release(self) -> int:
         """Release every waiting call; return how many there were."""
-        with self._cond:
-            waiting = self._waiting
-            self._generation += 1
-            self._cond.notify_all()
-            return waiting
+        waiting = self.waiting()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fresh = self.directory / f"released.{os.getpid()}.{secrets.token_hex(4)}"
+        fresh.write_text(secrets.token_hex(8))
+        os.replace(fresh, self._released)  # atomic: a waiting call reads the old token or the new one
+        return waiting
+
+    def waiting(self) -> int:
+        """How many calls wait at the gate now, in all processes."""
+        try:
+            return sum(1 for _ in self._waiting_dir.iterdir())
+        except FileNotFoundError:
+            return 0
 
     def wait_for_waiters(self, count: int, timeout: float) -> bool:
         """Block until ``count`` calls are waiting (for tests and demos that must not race)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self._waiting >= count, timeout)
+        deadline = time.monotonic() + timeout
+        while self.waiting() < count:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(self.POLL_INTERVAL)
+        return True
+
+    def _release_token(self) -> str:
+        try:
+            return self._released.read_text()
+        except FileNotFoundError:
+            return ""
 
 
 class SimulatedProvider:
     """The provider of one app (``app.extensions["payment_provider"]``)."""
 
-    def __init__(self, hang_timeout: float) -> None:
+    def __init__(self, hang_timeout: float, hang_dir: str | os.PathLike[str]) -> None:
         self.hang_timeout = hang_timeout
-        self.gate = HangGate()
+        self.gate = HangGate(hang_dir)
 
     def charge(self, *, amount: int, currency: str, reference: str, simulate: str | None = None) -> Charge:
         """Charge ``amount`` once per ``reference``; a repeated reference gets the existing charge."""
@@ -130,7 +163,8 @@ class SimulatedProvider:
 
 
 def init_provider(app: Flask) -> SimulatedProvider:
-    provider = SimulatedProvider(hang_timeout=float(app.config["PROVIDER_HANG_TIMEOUT"]))
+    hang_dir = app.config.get("PROVIDER_HANG_DIR") or os.path.join(app.instance_path, "provider-hang")
+    provider = SimulatedProvider(hang_timeout=float(app.config["PROVIDER_HANG_TIMEOUT"]), hang_dir=hang_dir)
     app.extensions[EXTENSION_NAME] = provider
     return provider
 

@@ -22,9 +22,11 @@ from flask_idempotent import idempotent
 
 from .extensions import db
 from .models import Account
-from .problems import abort_problem
+from .problems import DATABASE_DOWN, abort_problem, database_unavailable
 
 webhooks = Blueprint("webhooks", __name__, url_prefix="/webhooks")
+for _down in DATABASE_DOWN:
+    webhooks.register_error_handler(_down, database_unavailable)  # 503 store-unavailable: the sender retries
 
 SIGNATURE_HEADER = "X-Provider-Signature"
 

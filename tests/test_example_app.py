@@ -53,7 +53,11 @@ def example_config() -> dict[str, Any]:
 
 @pytest.fixture
 def example(
-    database_url: str, clock: Any, monkeypatch: pytest.MonkeyPatch, example_config: dict[str, Any]
+    database_url: str,
+    clock: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    example_config: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Flask]:
     reset_database(database_url)
     monkeypatch.setattr(example_app.idempotency, "clock_offset", clock)
@@ -63,6 +67,7 @@ def example(
             "DATABASE_URL": database_url,
             "SECRET_KEY": "test-secret",
             "OPERATOR_PASSWORD": OPERATOR_PASSWORD,
+            "PROVIDER_HANG_DIR": str(tmp_path_factory.mktemp("provider-hang")),
             **example_config,
         }
     )
@@ -603,3 +608,125 @@ def test_a_forged_webhook_is_401_and_claims_nothing(example: Flask) -> None:
     forged = deliver(client, {"id": "evt_2", "type": "payout.paid", "account": 1, "amount": 5}, secret="guess")
     assert forged.status_code == 401 and problem_code(forged) == "bad-signature"
     assert rows(example, "idempotency_records", scope="provider") == [] and balances(example) == before
+
+
+# Operating it: outages, logs, releasing a completed payment -------------------------------------------------
+
+
+def unreachable_url(database_url: str, tmp_path: Any) -> str:
+    """A URL of the same kind whose database cannot be reached (as in test_store_unavailable)."""
+    if database_url.startswith("sqlite"):
+        return f"sqlite:///{tmp_path / 'missing-dir' / 'db.sqlite'}"  # cannot be opened
+    return "postgresql+psycopg2://root@127.0.0.1:1/nowhere?connect_timeout=2"  # nothing listens on port 1
+
+
+@pytest.fixture
+def down(database_url: str, tmp_path: Any, example_config: dict[str, Any]) -> Flask:
+    """The example app whose database cannot be reached (the server is gone, or refuses connections)."""
+    return create_app(
+        {
+            "TESTING": True,
+            "DATABASE_URL": unreachable_url(database_url, tmp_path),
+            "SECRET_KEY": "test-secret",
+            "OPERATOR_PASSWORD": OPERATOR_PASSWORD,
+            "PROVIDER_HANG_DIR": str(tmp_path / "provider-hang"),
+            **example_config,
+        }
+    )
+
+
+def test_a_database_outage_answers_every_api_route_with_503_store_unavailable(
+    down: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token lookup runs before the layer's hook: it meets the outage first, and must answer like the layer."""
+    client = down.test_client()
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    answers = [
+        pay(client, "order-outage"),
+        transfer(client, "transfer-outage", 100),
+        client.get("/payments/1", headers=auth),
+        client.get("/accounts", headers=auth),
+        client.post("/payments", json={"amount": 1}, headers=auth),  # no key: the outage answer all the same
+        client.post("/provider/release", headers=auth),
+    ]
+    for response in answers:
+        assert response.status_code == 503, response.data
+        assert response.mimetype == "application/problem+json"
+        body = response.get_json(force=True)
+        assert body["type"] == "urn:flask-idempotent:problem:store-unavailable"
+        assert body["status"] == 503 and body["title"] and body["detail"]
+        assert response.headers["Retry-After"] == "1"
+    outage = [r for r in caplog.records if "database unavailable" in r.getMessage()]
+    assert len(outage) == len(answers)  # one line per failed request, without a traceback
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in outage)
+
+
+@pytest.mark.parametrize("example_config", [{"PROVIDER_WEBHOOK_SECRET": "whsec-test"}])
+def test_a_database_outage_answers_a_webhook_with_503_so_the_sender_retries(down: Flask) -> None:
+    response = deliver(down.test_client(), {"id": "evt_9", "type": "payout.paid", "account": 1, "amount": 5})
+    assert response.status_code == 503 and problem_code(response) == "store-unavailable"
+    assert response.headers["Retry-After"] == "1"
+
+
+def test_releasing_a_completed_payment_and_retrying_answers_the_existing_payment(example: Flask) -> None:
+    """The provider deduplicates by ``scope:key``: the retry gets the old charge, and the view its payment."""
+    client = example.test_client()
+    first = pay(client, "order-2001", 1500, description="books")
+    assert first.status_code == 201
+    rec = record(example, "order-2001")
+
+    operator = example.test_client()
+    assert login(operator).status_code == 303
+    confirm = operator.get(f"/idempotency/records/{rec['id']}/release")  # the confirmation step
+    assert confirm.status_code == 200
+    action = f"/idempotency/records/{rec['id']}/release"
+    released = operator.post(
+        action,
+        data={
+            "csrf_token": hidden(confirm.text, "csrf_token", action),
+            "version": hidden(confirm.text, "version", action),
+            "confirm": "release",
+        },
+    )
+    assert released.status_code == 303
+    assert rows(example, "idempotency_records", key="order-2001") == []
+
+    retry = pay(client, "order-2001", 1500, description="books")
+
+    assert retry.status_code == 201, retry.data
+    assert "Idempotent-Replayed" not in retry.headers  # the view ran again...
+    assert retry.get_json() == first.get_json()  # ...and answered with the payment it had booked
+    assert retry.headers["Location"] == first.headers["Location"]
+    assert len(rows(example, "provider_charges")) == 1 and len(rows(example, "payments")) == 1
+    rec = record(example, "order-2001")
+    assert (rec["state"], rec["response_status"]) == ("COMPLETED", 201)
+    again = pay(client, "order-2001", 1500, description="books")
+    assert again.headers["Idempotent-Replayed"] == "true" and again.get_json() == first.get_json()
+
+
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: \S")
+
+
+def test_log_lines_carry_time_and_level_and_a_failure_is_one_line() -> None:
+    """The formatter the app installs when nobody configured logging (``example_app.logs``)."""
+    import logging
+
+    from example_app.logs import OneLineFormatter
+
+    try:
+        try:
+            raise ValueError("inner\nsecond line")
+        except ValueError as inner:
+            raise RuntimeError("could not store the outcome\n[SQL: INSERT ...]") from inner
+    except RuntimeError:
+        import sys
+
+        exc_info = sys.exc_info()
+    entry = logging.LogRecord("flask_idempotent", logging.ERROR, __file__, 1, "failed: %s", ("x\ny",), exc_info)
+
+    line = OneLineFormatter().format(entry)
+
+    assert "\n" not in line and LOG_LINE.match(line), line
+    assert line.endswith("[RuntimeError: could not store the outcome]")
+    verbose = OneLineFormatter(tracebacks=True).format(entry)  # DEBUG: the traceback follows
+    assert LOG_LINE.match(verbose) and "Traceback" in verbose and "ValueError: inner" in verbose
