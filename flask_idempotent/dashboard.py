@@ -309,6 +309,171 @@ def _json(value: Any, limit: int | None = None) -> str:
     return text
 
 
+# Scope labels, links, grouped events and charts ---------------------------------------------------------------
+
+#: Problems with the app's callbacks already logged (each is logged once per process, not on every page).
+_WARNED: set[str] = set()
+
+
+def _warn_once(what: str, message: str, *args: Any, exc_info: bool = False) -> None:
+    if what not in _WARNED:
+        _WARNED.add(what)
+        logger.warning(message, *args, exc_info=exc_info)
+
+
+def scope_label(scope: str) -> str | None:
+    """The app's ``scope_label`` for ``scope`` ("alice" for "1"), or ``None``: no callback, no label, or a
+    callback that raised or returned something other than a ``str`` (logged once; the page shows the scope)."""
+    label_of = app_state().callbacks.scope_label
+    if label_of is None or scope == "":
+        return None
+    cache: dict[str, str | None] = request.environ.setdefault("flask_idempotent.scope_labels", {})
+    if scope in cache:
+        return cache[scope]
+    label: str | None = None
+    try:
+        value = label_of(scope)
+    except Exception:
+        _warn_once("scope_label raised", "scope_label(%r) raised; the dashboard shows raw scopes", scope, exc_info=True)
+    else:
+        if isinstance(value, str):
+            label = value.strip() or None
+        elif value is not None:
+            _warn_once(
+                "scope_label type",
+                "scope_label(%r) returned %s, not a str; the dashboard shows raw scopes",
+                scope,
+                type(value).__name__,
+            )
+    if label == scope:
+        label = None  # nothing to add
+    cache[scope] = label
+    return label
+
+
+def _scopes_named(text: str) -> list[str]:
+    """The scopes the app's ``scope_search`` finds for ``text`` (a label an operator typed); ``[]`` when it
+    is not registered, raises (logged once) or answers something that is not an iterable of strings."""
+    find = app_state().callbacks.scope_search
+    if find is None:
+        return []
+    try:
+        found = find(text)
+        if found is None:
+            return []
+        if isinstance(found, (str, bytes)):
+            raise TypeError("scope_search must return an iterable of scopes, not one string")
+        scopes = [scope for scope in list(found)[: ops.MAX_SEARCH_SCOPES] if isinstance(scope, str)]
+    except Exception:
+        _warn_once("scope_search", "scope_search(%r) failed; searching keys and scopes only", text, exc_info=True)
+        return []
+    return [scope for scope in scopes if "\x00" not in scope]
+
+
+_URL_UNSAFE = re.compile(r"[\x00-\x20\x7f\\]")  # control characters, spaces, backslashes
+
+
+def safe_link(value: Any) -> str | None:
+    """``value`` if it may be a link on the dashboard: a relative path (``/payments/7``) or an ``http(s)``
+    URL with a host; anything else (``javascript:``, ``data:``, ``//other-host``, whitespace) is ``None``."""
+    if not isinstance(value, str) or not value or len(value) > 2048 or _URL_UNSAFE.search(value):
+        return None
+    if value.startswith("/"):
+        return None if value.startswith("//") else value
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme.lower() in ("http", "https") and rest and not rest.startswith("/"):
+        return value
+    return None
+
+
+def location_of(record: dict[str, Any]) -> str | None:
+    """The stored response's ``Location`` header, when it is safe to link to."""
+    for item in record.get("response_headers") or ():
+        if isinstance(item, (list, tuple)) and len(item) == 2 and str(item[0]).lower() == "location":
+            return safe_link(item[1])
+    return None
+
+
+def resource_link(record: dict[str, Any]) -> str | None:
+    """The app's ``resource_url`` for the record's resource reference, when registered and safe to link to."""
+    link = app_state().callbacks.resource_url
+    if link is None or record.get("resource_ref") is None:
+        return None
+    try:
+        url = link(record["resource_ref"])
+    except Exception:
+        _warn_once("resource_url", "resource_url raised for record %s; no link shown", record.get("id"), exc_info=True)
+        return None
+    return safe_link(url)
+
+
+def group_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive events of the same kind, actor and detail as one entry: ``count``, ``last`` (newest) and
+    ``first`` times; ``event`` is the newest of them. ``events`` are newest first, and so are the groups."""
+    groups: list[dict[str, Any]] = []
+    for ev in events:
+        same = (ev.get("kind"), ev.get("actor"), _json(ev.get("detail")))
+        if groups and groups[-1]["same"] == same:
+            group = groups[-1]
+            group["count"] += 1
+            group["first"] = ev.get("created_at")
+        else:
+            groups.append({"same": same, "event": ev, "count": 1, "last": ev["created_at"], "first": ev["created_at"]})
+    return groups
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 record``, ``2 records`` (``nouns`` for an irregular plural)."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
+
+
+#: The overview's charts: (series name, title, what one bar counts).
+CHARTS = (
+    ("created", "First requests", "first requests (records created)"),
+    ("conflicts", "Conflicts", "conflicts (key reused with another request)"),
+    ("failed", "Failures", "records that failed (FAILED, by last update)"),
+)
+_BAR, _GAP, _HEIGHT = 9, 2, 40
+
+
+def charts(activity: dict[str, Any]) -> list[dict[str, Any]]:
+    """The overview's bar charts as geometry for the template's inline SVG (no JavaScript, no inline style)."""
+    hours: list[datetime] = activity["hours"]
+    result = []
+    for name, title, unit in CHARTS:
+        series = activity[name]
+        counts: list[int] = series["counts"]
+        top = max(counts) or 1
+        bars = []
+        for i, (start, n) in enumerate(zip(hours, counts, strict=True)):
+            height = 0 if n == 0 else max(1, round(n * _HEIGHT / top))
+            bars.append(
+                {
+                    "x": i * (_BAR + _GAP),
+                    "y": _HEIGHT - height,
+                    "width": _BAR,
+                    "height": height,
+                    "value": n,
+                    "hour": start.strftime("%H:00"),
+                    "label": f"{start:%H:00}–{start + timedelta(hours=1):%H:00} UTC: {n} {unit}",
+                }
+            )
+        result.append(
+            {
+                "name": name,
+                "title": title,
+                "total": sum(counts),
+                "capped": series["capped"],
+                "max": max(counts),
+                "bars": bars,
+                "width": len(hours) * (_BAR + _GAP) - _GAP,
+                "height": _HEIGHT,
+                "first_hour": hours[0].strftime("%H:00") if hours else "",
+            }
+        )
+    return result
+
+
 @blueprint.context_processor
 def _template_helpers() -> dict[str, Any]:
     now = _page_now()
@@ -336,6 +501,12 @@ def _template_helpers() -> dict[str, Any]:
         "fi_page_url": _page_url,
         "fi_csrf_field": _csrf_field,
         "fi_csrf_token": _csrf_token,
+        "fi_scope_label": scope_label if viewer is not None else (lambda scope: None),
+        "fi_location": location_of,
+        "fi_resource_link": resource_link,
+        "fi_group_events": group_events,
+        "fi_plural": plural,
+        "fi_search_labels": app_state().callbacks.scope_search is not None,
         "fi_flash_ok": _FLASH_OK,
         "fi_flash_error": _FLASH_ERROR,
     }
@@ -407,6 +578,8 @@ def overview() -> ResponseReturnValue:
     return _render(
         "overview.html",
         stats=ops.stats(),
+        charts=charts(ops.activity()),
+        activity_limit=ops.ACTIVITY_LIMIT,
         stuck=ops.list_stuck(per_page=5),
         final=ops.list_failed(per_page=5, awaiting=True),
     )
@@ -470,16 +643,18 @@ def conflicts() -> ResponseReturnValue:
 @blueprint.get("/search")
 @_exempt
 def search() -> ResponseReturnValue:
-    """Records whose key or scope is exactly ``?q=``."""
+    """Records whose key or scope is exactly ``?q=``, and those of the scopes ``scope_search`` names for it."""
     query = request.args.get("q", "")
     page_n, per_page = ops.bounds(request.args.get("page"), request.args.get("per_page"))
+    scopes: list[str] = []
     if not query:
         page = None
     elif "\x00" in query:  # no key or scope holds NUL (PostgreSQL cannot even compare with it): no match
         page = ops.Page([], 0, page_n, per_page)
     else:
-        page = ops.search(query, page_n, per_page)
-    return _render("search.html", page=page, query=query)
+        scopes = _scopes_named(query)
+        page = ops.search(query, page_n, per_page, scopes=scopes)
+    return _render("search.html", page=page, query=query, scopes=scopes)
 
 
 def _load(record_id: int, *, body_limit: int | None = 0) -> dict[str, Any]:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 ScopeLoader = TypeVar("ScopeLoader", bound=Callable[[], Any])
 AccessCheck = TypeVar("AccessCheck", bound=Callable[[], Any])
+Labeler = TypeVar("Labeler", bound=Callable[[str], Any])
+Finder = TypeVar("Finder", bound=Callable[[str], Any])
+Linker = TypeVar("Linker", bound=Callable[[Any], Any])
 
 
 class Idempotency:
@@ -80,6 +83,34 @@ class Idempotency:
         """Register the dashboard's access check; it returns the actor's name, or something falsy for 403."""
         self._callbacks.dashboard_access = check
         return check
+
+    def scope_label(self, label: Labeler) -> Labeler:
+        """Register the function that names a scope for people on the dashboard (``"alice"`` for ``"1"``).
+
+        It takes the stored scope string and returns a ``str`` (or ``None``: no label). It runs once per scope
+        per page; keep it cheap. If it raises or returns anything else, the page shows the raw scope and the
+        problem is logged once per process.
+        """
+        self._callbacks.scope_label = label
+        return label
+
+    def scope_search(self, find: Finder) -> Finder:
+        """Register the reverse of :meth:`scope_label` for the dashboard's search: text → the scopes it names.
+
+        It takes what the operator typed (``"alice"``) and returns an iterable of scope strings (``["1"]``);
+        the search then also lists the records of those scopes (the first 50 scopes are used).
+        """
+        self._callbacks.scope_search = find
+        return find
+
+    def resource_url(self, link: Linker) -> Linker:
+        """Register the function mapping a record's resource reference (its ``resource_ref`` JSON) to a URL.
+
+        The record page links to it when it is a relative path (``/payments/7``) or an ``http(s)`` URL;
+        anything else (``javascript:``...) or ``None`` shows no link.
+        """
+        self._callbacks.resource_url = link
+        return link
 
     def state(self, app: Flask | None = None) -> AppState:
         """The per-app state of ``app`` (default: the current app)."""

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
@@ -35,6 +36,7 @@ __all__ = [
     "TransitionError",
     "acknowledge",
     "act",
+    "activity",
     "get",
     "list_conflicts",
     "list_failed",
@@ -225,11 +227,47 @@ def list_conflicts(since: datetime | None = None, page: Any = 1, per_page: Any =
     return Page(items, total, page_n, size, total_capped=capped)
 
 
-def search(query: str, page: Any = 1, per_page: Any = DEFAULT_PER_PAGE) -> Page:
-    """Records whose key or scope equals ``query`` exactly (bound parameters; index-served)."""
+#: At most this many scopes from the app's ``scope_search`` are searched.
+MAX_SEARCH_SCOPES = 50
+
+
+def search(query: str, page: Any = 1, per_page: Any = DEFAULT_PER_PAGE, *, scopes: Sequence[str] = ()) -> Page:
+    """Records whose key or scope equals ``query`` exactly (bound parameters; index-served), and those of
+    ``scopes`` (the scopes a label names: ``scope_search``; the first :data:`MAX_SEARCH_SCOPES` are used)."""
     page_n, size = bounds(page, per_page)
-    select, where = _state().store.search_query(query, page_n, size)
+    select, where = _state().store.search_query(query, page_n, size, list(scopes)[:MAX_SEARCH_SCOPES])
     return _page(select, where, page, per_page)
+
+
+#: The overview's charts read at most this many times per series (the last 24 h); beyond it a chart says
+#: "at least" (``capped``).
+ACTIVITY_LIMIT = 20_000
+
+
+def activity(hours: int = 24, limit: int = ACTIVITY_LIMIT) -> dict[str, Any]:
+    """Per-hour counts of the last ``hours`` clock hours (the current one included), by the database's clock:
+    ``created`` (first requests: records created), ``conflicts`` (conflict events) and ``failed`` (records that
+    are FAILED, by their ``updated_at``: when they failed or were last changed). Each series is
+    ``{"counts": [...], "capped": bool}`` oldest hour first; ``hours`` lists the hours' starts.
+
+    Bounded: each series reads at most ``limit`` timestamps (newest first) and buckets them here, which works
+    the same on every database; a series that hit the limit is ``capped`` (its oldest bars are too low).
+    """
+    state = _state()
+    with state.db.engine.connect() as conn:
+        now = state.store.now(conn)
+        start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
+        raw = state.store.activity(conn, start, limit)
+    starts = [start + timedelta(hours=i) for i in range(hours)]
+    series: dict[str, Any] = {}
+    for name, (times, capped) in raw.items():
+        counts = [0] * hours
+        for t in times:
+            index = int((t - start).total_seconds() // 3600)
+            if 0 <= index < hours:
+                counts[index] += 1
+        series[name] = {"counts": counts, "capped": capped}
+    return {"hours": starts, "now": now, **series}
 
 
 def runbook_of(endpoint: str | None) -> str | None:

@@ -58,6 +58,12 @@ class Callbacks:
 
     scope_loader: Callable[[], str | None] | None = None
     dashboard_access: Callable[[], Any] | None = None
+    #: Scope → a label for people ("alice" for "1"), shown next to the scope on the dashboard.
+    scope_label: Callable[[str], Any] | None = None
+    #: Text typed into the dashboard's search → the scopes it names (the reverse of ``scope_label``).
+    scope_search: Callable[[str], Any] | None = None
+    #: A record's resource reference (``resource_ref``) → a URL the record page links to.
+    resource_url: Callable[[Any], Any] | None = None
 
 
 def _offset_seconds(offset: Callable[[], float | timedelta] | None) -> Callable[[], float]:

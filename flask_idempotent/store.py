@@ -382,15 +382,20 @@ class RecordStore:
         query = sa.select(*self.seen_columns).where(where).order_by(r.c.updated_at.desc(), r.c.id.desc())
         return query, where
 
-    def search_query(self, text: str, page: int, size: int) -> tuple[sa.Select[Any], Any]:
+    def search_query(self, text: str, page: int, size: int, scopes: Sequence[str] = ()) -> tuple[sa.Select[Any], Any]:
         """Records whose key or scope equals ``text`` exactly, newest first (bound parameters; index-served).
 
         One branch per column, each walking its (column, id) index newest first and cut to the rows this page
         can need, then merged: with a single "key = q OR scope = q ORDER BY id DESC" PostgreSQL walks the
         primary key backwards and, for a rare or missing value, reads the whole table (160 ms at 1M records).
+        ``scopes`` (the app's ``scope_search`` answer for ``text``, a few) adds the records of those scopes, on
+        the same (scope, id) index.
         """
         r = self.records
         branches = [r.c.key == text, sa.and_(r.c.scope == text, r.c.key != text)]
+        extra = sorted({scope for scope in scopes if scope != text})
+        if extra:
+            branches.append(sa.and_(r.c.scope.in_(extra), r.c.key != text))
         newest = [
             sa.select(*self.seen_columns).where(where).order_by(r.c.id.desc()).limit(page * size).subquery()
             for where in branches
@@ -416,6 +421,38 @@ class RecordStore:
             query = sa.select(*self.seen_columns).where(r.c.id.in_(ids))
             originals = {row.id: row for row in conn.execute(query, self._times())}
         return total, capped, events, originals
+
+    def activity(self, conn: Executor, since: datetime, limit: int) -> dict[str, tuple[list[datetime], bool]]:
+        """Times of the last day's activity for the overview's charts: each list holds at most ``limit``
+        times (newest first) and says whether it stopped there (the chart then shows "at least").
+
+        - ``created``: records' ``created_at``, read newest first along the primary key (ids grow with time;
+          ``created_at`` has no index of its own), so at most ``limit`` rows are read; a record whose claim
+          was restarted keeps its old id and is missed here;
+        - ``conflicts``: conflict events on the (kind, created_at) index;
+        - ``failed``: ``updated_at`` of FAILED records on the (state, updated_at) index: when each became
+          FAILED, or was last changed since (a later operator action moves it).
+        """
+        r, e = self.records, self.events
+        queries = {
+            "created": sa.select(r.c.created_at).order_by(r.c.id.desc()),
+            "conflicts": sa.select(e.c.created_at)
+            .where(e.c.kind == EventKind.CONFLICT.value, e.c.created_at >= since)
+            .order_by(e.c.created_at.desc()),
+            "failed": sa.select(r.c.updated_at)
+            .where(r.c.state == State.FAILED.value, r.c.updated_at >= since)
+            .order_by(r.c.updated_at.desc()),
+        }
+        result: dict[str, tuple[list[datetime], bool]] = {}
+        for name, query in queries.items():
+            times = [t for t in conn.execute(query.limit(limit + 1)).scalars() if t is not None]
+            capped = len(times) > limit
+            times = times[:limit]
+            if name == "created":
+                capped = capped and times[-1] >= since
+                times = [t for t in times if t >= since]
+            result[name] = (times, capped)
+        return result
 
     def stats(self, conn: Executor, postgresql_estimate: bool) -> dict[str, Any]:
         """Counts by state, stuck records and the oldest one's lease end, failures, conflicts in the last 24 h."""

@@ -163,3 +163,44 @@ def test_hostile_keys_do_not_run_script_in_the_browser(browser: Any, served: tup
     finally:
         context.close()
     assert dialogs == []
+
+
+def test_overview_charts_labels_and_one_line_keys_in_the_browser(browser: Any, served: tuple[Flask, str]) -> None:
+    """The charts draw without JavaScript and without CSP violations; keys stay on one line; labels show."""
+    app, base = served
+    idempotency = ext(app)["idempotency"]
+    idempotency.scope_label({"merchant-42": "Acme Ltd", "merchant-7": "Bob's Bikes"}.get)
+    idempotency.scope_search(lambda text: ["merchant-42"] if text.lower() == "acme ltd" else [])
+    seed(app)
+    ext(app)["controls"].status = 500
+    post(app.test_client(), "/payments", key="5f0c6a52-8d1e-4c1b-9f3e-2a7d9b6c4e10", user="merchant-7", json={})
+    ARTIFACTS.mkdir(exist_ok=True)
+    context = browser.new_context(viewport={"width": 1366, "height": 768}, java_script_enabled=False)
+    context.set_default_timeout(15_000)
+    violations: list[str] = []
+    try:
+        page = context.new_page()
+        page.on("console", lambda msg: violations.append(msg.text) if "Content Security Policy" in msg.text else None)
+        page.goto(f"{base}/idempotency/")
+        created = page.locator('[data-fi-chart="created"] rect[data-fi-value]')
+        assert created.count() == 24
+        last = created.last.bounding_box()
+        assert last is not None and last["height"] > 10  # this hour's first requests, drawn
+        assert page.locator('[data-fi-total="stuck"]').inner_text() == "1"
+        bar_fill = created.last.evaluate("e => getComputedStyle(e).fill")
+        assert bar_fill == "rgb(31, 42, 60)"  # styled by dashboard.css, not inline
+        page.locator('[data-fi-chart="created"]').screenshot(path=str(ARTIFACTS / "dashboard-chart-created.png"))
+        page.screenshot(path=str(ARTIFACTS / "dashboard-overview-charts.png"), full_page=True)
+
+        page.goto(f"{base}/idempotency/failed")
+        link = page.get_by_role("link", name="5f0c6a52-8d1e-4c1b-9f3e-2a7d9b6c4e10")
+        box = link.bounding_box()
+        assert box is not None and box["height"] < 30  # one line, not two
+        assert "Bob's Bikes" in page.locator(".fi-table").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "dashboard-failed-list.png"), full_page=True)
+
+        page.goto(f"{base}/idempotency/search?q=Acme+Ltd")
+        assert page.get_by_role("link", name="pay-stuck").count() == 1
+    finally:
+        context.close()
+    assert violations == []
