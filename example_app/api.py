@@ -49,8 +49,22 @@ def _amount(data: dict[str, Any]) -> int:
 # Payments: leased mode ---------------------------------------------------------------------------------------
 
 
+def _describe_payment() -> str:
+    """What an operator sees for a payment record (no personal data: amount, currency, description's length)."""
+    data = request.get_json(silent=True) or {}
+    return f"{data.get('amount')} {data.get('currency', 'EUR')} (minor units)"
+
+
+PAYMENT_RUNBOOK = (
+    "Stuck after 'provider-charged': the provider charged (see recovery data: charge_id). The provider"
+    " deduplicates by scope:key, so Mark retryable is safe: the retry books the existing charge without charging"
+    " again. Stuck with no recovery point: the provider was not reached or did not answer; Mark retryable too."
+    " Final failures (provider errors): Acknowledge once the customer was told."
+)
+
+
 @api.post("/payments")
-@idempotent(transient=ProviderUnavailable)
+@idempotent(transient=ProviderUnavailable, describe=_describe_payment, runbook=PAYMENT_RUNBOOK)
 def create_payment() -> ResponseReturnValue:
     """Charge the caller through the payment provider and book the payment.
 
@@ -139,7 +153,13 @@ def _provider_error(exc: ProviderError) -> ResponseReturnValue:
 
 
 @api.post("/transfers")
-@idempotent(atomic=True, wait=2.0)
+@idempotent(
+    atomic=True,
+    wait=2.0,
+    describe=lambda: "{amount} from account {from_account} to {to_account}".format_map(
+        {"amount": None, "from_account": None, "to_account": None, **(request.get_json(silent=True) or {})}
+    ),
+)
 def create_transfer() -> ResponseReturnValue:
     """Move money between two ledger accounts of this database.
 

@@ -91,6 +91,19 @@ def load_scope() -> str:
     return str(require_user().id)
 
 
+@idempotency.scope_label
+def scope_name(scope: str) -> str | None:
+    """The dashboard shows the user's name next to the scope (their id)."""
+    user = db.session.get(User, int(scope)) if scope.isdigit() else None
+    return None if user is None else user.name
+
+
+@idempotency.scope_search
+def scopes_named(text: str) -> list[str]:
+    """The dashboard's search finds a user's records by name."""
+    return [str(user.id) for user in db.session.query(User).filter(User.name == text).limit(50)]
+
+
 # Operators --------------------------------------------------------------------------------------------------
 
 

@@ -604,7 +604,9 @@ def store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
     except sa.exc.SQLAlchemyError as exc:
         # The view ran; the record stays IN_PROGRESS and shows up as stuck once its lease ends. The client still
         # gets the view's response: the view's own session is closed quietly at teardown (see teardown_request).
-        logger.error("could not store the outcome of record %s: %s", ctx.record_id, _db_error(exc))
+        logger.error(
+            "could not store the outcome of record %s (key %r): %s", ctx.record_id, ctx.command.key, _db_error(exc)
+        )
         ctx.store_failed = True
         return
     if stored:
@@ -755,6 +757,9 @@ def _after_settle(ctx: RequestContext, stored: bool, values: Mapping[str, Any]) 
 def describe_error(exc: BaseException | None) -> str | None:
     if exc is None:
         return None
+    if isinstance(exc, SystemExit):
+        # What gunicorn's worker timeout (and other servers' aborts) raise inside the request.
+        return f"the worker was stopped mid-request by its server (e.g. a worker timeout): SystemExit({exc})"
     return f"{type(exc).__name__}: {exc}"[:2000]
 
 

@@ -486,3 +486,12 @@ def test_request_outcome_tells_what_each_protected_request_came_to(app: Flask, c
         ("stuck", "create_payment"),
         ("executed", "create_payment"),  # the held owner, reported once its view ran
     ]
+
+
+def test_a_worker_stopped_by_its_server_is_described_as_such(app: Flask, client: FlaskClient) -> None:
+    controls = ext(app)["controls"]
+    controls.exception = SystemExit(1)  # what gunicorn's worker timeout raises inside the request
+    with pytest.raises(SystemExit):
+        post(client, "/payments", json={"amount": 1})
+    row = record(app, "k-1")
+    assert row["state"] == "FAILED" and "stopped mid-request by its server" in row["error"]

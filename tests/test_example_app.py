@@ -323,8 +323,12 @@ def test_crash_after_the_charge_is_stuck_until_an_operator_marks_it_retryable(
     assert login(operator, next_url="/idempotency/stuck").status_code == 303
     listing = operator.get("/idempotency/stuck")
     assert listing.status_code == 200 and "order-1006" in listing.text
+    assert "1000 EUR (minor units)" in listing.text and "alice" in listing.text  # summary and scope label
     page = operator.get(f"/idempotency/records/{rec['id']}")
     assert page.status_code == 200 and "provider-charged" in page.text
+    assert "the provider charged (see recovery data: charge_id)" in html.unescape(page.text)  # the route's runbook
+    found = operator.get("/idempotency/search?q=alice")
+    assert found.status_code == 200 and "order-1006" in found.text  # search by the user's name
     action = f"/idempotency/records/{rec['id']}/mark-retryable"
     marked = operator.post(
         action,
