@@ -18,6 +18,7 @@ from .auth import authenticate_api, operator
 from .cli import add_user_command, init_db_command
 from .config import ConfigurationError, configure, normalize_database_url
 from .extensions import db, idempotency, migrate
+from .metrics import init_metrics_endpoint
 from .pages import pages
 from .provider import init_provider
 from .webhooks import webhooks
@@ -44,6 +45,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api)
     app.register_blueprint(webhooks)
     app.register_blueprint(operator)
+    init_metrics_endpoint(app)
     app.cli.add_command(init_db_command)
     app.cli.add_command(add_user_command)
     return app

@@ -734,3 +734,20 @@ def test_log_lines_carry_time_and_level_and_a_failure_is_one_line() -> None:
     assert line.endswith("[RuntimeError: could not store the outcome]")
     verbose = OneLineFormatter(tracebacks=True).format(entry)  # DEBUG: the traceback follows
     assert LOG_LINE.match(verbose) and "Traceback" in verbose and "ValueError: inner" in verbose
+
+
+@pytest.mark.parametrize("example_config", [{"METRICS_TOKEN": "scrape-token"}])
+def test_metrics_are_served_to_operators_and_the_scraper_only(example: Flask) -> None:
+    client = example.test_client()
+    assert pay(client, "order-m1").status_code == 201
+    assert pay(client, "order-m1").status_code == 201  # a replay
+    assert client.get("/metrics").status_code == 401
+    scraped = client.get("/metrics", headers={"Authorization": "Bearer scrape-token"})
+    assert scraped.status_code == 200
+    text = scraped.get_data(as_text=True)
+    assert 'idempotency_requests_total{endpoint="api.create_payment",outcome="executed"} 1.0' in text
+    assert 'idempotency_requests_total{endpoint="api.create_payment",outcome="replayed"} 1.0' in text
+    assert "idempotency_stuck_records 0.0" in text
+    operator = example.test_client()
+    assert login(operator).status_code == 303
+    assert operator.get("/metrics").status_code == 200
