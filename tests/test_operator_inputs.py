@@ -424,7 +424,12 @@ def test_cli_database_outage_is_one_line_for_every_command(kind: str, tmp_path: 
     commands = [
         ["stats"],
         ["stuck"],
+        ["failed"],
+        ["conflicts"],
+        ["conflicts", "--hours", "1"],
+        ["search", "k"],
         ["show", "", "k"],
+        ["show", "1"],
         *([action, "1"] for action in ACTIONS),
         ["purge"],
         ["upgrade-schema"],
