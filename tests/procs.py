@@ -116,17 +116,30 @@ def send(
 
 
 class Gunicorn:
-    """``gunicorn 'faultapp:create_app()'`` on a free 127.0.0.1 port, in its own session (process group)."""
+    """``gunicorn APP`` (default ``faultapp:create_app()``) on a free 127.0.0.1 port, in its own session (process
+    group). ``chdir`` is where the app's module is found; the app answers ``GET /health`` with its worker's pid,
+    or, with ``health=None``, its ``GET /`` with 200 (the worker pid is then unknown: -1)."""
 
     def __init__(
-        self, env: Mapping[str, str], log_path: Path, *, workers: int = 1, worker_class: str = "sync", threads: int = 1
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        workers: int = 1,
+        worker_class: str = "sync",
+        threads: int = 1,
+        app: str = "faultapp:create_app()",
+        chdir: Path = TESTS_DIR,
+        health: str | None = "/health",
     ) -> None:
         self.env = {**os.environ, **env}
         self.log_path = log_path
         self.workers = workers
         self.worker_class = worker_class
         self.threads = threads
+        self.app, self.chdir, self.health = app, chdir, health
         self.port = 0
+        self.worker_pid = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> Gunicorn:
@@ -139,7 +152,7 @@ class Gunicorn:
                         "-m",
                         "gunicorn",
                         "--chdir",
-                        str(TESTS_DIR),
+                        str(self.chdir),
                         "--bind",
                         f"127.0.0.1:{self.port}",
                         "--workers",
@@ -153,35 +166,37 @@ class Gunicorn:
                         "--graceful-timeout",
                         "5",
                         *_gunicorn_extra_args(),
-                        "faultapp:create_app()",
+                        self.app,
                     ],
-                    cwd=TESTS_DIR,
+                    cwd=self.chdir,
                     env=self.env,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
             try:
-                self.wait_ready(timeout)
+                self.worker_pid = self.wait_ready(timeout)
                 return self
             except _Exited:
                 self.stop()
         raise AssertionError(f"gunicorn did not start:\n{self.log_tail()}")
 
     def wait_ready(self, timeout: float = 30) -> int:
-        """Poll ``GET /health`` until a worker answers; return that worker's pid."""
+        """Poll the health path until a worker answers; return that worker's pid (-1 without a health path)."""
 
         def answered() -> int | None:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise _Exited
             try:
-                return int(send(self.port, "GET", "/health", timeout=2).json()["pid"])
+                if self.health is None:
+                    return -1 if send(self.port, "GET", "/", timeout=2).status == 200 else None
+                return int(send(self.port, "GET", self.health, timeout=2).json()["pid"])
             except (OSError, http.client.HTTPException):
                 return None
 
         try:
-            return poll(answered, timeout=timeout, what="gunicorn to answer GET /health")
+            return poll(answered, timeout=timeout, what=f"gunicorn to answer GET {self.health or '/'}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{self.log_tail()}") from None
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import Gunicorn, Reply, _gunicorn_extra_args, free_port, poll, send
+from procs import Gunicorn, Reply, poll, send
 from test_example_app import ALICE, LOG_LINE, OPERATOR_PASSWORD, reset_database, unreachable_url
 
 import example_app
@@ -23,57 +23,13 @@ from example_app import create_app
 CHECKOUT = Path(__file__).resolve().parent.parent
 
 
-class ExampleGunicorn(Gunicorn):
-    """``gunicorn 'example_app:create_app()'`` on a free 127.0.0.1 port, configured through the environment."""
-
-    def start(self, timeout: float = 60) -> ExampleGunicorn:
-        self.port = free_port()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gunicorn",
-                    "--bind",
-                    f"127.0.0.1:{self.port}",
-                    "--workers",
-                    str(self.workers),
-                    "--worker-class",
-                    self.worker_class,
-                    "--timeout",
-                    "60",
-                    "--graceful-timeout",
-                    "5",
-                    *_gunicorn_extra_args(),
-                    "example_app:create_app()",
-                ],
-                cwd=CHECKOUT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.wait_ready(timeout)
-        return self
-
-    def wait_ready(self, timeout: float = 30) -> int:
-        """Poll the home page until a worker answers 200."""
-
-        def answered() -> int | None:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gunicorn exited:\n{self.log_tail()}")
-            try:
-                status = send(self.port, "GET", "/", timeout=2).status
-            except OSError:
-                return None
-            return status if status == 200 else None
-
-        return poll(answered, timeout=timeout, what="the example app under gunicorn to answer GET /")
+def ExampleGunicorn(env: dict[str, str], log_path: Path, *, workers: int) -> Gunicorn:  # noqa: N802
+    """``gunicorn 'example_app:create_app()'`` from the checkout, ready once its home page answers 200."""
+    return Gunicorn(env, log_path, workers=workers, app="example_app:create_app()", chdir=CHECKOUT, health=None)
 
 
 @pytest.fixture
-def served(database_url: str, tmp_path: Path) -> Iterator[tuple[ExampleGunicorn, Path]]:
+def served(database_url: str, tmp_path: Path) -> Iterator[tuple[Gunicorn, Path]]:
     """Two sync workers on a fresh database (migrated, demo users), sharing a hang directory."""
     reset_database(database_url)
     hang_dir = tmp_path / "provider-hang"
@@ -103,7 +59,7 @@ def pay(port: int, key: str, simulate: str | None = None) -> Reply:
     return send(port, "POST", "/payments", key=key, body={"amount": 1200, "currency": "EUR"}, headers=headers)
 
 
-def test_the_hang_switch_is_released_from_another_gunicorn_worker(served: tuple[ExampleGunicorn, Path]) -> None:
+def test_the_hang_switch_is_released_from_another_gunicorn_worker(served: tuple[Gunicorn, Path]) -> None:
     server, hang_dir = served
     outcome: list[Reply] = []
     hung = threading.Thread(target=lambda: outcome.append(pay(server.port, "order-hang", "hang")), daemon=True)

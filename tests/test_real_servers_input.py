@@ -16,8 +16,6 @@ import json
 import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -27,7 +25,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from helpers import charges, records
-from procs import TESTS_DIR, Gunicorn, Reply, _Exited, _gunicorn_extra_args, free_port
+from procs import Gunicorn, Reply
 from werkzeug.serving import make_server
 
 MiB = 1024 * 1024
@@ -36,49 +34,13 @@ MiB = 1024 * 1024
 # Servers ------------------------------------------------------------------------------------------------------
 
 
-class InputGunicorn(Gunicorn):
+def InputGunicorn(env: dict[str, str], log_path: Path) -> Gunicorn:  # noqa: N802 - it builds a server
     """:class:`procs.Gunicorn` serving ``inputapp:create_app()`` (any database URL) instead of the fault app."""
-
-    def start(self, timeout: float = 60) -> InputGunicorn:
-        for _ in range(3):  # another process may take the free port between our probe and gunicorn's bind
-            self.port = free_port()
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "gunicorn",
-                        "--chdir",
-                        str(TESTS_DIR),
-                        "--bind",
-                        f"127.0.0.1:{self.port}",
-                        "--workers",
-                        "1",
-                        "--worker-class",
-                        "sync",
-                        "--timeout",
-                        "60",
-                        "--graceful-timeout",
-                        "5",
-                        *_gunicorn_extra_args(),
-                        "inputapp:create_app()",
-                    ],
-                    cwd=TESTS_DIR,
-                    env=self.env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            try:
-                self.worker_pid = self.wait_ready(timeout)
-                return self
-            except _Exited:
-                self.stop()
-        raise AssertionError(f"gunicorn did not start:\n{self.log_tail()}")
+    return Gunicorn(env, log_path, app="inputapp:create_app()")
 
 
 @contextmanager
-def gunicorn(database_url: str, tmp_path: Path, **env: str) -> Iterator[InputGunicorn]:
+def gunicorn(database_url: str, tmp_path: Path, **env: str) -> Iterator[Gunicorn]:
     server = InputGunicorn({"INPUTAPP_DATABASE_URL": database_url, **env}, tmp_path / "gunicorn.log")
     with server:
         yield server
