@@ -137,6 +137,13 @@ class TransientError(IdempotencyError, ServiceUnavailable):
         super().__init__(detail, retry_after=retry_after)
 
 
+class ConfigurationError(ValueError):
+    """``init_app`` refuses the app's setup; the message says what to change.
+
+    Raised for a database the record store has no statements for (the message lists the supported dialects).
+    """
+
+
 class SchemaVersionError(RuntimeError):
     """The extension's tables are at an older schema version than this release needs.
 

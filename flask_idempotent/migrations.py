@@ -9,6 +9,10 @@ existing installation from the version before it, usable two ways:
 Version 1 → 2 adds ``version``, ``kind``, ``summary``, ``acknowledged_at`` and ``acknowledged_by`` to
 ``idempotency_records``. Existing rows get ``version = 1`` and ``kind = 'http'`` from the columns' server
 defaults; nothing else changes, so records written by version 1 replay, conflict and show as stuck as before.
+
+MySQL and MariaDB: :func:`mysql_column_types` gives tables that a migration written before MySQL was supported
+created there the column types the models now carry for it (no schema version of its own: elsewhere nothing
+changes).
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.schema import CreateColumn
 
-from .models import RECORDS_TABLE, v2_columns
+from .models import RECORDS_TABLE, define_tables, v2_columns
+
+#: SQLAlchemy's names for a MySQL or MariaDB server.
+_MYSQL_DIALECTS = ("mysql", "mariadb")
 
 
 def upgrade_1_to_2(op: Any) -> None:
@@ -32,6 +39,25 @@ def downgrade_2_to_1(op: Any) -> None:
     with op.batch_alter_table(RECORDS_TABLE) as batch:
         for column in reversed(v2_columns()):
             batch.drop_column(column.name)
+
+
+def mysql_column_types(op: Any) -> None:
+    """Call from an Alembic revision's ``upgrade()``: on MySQL and MariaDB, the models' column types there.
+
+    A migration generated from the models before they carried MySQL variants created ``DATETIME`` (whole
+    seconds), ``BLOB`` (64 KiB) and scopes and keys in the server's case-insensitive collation. This modifies
+    those columns to ``DATETIME(6)``, ``LONGBLOB`` and ``utf8mb4_bin``; on any other database it does nothing.
+    Run it before the tables hold records: rows that differ only in case would collide on the unique index.
+    """
+    dialect = op.get_bind().dialect
+    if dialect.name not in _MYSQL_DIALECTS:
+        return
+    tables = define_tables(sa.MetaData())
+    for table in (tables.records, tables.events):
+        for column in table.c:
+            if isinstance(column.type, (sa.DateTime, sa.LargeBinary)) or column.name in ("scope", "key"):
+                # The model's type: Alembic compiles its MySQL variant. MODIFY restates the whole column.
+                op.alter_column(table.name, column.name, type_=column.type, existing_nullable=column.nullable)
 
 
 def upgrade_schema(engine: sa.Engine) -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
 
 SCHEMA_VERSION = 2
 
@@ -21,6 +22,18 @@ RECORDS_TABLE = "idempotency_records"
 EVENTS_TABLE = "idempotency_events"
 
 _BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+
+# MySQL and MariaDB (never supported before these variants, so no installed table changes with them):
+# DATETIME keeps whole seconds unless told otherwise, and leases, ordering and expiry need microseconds.
+_Time = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# A BLOB holds 64 KiB; a stored response may be up to IDEMPOTENCY_MAX_RESPONSE_BYTES.
+_Body = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
+
+
+def _name(length: int) -> sa.types.TypeEngine[str]:
+    """A scope or key: compared byte for byte (the servers' default collations ignore case and accents, which
+    would make ``Key-1`` and ``key-1`` one key)."""
+    return sa.String(length).with_variant(mysql.VARCHAR(length, collation="utf8mb4_bin"), "mysql", "mariadb")
 
 
 def v2_columns() -> list[sa.Column[Any]]:
@@ -34,7 +47,7 @@ def v2_columns() -> list[sa.Column[Any]]:
         sa.Column("version", sa.Integer(), nullable=False, server_default=sa.text("1")),
         sa.Column("kind", sa.String(16), nullable=False, server_default="http"),
         sa.Column("summary", sa.String(255), nullable=True),
-        sa.Column("acknowledged_at", sa.DateTime(), nullable=True),
+        sa.Column("acknowledged_at", _Time, nullable=True),
         sa.Column("acknowledged_by", sa.String(255), nullable=True),
     ]
 
@@ -55,8 +68,8 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         RECORDS_TABLE,
         metadata,
         sa.Column("id", _BigId, primary_key=True, autoincrement=True),
-        sa.Column("scope", sa.String(255), nullable=False),
-        sa.Column("key", sa.String(255), nullable=False),
+        sa.Column("scope", _name(255), nullable=False),
+        sa.Column("key", _name(255), nullable=False),
         sa.Column("request_hash", sa.String(80), nullable=False),
         sa.Column("method", sa.String(16), nullable=False),
         sa.Column("path", sa.Text(), nullable=False),
@@ -66,19 +79,19 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Column("retryable", sa.Boolean(), nullable=False, default=False),
         sa.Column("attempts", sa.Integer(), nullable=False, default=1),
         sa.Column("lease_token", sa.String(64), nullable=True),
-        sa.Column("locked_until", sa.DateTime(), nullable=True),
+        sa.Column("locked_until", _Time, nullable=True),
         sa.Column("recovery_point", sa.String(255), nullable=True),
         sa.Column("recovery_data", sa.JSON(), nullable=True),
         sa.Column("response_status", sa.Integer(), nullable=True),
         sa.Column("response_headers", sa.JSON(), nullable=True),
-        sa.Column("response_body", sa.LargeBinary(), nullable=True),
+        sa.Column("response_body", _Body, nullable=True),
         sa.Column("resource_ref", sa.JSON(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
         # Events stored or suppressed for this record: the cap on events a client can cause reads it.
         sa.Column("event_count", sa.Integer(), nullable=False, default=0),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.Column("updated_at", sa.DateTime(), nullable=False),
-        sa.Column("expires_at", sa.DateTime(), nullable=False),
+        sa.Column("created_at", _Time, nullable=False),
+        sa.Column("updated_at", _Time, nullable=False),
+        sa.Column("expires_at", _Time, nullable=False),
         sa.UniqueConstraint("scope", "key", name="uq_idempotency_records_scope_key"),
         # Stuck records: IN_PROGRESS ordered by lease; FAILED lists by state and age.
         sa.Index("ix_idempotency_records_state_locked_until", "state", "locked_until"),
@@ -95,12 +108,12 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Column("id", _BigId, primary_key=True, autoincrement=True),
         # No foreign key: the audit trail outlives a released (deleted) record.
         sa.Column("record_id", sa.BigInteger(), nullable=True),
-        sa.Column("scope", sa.String(255), nullable=False),
-        sa.Column("key", sa.String(255), nullable=False),
+        sa.Column("scope", _name(255), nullable=False),
+        sa.Column("key", _name(255), nullable=False),
         sa.Column("kind", sa.String(32), nullable=False),
         sa.Column("actor", sa.String(255), nullable=True),
         sa.Column("detail", sa.JSON(), nullable=True),
-        sa.Column("created_at", sa.DateTime(), nullable=False),
+        sa.Column("created_at", _Time, nullable=False),
         sa.Index("ix_idempotency_events_record_id", "record_id", "id"),
         sa.Index("ix_idempotency_events_kind_created_at", "kind", "created_at"),
         sa.Index("ix_idempotency_events_scope_key", "scope", "key"),

@@ -20,9 +20,9 @@ from sqlalchemy.engine import Engine
 
 from .constants import BASE_REPLAY_HEADERS, ConfigKey
 from .decorator import RouteOptions, seconds
-from .errors import SchemaVersionError, TransientError
+from .errors import ConfigurationError, SchemaVersionError, TransientError
 from .models import SCHEMA_VERSION, Tables, define_tables
-from .store import Executor, RecordStore
+from .store import SUPPORTED_DIALECTS, Executor, RecordStore
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
@@ -88,6 +88,13 @@ class AppState:
         clock_offset: Callable[[], float | timedelta] | None = None,
     ) -> None:
         config = app.config
+        with app.app_context():  # Flask-SQLAlchemy made the app's engine in its init_app; nothing connects yet
+            dialect = db.engine.dialect.name
+        if dialect not in SUPPORTED_DIALECTS:
+            raise ConfigurationError(
+                f"flask_idempotent cannot keep its records in a {dialect!r} database (SQLALCHEMY_DATABASE_URI):"
+                f" supported are {', '.join(SUPPORTED_DIALECTS)}"
+            )
         self.db = db
         self.callbacks = callbacks
         self.tables: Tables = define_tables(db.metadata)

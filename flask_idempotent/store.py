@@ -33,6 +33,12 @@ from .models import Tables
 COUNT_LIMIT = 10_000
 #: Above this many rows (the planner's estimate) PostgreSQL's COMPLETED count is estimated, not counted.
 EXACT_COUNT_LIMIT = 100_000
+#: The dialects the store has statements for (``init_app`` refuses any other).
+SUPPORTED_DIALECTS = ("postgresql", "sqlite", "mysql", "mariadb")
+#: SQLAlchemy's names for a MySQL or MariaDB server (``mysql://`` also reaches MariaDB).
+MYSQL_DIALECTS = frozenset({"mysql", "mariadb"})
+#: MySQL's ER_DUP_ENTRY: an INSERT refused by a unique index.
+MYSQL_DUPLICATE_KEY = 1062
 
 
 class Executor(Protocol):
@@ -117,6 +123,9 @@ class RecordStore:
             sa.func.pg_try_advisory_xact_lock(bind("_lock", type_=sa.BigInteger)).label("_locked"),
             *self.seen_columns,
         ).select_from(one.outerjoin(r, on_key))
+        # MySQL and MariaDB run the app's transactions at REPEATABLE READ: a plain read repeats the snapshot of
+        # the transaction's first read, so a re-read after a lost race must be a locking read to see the winner.
+        self._find_current = self._find.with_for_update(read=True)
         self._get = sa.select(*self.seen_columns).where(r.c.id == bind("_id"))
 
         claim_times = {"updated_at": now, "locked_until": _now("_lease_s"), "expires_at": _now("_ttl_s")}
@@ -186,6 +195,11 @@ class RecordStore:
         self._count_client_event = (
             sa.update(r).where(r.c.id == bind("_id")).values(event_count=r.c.event_count + 1).returning(r.c.event_count)
         )
+        # MySQL and MariaDB have no UPDATE ... RETURNING: LAST_INSERT_ID(expr) hands the new count back to this
+        # connection, atomically with the increment.
+        self._count_client_event_mysql = (
+            sa.update(r).where(r.c.id == bind("_id")).values(event_count=sa.func.last_insert_id(r.c.event_count + 1))
+        )
 
     def _times(self, lease: float = 0.0, ttl: float = 0.0) -> dict[str, float]:
         offset = float(self.offset())
@@ -193,9 +207,15 @@ class RecordStore:
 
     # Reads ------------------------------------------------------------------------------------------------
 
-    def find(self, conn: Executor, scope: str, key: str) -> Row[Any] | None:
-        """The record of ``(scope, key)`` with ``is_stuck``, ``is_expired`` and ``db_now``, or ``None``."""
-        row = conn.execute(self._find, {"_scope": scope, "_key": key, **self._times()}).one()
+    def find(self, conn: Executor, scope: str, key: str, *, current: bool = False) -> Row[Any] | None:
+        """The record of ``(scope, key)`` with ``is_stuck``, ``is_expired`` and ``db_now``, or ``None``.
+
+        ``current``: the row as last committed even inside a transaction that has read before (the re-read
+        after losing a race). PostgreSQL (READ COMMITTED) and SQLite always read that; on MySQL and MariaDB
+        (REPEATABLE READ) it is a locking read (``LOCK IN SHARE MODE``), held until the transaction ends.
+        """
+        stmt = self._find_current if current and dialect_of(conn) in MYSQL_DIALECTS else self._find
+        row = conn.execute(stmt, {"_scope": scope, "_key": key, **self._times()}).one()
         return None if row.id is None else row
 
     def get(self, conn: Executor, record_id: int) -> Row[Any] | None:
@@ -226,10 +246,14 @@ class RecordStore:
         """Insert the record ``claim`` creates; return its id, or ``None`` if ``(scope, key)`` is already taken."""
         params = {**claim.values, **self._times(lease, ttl)}
         stmt = self._insert.get(dialect_of(conn))
-        if stmt is None:  # no INSERT ... ON CONFLICT here, but the unique constraint still decides
+        if stmt is None:
+            # MySQL and MariaDB: no ON CONFLICT (INSERT IGNORE would also turn bad data into warnings), so the
+            # unique constraint refuses the duplicate; InnoDB undoes only that statement, not the transaction.
             try:
                 result = conn.execute(self._insert_plain, params)
-            except sa.exc.IntegrityError:
+            except sa.exc.IntegrityError as exc:
+                if getattr(exc.orig, "args", (None,))[0] != MYSQL_DUPLICATE_KEY:
+                    raise
                 return None
             return int(result.inserted_primary_key[0])
         row = conn.execute(stmt, params).first()
@@ -336,6 +360,9 @@ class RecordStore:
 
     def count_client_event(self, conn: Executor, record_id: int) -> int:
         """Count an event a client caused on ``record_id``; return the new count (0 if the record is gone)."""
+        if dialect_of(conn) in MYSQL_DIALECTS:
+            result = conn.execute(self._count_client_event_mysql, {"_id": record_id})
+            return int(result.lastrowid) if result.rowcount == 1 else 0
         row = conn.execute(self._count_client_event, {"_id": record_id}).first()
         return 0 if row is None else int(row[0])
 
@@ -515,12 +542,17 @@ class RecordStore:
     def purge_batch(self, conn: Executor, batch_size: int) -> int:
         """Delete up to ``batch_size`` expired records (``machine.expired``); return how many.
 
-        On PostgreSQL rows locked by a running request are skipped (``FOR UPDATE SKIP LOCKED``).
+        On PostgreSQL rows locked by a running request are skipped (``FOR UPDATE SKIP LOCKED``). MySQL and
+        MariaDB refuse a subquery with LIMIT on the table being deleted from: the ids go through a derived table.
         """
         r = self.records
         victims = sa.select(r.c.id).where(machine.expired(r, _now())).order_by(r.c.expires_at).limit(batch_size)
-        if dialect_of(conn) == "postgresql":
+        dialect = dialect_of(conn)
+        if dialect == "postgresql":
             victims = victims.with_for_update(skip_locked=True)
+        elif dialect in MYSQL_DIALECTS:
+            derived = victims.subquery("victims")
+            victims = sa.select(derived.c.id)
         deleted = conn.execute(sa.delete(r).where(r.c.id.in_(victims.scalar_subquery())), self._times()).rowcount
         return int(deleted)
 

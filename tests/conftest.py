@@ -11,6 +11,12 @@ fixture runs on. Its params are ``sqlite``, ``postgresql`` (psycopg2) and ``post
 every PostgreSQL id starts with ``postgresql``, so ``-k postgresql`` selects both drivers, ``-k psycopg`` only
 psycopg 3, and ``url.startswith("postgresql")`` holds for both URLs. Tests that start real processes from
 ``postgres_url`` (gunicorn, Celery) stay on the admin URL's driver, psycopg2.
+
+MariaDB: the param ``mariadb`` runs the same tests on a throwaway database of the server named by
+``IDEMPOTENCY_TEST_MARIADB_ADMIN_URL`` (default ``mysql+pymysql://root@127.0.0.1:3306/mysql``), skipped loudly
+when unreachable and failed instead with ``IDEMPOTENCY_REQUIRE_MARIADB=1`` (CI). ``IDEMPOTENCY_TEST_DATABASES``
+(default ``sqlite,postgresql,mariadb``) lists the families ``database_url`` runs on: ``-k mariadb`` or
+``IDEMPOTENCY_TEST_DATABASES=mariadb`` selects MariaDB only.
 """
 
 from __future__ import annotations
@@ -34,8 +40,21 @@ if unknown := set(PG_DRIVERS) - set(PG_DRIVER_PARAMS):
     raise ValueError(
         f"IDEMPOTENCY_TEST_PG_DRIVERS: unknown driver(s) {sorted(unknown)}; known: {list(PG_DRIVER_PARAMS)}"
     )
-DATABASE_PARAMS = ["sqlite", *(PG_DRIVER_PARAMS[d] for d in PG_DRIVERS)]
+MARIADB_ADMIN_URL = os.environ.get("IDEMPOTENCY_TEST_MARIADB_ADMIN_URL", "mysql+pymysql://root@127.0.0.1:3306/mysql")
+REQUIRE_MARIADB = os.environ.get("IDEMPOTENCY_REQUIRE_MARIADB") == "1"
+DATABASE_FAMILIES = {
+    "sqlite": ["sqlite"],
+    "postgresql": [PG_DRIVER_PARAMS[d] for d in PG_DRIVERS],
+    "mariadb": ["mariadb"],
+}
+TEST_DATABASES = [
+    d.strip() for d in os.environ.get("IDEMPOTENCY_TEST_DATABASES", ",".join(DATABASE_FAMILIES)).split(",") if d.strip()
+]
+if unknown := set(TEST_DATABASES) - set(DATABASE_FAMILIES):
+    raise ValueError(f"IDEMPOTENCY_TEST_DATABASES: unknown {sorted(unknown)}; known: {list(DATABASE_FAMILIES)}")
+DATABASE_PARAMS = [param for family in TEST_DATABASES for param in DATABASE_FAMILIES[family]]
 PG_SKIP_REASON = "PostgreSQL not reachable"
+MARIADB_SKIP_REASON = "MariaDB not reachable"
 
 
 class Clock:
@@ -85,6 +104,28 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def mariadb_url() -> Iterator[str]:
+    """A throwaway database on the MariaDB (or MySQL) server of ``IDEMPOTENCY_TEST_MARIADB_ADMIN_URL``."""
+    admin = sa.create_engine(MARIADB_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        conn = admin.connect()
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        message = f"{MARIADB_SKIP_REASON} at {MARIADB_ADMIN_URL}: {str(exc).splitlines()[0]}"
+        if REQUIRE_MARIADB:
+            pytest.fail(f"IDEMPOTENCY_REQUIRE_MARIADB=1 but {message}")
+        pytest.skip(message)
+    name = f"flask_idempotent_test_{uuid.uuid4().hex[:12]}"
+    conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
+        conn.close()
+        admin.dispose()
+
+
 def with_driver(url: str, driver: str) -> str:
     """``url`` (any PostgreSQL URL) on the SQLAlchemy driver ``driver`` (``psycopg2`` or ``psycopg``)."""
     return sa.make_url(url).set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
@@ -92,12 +133,15 @@ def with_driver(url: str, driver: str) -> str:
 
 @pytest.fixture(params=DATABASE_PARAMS)
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A database URL per param: ``sqlite``, ``postgresql`` (psycopg2), ``postgresql-psycopg`` (psycopg 3).
+    """A database URL per param: ``sqlite``, ``postgresql`` (psycopg2), ``postgresql-psycopg`` (psycopg 3),
+    ``mariadb`` (PyMySQL).
 
     Tests may also pick one by indirect parametrization (``["postgresql"]``): that one runs whatever the env says.
     """
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+    if request.param == "mariadb":
+        return str(request.getfixturevalue("mariadb_url"))
     url = str(request.getfixturevalue("postgres_url"))
     driver = {"postgresql": "psycopg2", "postgresql-psycopg": "psycopg"}[request.param]
     return with_driver(url, driver)
@@ -137,3 +181,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if skipped:
         terminalreporter.write_sep("!", f"PostgreSQL was SKIPPED for {len(skipped)} tests: only SQLite was tested")
         terminalreporter.write_line(f"  {PG_SKIP_REASON} at {PG_ADMIN_URL}; set IDEMPOTENCY_TEST_PG_ADMIN_URL")
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if MARIADB_SKIP_REASON in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_sep("!", f"MariaDB was SKIPPED for {len(skipped)} tests")
+        where = f"{MARIADB_SKIP_REASON} at {MARIADB_ADMIN_URL}"
+        terminalreporter.write_line(f"  {where}; set IDEMPOTENCY_TEST_MARIADB_ADMIN_URL")

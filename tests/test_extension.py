@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import types
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,14 @@ from flask import Flask
 from flask.testing import FlaskClient
 from flask_sqlalchemy import SQLAlchemy
 from helpers import charges, ext, post, records
+from sqlalchemy.engine.default import DefaultDialect
 
-from flask_idempotent import Idempotency, idempotent, signals
+from flask_idempotent import ConfigurationError, Idempotency, idempotent, signals
 
 
 def bare_app(tmp_path: Path, **config: Any) -> tuple[Flask, SQLAlchemy]:
     app = Flask(__name__)
-    app.config.update(SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'x.db'}", **config)
+    app.config.update({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{tmp_path / 'x.db'}", **config})
     db = SQLAlchemy()
     db.init_app(app)
     return app, db
@@ -45,6 +47,36 @@ def test_state_outside_a_registered_app_is_a_clear_error(tmp_path: Path) -> None
     app, _ = bare_app(tmp_path)
     with app.app_context(), pytest.raises(RuntimeError, match="not registered"):
         Idempotency().state()
+
+
+class NoStoreDialect(DefaultDialect):
+    """A database the store has no statements for, loaded without any driver (nothing connects)."""
+
+    name = "nostore"
+    supports_statement_cache = True
+
+    @classmethod
+    def import_dbapi(cls) -> Any:
+        return types.SimpleNamespace(paramstyle="named")
+
+
+sa.dialects.registry.register("nostore", __name__, "NoStoreDialect")
+
+
+def test_a_database_of_an_unsupported_dialect_is_refused_at_init_app(tmp_path: Path) -> None:
+    app, db = bare_app(tmp_path, SQLALCHEMY_DATABASE_URI="nostore://host/db")
+    with pytest.raises(ConfigurationError) as refused:
+        Idempotency(app, db)
+    message = str(refused.value)
+    assert "'nostore'" in message and "supported are postgresql, sqlite, mysql, mariadb" in message
+    assert isinstance(refused.value, ValueError)  # invalid config raises ValueError at init_app, as documented
+    assert "idempotency" not in app.extensions
+
+
+@pytest.mark.parametrize("url", ["mysql+pymysql://u@127.0.0.1:1/x", "mariadb+pymysql://u@127.0.0.1:1/x"])
+def test_mysql_and_mariadb_urls_are_accepted_without_connecting(tmp_path: Path, url: str) -> None:
+    app, db = bare_app(tmp_path, SQLALCHEMY_DATABASE_URI=url)  # nothing listens on port 1
+    assert Idempotency(app, db) is app.extensions["idempotency"]
 
 
 @pytest.mark.parametrize(

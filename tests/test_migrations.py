@@ -1,5 +1,5 @@
 """Flask-Migrate: the example app's migrations create the extension's tables with the app's own, and autogenerate
-stays clean afterwards, on SQLite and PostgreSQL.
+stays clean afterwards, on SQLite, PostgreSQL and MariaDB.
 
 The schema decision under test: the extension's tables live on the app's ``db.metadata`` as versioned models
 (``flask_idempotent.models.SCHEMA_VERSION``), so the app's own migrations carry them and the app's autogenerate
@@ -29,13 +29,19 @@ APP_TABLES = {"users", "api_tokens", "accounts", "payments", "transfers", "provi
 
 
 def reset_database(url: str) -> None:
-    """Leave the database empty, alembic_version included (PostgreSQL's test database is shared per session)."""
-    if not url.startswith("postgresql"):
+    """Leave the database empty, alembic_version included (the PostgreSQL and MariaDB test databases are shared
+    per session)."""
+    if url.startswith("sqlite"):
         return  # a fresh SQLite file per test
     engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
-        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
-        conn.execute(sa.text("CREATE SCHEMA public"))
+        if url.startswith("postgresql"):
+            conn.execute(sa.text("DROP SCHEMA public CASCADE"))
+            conn.execute(sa.text("CREATE SCHEMA public"))
+        else:
+            everything = sa.MetaData()
+            everything.reflect(conn)
+            everything.drop_all(conn)
     engine.dispose()
 
 
@@ -81,7 +87,7 @@ def test_upgrade_from_an_empty_database_creates_the_app_and_extension_tables(emp
             current = MigrationContext.configure(conn).get_current_heads()
 
     assert table_names(empty) == APP_TABLES | EXTENSION_TABLES | {"alembic_version"}
-    assert current == ("0002",)
+    assert current == ("0003",)
     with empty.app_context():
         inspector = sa.inspect(example_app.db.engine)
         unique = {tuple(c["column_names"]) for c in inspector.get_unique_constraints(RECORDS_TABLE)}
@@ -128,7 +134,11 @@ def test_without_the_extension_on_the_metadata_autogenerate_would_drop_its_table
     assert dropped == EXTENSION_TABLES
 
 
-def test_downgrade_to_base_leaves_an_empty_database(upgraded: Flask) -> None:
+def test_downgrade_to_base_leaves_an_empty_database(upgraded: Flask, database_url: str) -> None:
+    if database_url.startswith("mysql"):
+        # The example's released 0001 (as Alembic generated it) drops the transfers' indexes before the table,
+        # and MySQL refuses to drop an index a foreign key needs. The extension's own downgrades run above.
+        pytest.skip("the example app's 0001 downgrade is refused by MySQL/MariaDB (error 1553)")
     with upgraded.app_context():
         flask_migrate.downgrade(revision="base")
     assert table_names(upgraded) <= {"alembic_version"}
@@ -138,7 +148,8 @@ def test_the_migrations_match_the_extensions_schema_version() -> None:
     # A new schema version of flask_idempotent ships upgrade notes; the example gets a new revision for it
     # (0001 and 0002 are released and never edited). This test fails first, as a reminder.
     revisions = sorted(p.stem for p in (Path(MIGRATIONS_DIR) / "versions").glob("*.py"))
-    assert SCHEMA_VERSION == 2 and revisions == ["0001_initial", "0002_idempotency_schema_2"], revisions
+    assert SCHEMA_VERSION == 2, "a new schema version needs a new revision here"
+    assert revisions == ["0001_initial", "0002_idempotency_schema_2", "0003_mysql_column_types"], revisions
     text = (Path(MIGRATIONS_DIR) / "versions" / "0001_initial.py").read_text()
     assert f"'{RECORDS_TABLE}'" in text or f'"{RECORDS_TABLE}"' in text
     assert "render_as_batch" not in text  # batch mode comes from env.py's configure args, not from the revision

@@ -1,4 +1,4 @@
-"""Upgrading an installation from schema version 1 to 2, on SQLite and PostgreSQL.
+"""Upgrading an installation from schema version 1 to 2, on SQLite, PostgreSQL and MariaDB.
 
 A version-1 database is made by the example app's released revision 0001 and filled with version-1 records
 (written without the new columns, the way version 1 wrote them). It is then upgraded, by the example's
@@ -64,7 +64,9 @@ def version_1(database_url: str, clock: Clock) -> Iterator[dict[str, int]]:
     with app.app_context():
         flask_migrate.upgrade(revision="0001")
         engine = example_app.db.engine
-        table = sa.Table(RECORDS_TABLE, sa.MetaData(), autoload_with=engine)
+        # MariaDB's JSON is LONGTEXT with a check: reflected, it would take the list as a row, not as JSON.
+        json_columns = [sa.Column(name, sa.JSON()) for name in ("recovery_data", "response_headers", "resource_ref")]
+        table = sa.Table(RECORDS_TABLE, sa.MetaData(), *json_columns, autoload_with=engine)
         assert V2_COLUMNS.isdisjoint(table.c.keys())  # really version 1
         common: dict[str, Any] = {
             "scope": "",
@@ -113,8 +115,9 @@ def version_1(database_url: str, clock: Clock) -> Iterator[dict[str, int]]:
             conn.execute(
                 sa.text(
                     f"UPDATE {RECORDS_TABLE} SET locked_until = '2000-01-01 00:00:00',"
-                    " updated_at = '2000-01-01 00:00:00' WHERE key = 'stuck'"
-                )
+                    " updated_at = '2000-01-01 00:00:00' WHERE id = :id"  # (key is a reserved word in MySQL)
+                ),
+                {"id": ids["stuck"]},
             )
         engine.dispose()
     yield ids

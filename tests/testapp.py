@@ -7,6 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy as sa
 from flask import Flask, jsonify, request
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -58,7 +59,7 @@ class Hold:
 
 def build_app(database_url: str, *, clock: Any, controls: Controls, **config: Any) -> Flask:
     app = Flask(__name__)
-    default_engine_options = {"pool_size": 20} if database_url.startswith("postgresql") else {}
+    default_engine_options = {"pool_size": 20} if not database_url.startswith("sqlite") else {}
     app.config.update(
         SQLALCHEMY_DATABASE_URI=database_url,
         SQLALCHEMY_ENGINE_OPTIONS=config.pop("SQLALCHEMY_ENGINE_OPTIONS", default_engine_options),
@@ -76,7 +77,7 @@ def build_app(database_url: str, *, clock: Any, controls: Controls, **config: An
         __tablename__ = "charges"
         id: Mapped[int] = mapped_column(primary_key=True)
         amount: Mapped[int]
-        route: Mapped[str]
+        route: Mapped[str] = mapped_column(sa.String(64))
 
     db.init_app(app)
     idempotency = Idempotency(clock_offset=clock)
