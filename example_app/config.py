@@ -72,7 +72,7 @@ def configure(app: Flask, overrides: Mapping[str, Any] | None) -> None:
             os.makedirs(app.instance_path, exist_ok=True)
             url = "sqlite:///" + os.path.join(app.instance_path, "example.db")
         config["SQLALCHEMY_DATABASE_URI"] = normalize_database_url(str(url))
-    if str(config["SQLALCHEMY_DATABASE_URI"]).startswith("postgresql"):
+    if not str(config["SQLALCHEMY_DATABASE_URI"]).startswith("sqlite"):
         # Workers outlive database restarts and failovers: test a pooled connection before using it.
         config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
 

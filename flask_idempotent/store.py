@@ -543,17 +543,22 @@ class RecordStore:
         """Delete up to ``batch_size`` expired records (``machine.expired``); return how many.
 
         On PostgreSQL rows locked by a running request are skipped (``FOR UPDATE SKIP LOCKED``). MySQL and
-        MariaDB refuse a subquery with LIMIT on the table being deleted from: the ids go through a derived table.
+        MariaDB refuse a subquery with LIMIT on the table being deleted from: the ids go through a derived table,
+        and the DELETE checks expiry again on the row it locks, so a record that a request replaced meanwhile
+        (an atomic claim in flight when the ids were read) stays.
         """
         r = self.records
-        victims = sa.select(r.c.id).where(machine.expired(r, _now())).order_by(r.c.expires_at).limit(batch_size)
+        expired = machine.expired(r, _now())
+        victims = sa.select(r.c.id).where(expired).order_by(r.c.expires_at).limit(batch_size)
+        delete = sa.delete(r)
         dialect = dialect_of(conn)
         if dialect == "postgresql":
             victims = victims.with_for_update(skip_locked=True)
         elif dialect in MYSQL_DIALECTS:
             derived = victims.subquery("victims")
             victims = sa.select(derived.c.id)
-        deleted = conn.execute(sa.delete(r).where(r.c.id.in_(victims.scalar_subquery())), self._times()).rowcount
+            delete = delete.where(expired)
+        deleted = conn.execute(delete.where(r.c.id.in_(victims.scalar_subquery())), self._times()).rowcount
         return int(deleted)
 
     # Schema -----------------------------------------------------------------------------------------------

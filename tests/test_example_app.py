@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
+from test_migrations import reset_database
 from werkzeug.test import TestResponse
 
 import example_app
@@ -32,17 +33,6 @@ ALICE_CHECKING, ALICE_SAVINGS, BOB_CHECKING = 1, 2, 3
 
 
 # Fixtures and helpers ---------------------------------------------------------------------------------------
-
-
-def reset_database(url: str) -> None:
-    """Leave the database empty, alembic_version included (PostgreSQL's test database is shared per session)."""
-    if not url.startswith("postgresql"):
-        return  # a fresh SQLite file per test
-    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text("DROP SCHEMA public CASCADE"))
-        conn.execute(sa.text("CREATE SCHEMA public"))
-    engine.dispose()
 
 
 @pytest.fixture

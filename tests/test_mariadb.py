@@ -18,10 +18,11 @@ import sqlalchemy as sa
 from concurrency import Background
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import charges, ext, post, problem_code, record, records
+from helpers import charges, ext, in_app, post, problem_code, record, records
 from procs import TcpProxy, poll
 from testapp import Controls, build_app
 
+from flask_idempotent import operations as ops
 from flask_idempotent.store import RecordStore
 
 pytestmark = pytest.mark.parametrize("database_url", ["mariadb"], indirect=True)
@@ -105,6 +106,31 @@ def test_atomic_duplicate_runs_when_the_owner_rolled_back(app: Flask) -> None:
     assert (row["state"], row["retryable"]) == ("FAILED", True)
 
 
+@pytest.mark.parametrize(
+    "app_config",
+    [
+        {
+            "SQLALCHEMY_ENGINE_OPTIONS": {
+                "pool_size": 20,
+                "connect_args": {"init_command": "SET innodb_lock_wait_timeout=1"},
+            }
+        }
+    ],
+)
+def test_atomic_duplicate_that_waits_past_the_lock_wait_timeout_answers_503(app: Flask) -> None:
+    controls = ext(app)["controls"]
+    controls.hold_at = "transfers"
+    first = Background(app, "/transfers", json={"amount": 30})
+    assert controls.entered.wait(10)
+    duplicate = post(app.test_client(), "/transfers", json={"amount": 30})  # waits 1 s for the owner's row
+    assert duplicate.status_code == 503 and problem_code(duplicate) == "store-unavailable"
+    assert duplicate.headers["Retry-After"] == "1"
+    controls.release.set()
+    assert first.result().status_code == 201
+    assert controls.runs["transfers"] == 1 and charges(app) == 1
+    assert record(app, "k-1")["state"] == "COMPLETED"
+
+
 def wsrep_not_ready(*args: Any, **kwargs: Any) -> Any:
     orig = pymysql.err.OperationalError(1047, "WSREP has not yet prepared node for application use")
     raise sa.exc.OperationalError("SELECT ...", {}, orig)
@@ -179,3 +205,69 @@ def test_concurrent_claims_of_one_new_key_run_the_view_once(app: Flask) -> None:
         t.join(30)
     assert len(results) == 8 and results.count(201) >= 1 and set(results) <= {201, 409}
     assert controls.runs["payments"] == 1 and charges(app) == 1
+
+
+def test_a_mariadb_url_gets_the_same_column_types_and_behaviour(database_url: str, clock: Any) -> None:
+    # mariadb+pymysql:// names the dialect "mariadb" (mysql:// reaching MariaDB says "mysql"): both get the
+    # MySQL variants of the models and the same SQL.
+    url = sa.make_url(database_url).set(drivername="mariadb+pymysql").render_as_string(hide_password=False)
+    controls = Controls()
+    app = build_app(url, clock=clock, controls=controls)
+    db = ext(app)["db"]
+    with app.app_context():
+        assert db.engine.dialect.name == "mariadb"
+        db.create_all()
+    try:
+        client = app.test_client()
+        first = post(client, "/payments", key="K", json={"amount": 5})
+        again = post(client, "/payments", key="K", json={"amount": 5})
+        assert first.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
+        assert post(client, "/payments", key="k", json={"amount": 6}).status_code == 201  # another key
+        assert controls.runs["payments"] == 2
+        with app.app_context(), db.engine.connect() as conn:
+            types = dict(
+                conn.execute(
+                    sa.text(
+                        "SELECT column_name, column_type FROM information_schema.columns"
+                        " WHERE table_schema = DATABASE() AND table_name = 'idempotency_records'"
+                    )
+                ).all()
+            )
+            collation = conn.execute(
+                sa.text(
+                    "SELECT collation_name FROM information_schema.columns WHERE table_schema = DATABASE()"
+                    " AND table_name = 'idempotency_records' AND column_name = 'key'"
+                )
+            ).scalar_one()
+        assert types["created_at"] == "datetime(6)" and types["response_body"] == "longblob"
+        assert collation == "utf8mb4_bin"
+    finally:
+        with app.app_context():
+            db.drop_all()
+            db.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "app_config",
+    [{}, {"SQLALCHEMY_ENGINE_OPTIONS": {"pool_size": 20, "isolation_level": "READ COMMITTED"}}],
+    ids=["repeatable-read", "read-committed"],
+)
+def test_purge_keeps_a_record_an_atomic_request_replaced_while_the_batch_ran(app: Flask, clock: Any) -> None:
+    client = app.test_client()
+    assert post(client, "/transfers", json={"amount": 30}).status_code == 201
+    clock.advance(hours=25)  # the record expired: purge may delete it, a new request may replace it
+    controls = ext(app)["controls"]
+    controls.hold_at = "transfers"
+    replacing = Background(app, "/transfers", json={"amount": 99})
+    assert controls.entered.wait(10)  # the replacement is written, uncommitted, in the view's transaction
+    purged: list[int] = []
+    purging = threading.Thread(target=lambda: purged.append(in_app(app, ops.purge, batch_size=10)))
+    purging.start()
+    wait_for_a_lock_wait(app)  # the purge batch reached the locked row
+    controls.release.set()
+    assert replacing.result().status_code == 201
+    purging.join(30)
+    assert purged == [0]
+    row = record(app, "k-1")
+    assert row is not None and row["state"] == "COMPLETED" and row["response_body"] is not None
+    assert charges(app, "transfers") == 2

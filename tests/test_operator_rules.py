@@ -246,9 +246,10 @@ def test_hand_written_times_decide_like_any_other(app: Flask, client: FlaskClien
     post(client, "/payments", key="old", json={"amount": 1})
     post(client, "/payments", key="null-lease", json={"amount": 1})
     with app.app_context(), ext(app)["db"].engine.begin() as conn:
-        conn.execute(sa.text(f"UPDATE {RECORDS_TABLE} SET expires_at = '{HAND_WRITTEN_PAST}' WHERE key = 'old'"))
+        key = conn.dialect.identifier_preparer.quote("key")  # a reserved word in MySQL
+        conn.execute(sa.text(f"UPDATE {RECORDS_TABLE} SET expires_at = '{HAND_WRITTEN_PAST}' WHERE {key} = 'old'"))
         conn.execute(
-            sa.text(f"UPDATE {RECORDS_TABLE} SET state = 'IN_PROGRESS', locked_until = NULL WHERE key = 'null-lease'")
+            sa.text(f"UPDATE {RECORDS_TABLE} SET state = 'IN_PROGRESS', locked_until = NULL WHERE {key} = 'null-lease'")
         )
     # Expired by a hand-written time: the record counts as absent, so another command runs in its place.
     replaced = post(client, "/payments", key="old", json={"amount": 2})

@@ -80,6 +80,14 @@ def build_app(database_url: str, *, clock: Any, controls: Controls, **config: An
         route: Mapped[str] = mapped_column(sa.String(64))
 
     db.init_app(app)
+
+    @app.teardown_request  # registered first, so it runs after the extension's teardown
+    def end_session(exc: BaseException | None) -> None:
+        # As in production, where every request has an app context (and so a session) of its own: pytest-flask
+        # keeps one context around the whole test, and on MariaDB (REPEATABLE READ) a session left open would
+        # read a later request's data from the snapshot of an earlier one.
+        db.session.remove()
+
     idempotency = Idempotency(clock_offset=clock)
     idempotency.init_app(app, db)
     app.extensions["test"] = {"db": db, "Charge": Charge, "idempotency": idempotency, "controls": controls}
