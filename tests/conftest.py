@@ -83,47 +83,50 @@ class Clock:
         return abs((stored - plus - self.now).total_seconds()) <= margin
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+def throwaway_database(admin_url: str, skip_reason: str, require: str | None, create: str, drop: str) -> Iterator[str]:
+    """Create a database on the server of ``admin_url`` (``create``/``drop`` format ``{name}``), yield its URL,
+    drop it. An unreachable server skips the test, loudly; fails it instead when the env var ``require`` is set.
+    """
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
     try:
         conn = admin.connect()
     except sa.exc.OperationalError as exc:
         admin.dispose()
-        message = f"{PG_SKIP_REASON} at {PG_ADMIN_URL}: {str(exc).splitlines()[0]}"
-        if REQUIRE_POSTGRES:
-            pytest.fail(f"IDEMPOTENCY_REQUIRE_POSTGRES=1 but {message}")
+        message = f"{skip_reason} at {admin_url}: {str(exc).splitlines()[0]}"
+        if require:
+            pytest.fail(f"{require}=1 but {message}")
         pytest.skip(message)
     name = f"flask_idempotent_test_{uuid.uuid4().hex[:12]}"
-    conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    conn.execute(sa.text(create.format(name=name)))
     try:
         yield admin.url.set(database=name).render_as_string(hide_password=False)
     finally:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(sa.text(drop.format(name=name)))
         conn.close()
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    yield from throwaway_database(
+        PG_ADMIN_URL,
+        PG_SKIP_REASON,
+        "IDEMPOTENCY_REQUIRE_POSTGRES" if REQUIRE_POSTGRES else None,
+        'CREATE DATABASE "{name}"',
+        'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+    )
 
 
 @pytest.fixture(scope="session")
 def mariadb_url() -> Iterator[str]:
     """A throwaway database on the MariaDB (or MySQL) server of ``IDEMPOTENCY_TEST_MARIADB_ADMIN_URL``."""
-    admin = sa.create_engine(MARIADB_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        conn = admin.connect()
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        message = f"{MARIADB_SKIP_REASON} at {MARIADB_ADMIN_URL}: {str(exc).splitlines()[0]}"
-        if REQUIRE_MARIADB:
-            pytest.fail(f"IDEMPOTENCY_REQUIRE_MARIADB=1 but {message}")
-        pytest.skip(message)
-    name = f"flask_idempotent_test_{uuid.uuid4().hex[:12]}"
-    conn.execute(sa.text(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4"))
-    try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
-        conn.close()
-        admin.dispose()
+    yield from throwaway_database(
+        MARIADB_ADMIN_URL,
+        MARIADB_SKIP_REASON,
+        "IDEMPOTENCY_REQUIRE_MARIADB" if REQUIRE_MARIADB else None,
+        "CREATE DATABASE `{name}` CHARACTER SET utf8mb4",  # the server's default collation: the models set theirs
+        "DROP DATABASE IF EXISTS `{name}`",
+    )
 
 
 def with_driver(url: str, driver: str) -> str:
