@@ -243,10 +243,14 @@ def search(query: str, page: Any = 1, per_page: Any = DEFAULT_PER_PAGE, *, scope
 #: "at least" (``capped``).
 ACTIVITY_LIMIT = 20_000
 
+#: How long the processes' replay counts are kept (``purge`` deletes older ones): the chart shows 24 hours.
+REPLAY_COUNTS_KEPT = timedelta(hours=48)
+
 
 def activity(hours: int = 24, limit: int = ACTIVITY_LIMIT) -> dict[str, Any]:
     """Per-hour counts of the last ``hours`` clock hours (the current one included), by the database's clock:
-    ``created`` (first requests: records created), ``conflicts`` (conflict events) and ``failed`` (records that
+    ``created`` (first requests: records created), ``replays`` (the counts each process writes, see
+    :class:`~flask_idempotent.state.ReplayTally`), ``conflicts`` (conflict events) and ``failed`` (records that
     are FAILED, by their ``updated_at``: when they failed or were last changed). Each series is
     ``{"counts": [...], "capped": bool}`` oldest hour first; ``hours`` lists the hours' starts.
 
@@ -257,17 +261,26 @@ def activity(hours: int = 24, limit: int = ACTIVITY_LIMIT) -> dict[str, Any]:
     with state.db.engine.connect() as conn:
         now = state.store.now(conn)
         start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
-        raw = state.store.activity(conn, start, limit)
+        raw = {
+            name: ([(t, 1) for t in times], capped)
+            for name, (times, capped) in state.store.activity(conn, start, limit).items()
+        }
+        raw["replays"] = state.store.replays_since(conn, start, limit)
     starts = [start + timedelta(hours=i) for i in range(hours)]
     series: dict[str, Any] = {}
-    for name, (times, capped) in raw.items():
+    for name, (weighted, capped) in raw.items():
         counts = [0] * hours
-        for t in times:
+        for t, n in weighted:
             index = int((t - start).total_seconds() // 3600)
             if 0 <= index < hours:
-                counts[index] += 1
+                counts[index] += n
         series[name] = {"counts": counts, "capped": capped}
     return {"hours": starts, "now": now, **series}
+
+
+def replay_tally_seconds() -> float:
+    """How often each process writes its count of replays (``IDEMPOTENCY_REPLAY_TALLY_SECONDS``)."""
+    return _state().replays.interval
 
 
 def runbook_of(endpoint: str | None) -> str | None:
@@ -434,4 +447,6 @@ def purge(*, batch_size: int = 1000, max_batches: int | None = None, pause: floa
             break
         if pause:
             time.sleep(pause)
+    with state.db.engine.begin() as conn:  # the replay counts behind the overview's last-24-hours chart
+        state.store.purge_replays(conn, REPLAY_COUNTS_KEPT.total_seconds())
     return total
