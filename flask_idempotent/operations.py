@@ -1,10 +1,10 @@
 """The operations API: what the CLI and the dashboard do to records. Needs an app context.
 
 Listing functions return a :class:`Page`; every query is the store's (``store.py``) and served by an index of
-``models.py``; "stuck" and "awaiting a decision" are the state machine's predicates, evaluated with the
-database's clock. Actions follow the README's operator table as ``machine.operator_transition`` states it: a refused
-action raises :class:`TransitionError` naming the rule and changes nothing; an action is a compare-and-set on
-the record's ``version`` (the one the operator saw, when given), so an action on a record that changed since
+``models.py``; "stuck" and "awaiting a decision" are the state machine's predicates, evaluated with the database's
+clock. Actions follow the operator table (docs: "Operating it") as ``machine.operator_transition`` states it: a
+refused action raises :class:`TransitionError` naming the rule and changes nothing; an action is a compare-and-set
+on the record's ``version`` (the one the operator saw, when given), so an action on a record that changed since
 fails with :class:`RecordChanged`; and it writes an event with the actor in the same transaction.
 """
 
@@ -338,7 +338,7 @@ def refusal(action: Action | str, record: dict[str, Any]) -> str | None:
 
 
 def act(action: Action | str, record_id: int, *, actor: str, version: int | None = None) -> dict[str, Any]:
-    """Apply an operator ``action`` to record ``record_id`` as ``actor`` (the README's operator table).
+    """Apply an operator ``action`` to record ``record_id`` as ``actor`` (docs: "Operating it", the operator table).
 
     ``version`` is the version of the record the operator looked at; without it, the version read here.
     Raises :class:`RecordNotFound`, :class:`TransitionError` (the rule that refused it; nothing changed) or
@@ -430,7 +430,7 @@ def purge(*, batch_size: int = 1000, max_batches: int | None = None, pause: floa
     Each batch is its own short transaction. On PostgreSQL rows locked by a running request are skipped
     (``FOR UPDATE SKIP LOCKED``) instead of waited for. IN_PROGRESS records are never purged. Between batches
     it sleeps ``pause`` seconds: back to back, batches of 1000 more than doubled the p99 of concurrent
-    requests in the benchmark (see the README's Performance).
+    requests in the benchmark (see the docs' "Performance").
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")

@@ -1,4 +1,4 @@
-"""The request pipeline: claim or answer before the view, store the outcome after it (the README's "Behaviour"
+"""The request pipeline: claim or answer before the view, store the outcome after it (the docs' "Behaviour"
 tables). ``Idempotency.init_app`` registers :func:`before_request`, :func:`after_request` and
 :func:`teardown_request`; every rule they follow comes from ``machine.py`` and every statement from ``store.py``.
 """
