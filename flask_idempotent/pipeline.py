@@ -376,7 +376,8 @@ def _decide_and_claim(ctx: RequestContext, conn: Executor, token: str) -> _Answe
             if record_id is not None:
                 _claimed(ctx, record_id, 1, claim, None)
                 return None, None
-            row = store.find(conn, command.scope, command.key, current=True)  # another request inserted it meanwhile
+            # Another request inserted it meanwhile.
+            row = store.find(conn, command.scope, command.key, current=ctx.atomic)
             continue
         decision = decide(row._mapping, command.request_hash, options.on_stale)
         if decision not in CLAIMING:
@@ -394,7 +395,7 @@ def _decide_and_claim(ctx: RequestContext, conn: Executor, token: str) -> _Answe
                     detail={"attempt": claim.attempt},
                 )
             return None, None
-        row = store.find(conn, command.scope, command.key, current=True)
+        row = store.find(conn, command.scope, command.key, current=ctx.atomic)
     return Decision.IN_PROGRESS, row  # heavy contention on one key: answer as in progress
 
 

@@ -227,9 +227,10 @@ class RecordStore:
     def find(self, conn: Executor, scope: str, key: str, *, current: bool = False) -> Row[Any] | None:
         """The record of ``(scope, key)`` with ``is_stuck``, ``is_expired`` and ``db_now``, or ``None``.
 
-        ``current``: the row as last committed even inside a transaction that has read before (the re-read
-        after losing a race). PostgreSQL (READ COMMITTED) and SQLite always read that; on MySQL and MariaDB
-        (REPEATABLE READ) it is a locking read (``LOCK IN SHARE MODE``), held until the transaction ends.
+        ``current``: the row as last committed even inside a transaction that has read before (an atomic
+        claim's re-read after losing a race). PostgreSQL (READ COMMITTED), SQLite and autocommit statements
+        always read that; on MySQL and MariaDB (REPEATABLE READ) it is a locking read (``LOCK IN SHARE MODE``),
+        held until the transaction ends.
         """
         stmt = self._find_current if current and dialect_of(conn) in MYSQL_DIALECTS else self._find
         row = conn.execute(stmt, {"_scope": scope, "_key": key, **self._times()}).one()
