@@ -10,6 +10,7 @@ from .dashboard import ReadOnly
 from .decorator import idempotent
 from .errors import (
     AtomicViewCommitted,
+    CommitConflict,
     CommitFailed,
     IdempotencyError,
     InvalidKey,
@@ -30,6 +31,7 @@ from .extension import Idempotency
 
 __all__ = [
     "AtomicViewCommitted",
+    "CommitConflict",
     "CommitFailed",
     "Idempotency",
     "IdempotencyError",

@@ -26,6 +26,7 @@ class ConfigKey:
     MAX_RESPONSE_BYTES = "IDEMPOTENCY_MAX_RESPONSE_BYTES"
     DASHBOARD_URL_PREFIX = "IDEMPOTENCY_DASHBOARD_URL_PREFIX"
     DASHBOARD_SHOW_BODIES = "IDEMPOTENCY_DASHBOARD_SHOW_BODIES"
+    ADVISORY_LOCKS = "IDEMPOTENCY_ADVISORY_LOCKS"
 
 
 #: Defaults applied with ``app.config.setdefault`` in ``init_app``.
@@ -47,6 +48,9 @@ DEFAULTS: dict[str, object] = {
     ConfigKey.MAX_RESPONSE_BYTES: 1024 * 1024,
     ConfigKey.DASHBOARD_URL_PREFIX: "/idempotency",
     ConfigKey.DASHBOARD_SHOW_BODIES: False,
+    # PostgreSQL only: an atomic duplicate answers at once instead of waiting for the owner's row. False for
+    # databases without working advisory locks (CockroachDB); correctness never rests on them.
+    ConfigKey.ADVISORY_LOCKS: True,
 }
 
 #: Methods the layer protects; the key is ignored on every other method.

@@ -18,6 +18,7 @@ from werkzeug.local import LocalProxy
 from .errors import LeaseLost
 from .machine import Command
 from .state import AppState, Resolved
+from .store import retry_lost_race
 
 _ENVIRON_KEY = "flask_idempotent.request"
 UNSET: Any = object()
@@ -165,11 +166,16 @@ class CurrentRecord:
         """
         ctx = self._context
         assert ctx.record_id is not None and ctx.lease_token is not None
+        record_id, lease_token = ctx.record_id, ctx.lease_token
         values = {"recovery_point": name, "recovery_data": data}
-        with ctx.state.connection(ctx.atomic) as conn:
-            written = ctx.state.store.checkpoint(
-                conn, ctx.record_id, ctx.version, ctx.lease_token, values, ctx.options.lease
-            )
+
+        def write() -> bool:
+            with ctx.state.connection(ctx.atomic) as conn:
+                return ctx.state.store.checkpoint(conn, record_id, ctx.version, lease_token, values, ctx.options.lease)
+
+        # Leased: a write that lost a race (SERIALIZABLE) wrote nothing and is written again. Atomic: it is part
+        # of the view's transaction, which the database aborted; the view's error says so.
+        written = write() if ctx.atomic else retry_lost_race(write)
         if not written:
             raise LeaseLost(f"record {ctx.record_id} is no longer owned by this request")
         ctx.version += 1

@@ -172,6 +172,20 @@ class CommitFailed(IdempotencyError, InternalServerError):
     title = "The request's changes could not be committed"
 
 
+class CommitConflict(IdempotencyError, ServiceUnavailable):
+    """503: an atomic request's final commit lost a race with a concurrent transaction (a serialization failure
+    under SERIALIZABLE, a deadlock, a Galera certification failure), and no other request holds its key.
+
+    Nothing of the request was written and the key is free: retrying with the same key after ``Retry-After``
+    runs it again. (When another request holds the key by then, the answer is that duplicate's: 409 or a
+    replay.) Unlike ``commit-failed`` the retry is expected to succeed.
+    """
+
+    code = 503
+    problem_code = "commit-conflict"
+    title = "The request's changes conflicted with a concurrent transaction"
+
+
 class ScopeError(IdempotencyError, InternalServerError):
     """500: the app's ``scope_loader`` raised, or returned something other than ``str``, ``int``, ``UUID`` or
     ``None``. Nothing is claimed and the view does not run; the log names the problem."""

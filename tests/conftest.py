@@ -11,13 +11,28 @@ fixture runs on. Its params are ``sqlite``, ``postgresql`` (psycopg2) and ``post
 every PostgreSQL id starts with ``postgresql``, so ``-k postgresql`` selects both drivers, ``-k psycopg`` only
 psycopg 3, and ``url.startswith("postgresql")`` holds for both URLs. Tests that start real processes from
 ``postgres_url`` (gunicorn, Celery) stay on the admin URL's driver, psycopg2.
+
+Distributed-SQL emulation: ``IDEMPOTENCY_TEST_PG_VARIANTS`` (default none; CI: all) lists PostgreSQL databases
+configured like CockroachDB or YugabyteDB would behave, each a throwaway database of its own (psycopg2):
+
+- ``serializable``: ``default_transaction_isolation = serializable``: every conflict is a 40001 to retry;
+- ``nolocks``: serializable, and no advisory locks: ``pg_try_advisory_xact_lock`` raises "undefined function"
+  (a stub ahead of ``pg_catalog`` on the ``search_path``), and the app runs with
+  ``IDEMPOTENCY_ADVISORY_LOCKS = False`` (CockroachDB);
+- ``grantall``: read committed, and ``pg_try_advisory_xact_lock`` always grants (a stub): correctness may not
+  rest on the lock.
+
+Their ``database_url`` params are ``postgresql-serializable`` and so on; they run only in the modules that opt
+in with ``PG_VARIANTS = True`` (the concurrency, lease, atomic, model, crash and serializable tests), and
+``database_config`` is the config a variant's app needs (``app`` applies it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -34,7 +49,36 @@ if unknown := set(PG_DRIVERS) - set(PG_DRIVER_PARAMS):
     raise ValueError(
         f"IDEMPOTENCY_TEST_PG_DRIVERS: unknown driver(s) {sorted(unknown)}; known: {list(PG_DRIVER_PARAMS)}"
     )
-DATABASE_PARAMS = ["sqlite", *(PG_DRIVER_PARAMS[d] for d in PG_DRIVERS)]
+#: Variant -> (SQL run in its fresh database, the app config it needs).
+PG_VARIANT_SETUP: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
+    "serializable": (("ALTER DATABASE {db} SET default_transaction_isolation = 'serializable'",), {}),
+    "nolocks": (
+        (
+            "ALTER DATABASE {db} SET default_transaction_isolation = 'serializable'",
+            "CREATE SCHEMA no_advisory_locks",
+            "CREATE FUNCTION no_advisory_locks.pg_try_advisory_xact_lock(bigint) RETURNS boolean LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'function pg_try_advisory_xact_lock(bigint) does not exist'"
+            " USING ERRCODE = '42883'; END $$",
+            "ALTER DATABASE {db} SET search_path = public, no_advisory_locks, pg_catalog",
+        ),
+        {"IDEMPOTENCY_ADVISORY_LOCKS": False},
+    ),
+    "grantall": (
+        (
+            "CREATE SCHEMA always_granting",
+            "CREATE FUNCTION always_granting.pg_try_advisory_xact_lock(bigint) RETURNS boolean LANGUAGE sql"
+            " AS 'SELECT true'",
+            "ALTER DATABASE {db} SET search_path = public, always_granting, pg_catalog",
+        ),
+        {},
+    ),
+}
+PG_VARIANTS = [v.strip() for v in os.environ.get("IDEMPOTENCY_TEST_PG_VARIANTS", "").split(",") if v.strip()]
+if unknown := set(PG_VARIANTS) - set(PG_VARIANT_SETUP):
+    raise ValueError(
+        f"IDEMPOTENCY_TEST_PG_VARIANTS: unknown variant(s) {sorted(unknown)}; known: {list(PG_VARIANT_SETUP)}"
+    )
+DATABASE_PARAMS = ["sqlite", *(PG_DRIVER_PARAMS[d] for d in PG_DRIVERS), *(f"postgresql-{v}" for v in PG_VARIANTS)]
 PG_SKIP_REASON = "PostgreSQL not reachable"
 
 
@@ -64,8 +108,9 @@ class Clock:
         return abs((stored - plus - self.now).total_seconds()) <= margin
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
+@contextlib.contextmanager
+def throwaway_database(setup: tuple[str, ...] = ()) -> Iterator[str]:
+    """A fresh PostgreSQL database (its URL), with ``setup`` run in it (``{db}``: its quoted name); dropped after."""
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         conn = admin.connect()
@@ -77,12 +122,55 @@ def postgres_url() -> Iterator[str]:
         pytest.skip(message)
     name = f"flask_idempotent_test_{uuid.uuid4().hex[:12]}"
     conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
     try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
+        if setup:
+            engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+            with engine.connect() as own:
+                for statement in setup:
+                    own.execute(sa.text(statement.replace("{db}", f'"{name}"')))
+            engine.dispose()
+        yield url
     finally:
         conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         conn.close()
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    with throwaway_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_variant_urls() -> Iterator[Callable[[str], str]]:
+    """Variant name -> the URL of its database (made on first use, one per session)."""
+    with contextlib.ExitStack() as stack:
+        urls: dict[str, str] = {}
+
+        def url_of(variant: str) -> str:
+            if variant not in urls:
+                urls[variant] = stack.enter_context(throwaway_database(PG_VARIANT_SETUP[variant][0]))
+            return urls[variant]
+
+        yield url_of
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Variant databases only for the modules that opt in (``PG_VARIANTS = True``): the rest would only cost time."""
+    if not PG_VARIANTS:
+        return
+    variants = {f"postgresql-{v}" for v in PG_VARIANTS} | set(PG_VARIANTS)
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_variant = params.get("database_url") in variants or params.get("pg_database") in variants
+        opted_in = getattr(getattr(item, "module", None), "PG_VARIANTS", False)
+        (drop if on_variant and not opted_in else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def with_driver(url: str, driver: str) -> str:
@@ -98,9 +186,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     """
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
+    variant = request.param.removeprefix("postgresql-")
+    if variant in PG_VARIANT_SETUP:
+        return str(request.getfixturevalue("pg_variant_urls")(variant))
     url = str(request.getfixturevalue("postgres_url"))
     driver = {"postgresql": "psycopg2", "postgresql-psycopg": "psycopg"}[request.param]
     return with_driver(url, driver)
+
+
+@pytest.fixture
+def database_config(request: pytest.FixtureRequest) -> dict[str, object]:
+    """The app config the test's database needs: a variant's (``nolocks``: advisory locks off), else none."""
+    param = getattr(request.node, "callspec", None) and request.node.callspec.params.get("database_url")
+    variant = str(param or "").removeprefix("postgresql-")
+    return dict(PG_VARIANT_SETUP[variant][1]) if variant in PG_VARIANT_SETUP else {}
 
 
 @pytest.fixture
@@ -120,8 +219,14 @@ def app_config() -> dict[str, object]:
 
 
 @pytest.fixture
-def app(database_url: str, clock: Clock, controls: Controls, app_config: dict[str, object]) -> Iterator[Flask]:
-    app = build_app(database_url, clock=clock, controls=controls, **app_config)
+def app(
+    database_url: str,
+    clock: Clock,
+    controls: Controls,
+    app_config: dict[str, object],
+    database_config: dict[str, object],
+) -> Iterator[Flask]:
+    app = build_app(database_url, clock=clock, controls=controls, **{**database_config, **app_config})
     with app.app_context():
         db = app.extensions["sqlalchemy"]
         db.drop_all()

@@ -19,8 +19,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import PG_VARIANT_SETUP
+from conftest import PG_VARIANTS as PG_VARIANTS_ON
 from faultapp import CRASH_HEADER, drop_tables, reset_database, snapshot
 from procs import CONNECTION_LOST, FileClock, Gunicorn, Reply, flask_cli, poll, send
+
+#: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
+PG_VARIANTS = True
 
 LEASE = 30  # seconds; real time never runs it out during a test, only the test's clock does
 
@@ -28,7 +33,7 @@ LEASE = 30  # seconds; real time never runs it out during a test, only the test'
 class CrashRig:
     """One single-worker gunicorn, its lease clock, and the test's own view of the database."""
 
-    def __init__(self, url: str, tmp: Path) -> None:
+    def __init__(self, url: str, tmp: Path, config: dict[str, object]) -> None:
         self.signals = tmp / "signals"
         self.signals.mkdir()
         self.clock = FileClock(tmp / "clock")
@@ -37,6 +42,7 @@ class CrashRig:
             "FAULTAPP_CLOCK_FILE": str(self.clock.path),
             "FAULTAPP_LEASE": str(LEASE),
             "FAULTAPP_SIGNAL_DIR": str(self.signals),
+            "FAULTAPP_ADVISORY_LOCKS": "1" if config.get("IDEMPOTENCY_ADVISORY_LOCKS", True) else "0",
         }
         self.engine = sa.create_engine(url)
         self.server = Gunicorn(self.env, tmp / "gunicorn.log", workers=1)
@@ -81,17 +87,26 @@ class CrashRig:
         return poll(answered, timeout=15, what=f"{key} to stop being in progress")
 
 
+@pytest.fixture(scope="module", params=["postgresql", *PG_VARIANTS_ON])
+def pg_database(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    """The database the rig serves from: the shared test database, or a distributed-SQL emulation's."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url")), {}
+    return request.getfixturevalue("pg_variant_urls")(request.param), PG_VARIANT_SETUP[request.param][1]
+
+
 @pytest.fixture(scope="module")
-def rig(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashRig]:
-    reset_database(postgres_url)
-    rig = CrashRig(postgres_url, tmp_path_factory.mktemp("crash"))
+def rig(pg_database: tuple[str, dict[str, object]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashRig]:
+    url, config = pg_database
+    reset_database(url)
+    rig = CrashRig(url, tmp_path_factory.mktemp("crash"), config)
     try:
         rig.server.start()
         yield rig
     finally:
         rig.server.stop()
         rig.engine.dispose()
-        drop_tables(postgres_url)
+        drop_tables(url)
 
 
 def assert_in_progress(reply: Reply) -> None:
