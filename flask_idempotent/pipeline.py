@@ -463,9 +463,13 @@ def client_event(ctx: RequestContext, row: Row[Any], kind: EventKind) -> None:
         "endpoint": command.endpoint,
         "request_hash": command.request_hash,
     }
-    try:
+
+    def write() -> None:
         with state.engine.connect() as conn:
             state.store.add_client_event(conn, record=row, kind=kind, detail=detail, cap=MAX_CLIENT_EVENTS_PER_RECORD)
+
+    try:
+        retry_lost_race(write)  # many duplicates of one key count on its row at once: under SERIALIZABLE they race
     except sa.exc.SQLAlchemyError as exc:  # the answer matters more than its audit trail
         logger.warning("could not store %s event for record %s: %s", kind.value, row.id, _db_error(exc))
 
@@ -528,6 +532,13 @@ def after_request(response: BaseResponse) -> BaseResponse:
         _withdraw(ctx)  # a hook answered before the view (auth, CSRF): not an outcome
         return response
     exc = view_exception()
+    if ctx.atomic and exc is not None and lost_race(exc):
+        # A statement of the view lost a race (under SERIALIZABLE, often against the claim's own read in the
+        # same transaction): the database aborted the transaction, claim included; nothing was written.
+        ctx.settled = True
+        _report(ctx, "executed")
+        _rollback_quietly(ctx.state)
+        return _atomic_lost_race(ctx, exc)
     if exc is not None and isinstance(exc, ctx.options.transient):
         state, retryable = State.FAILED, True
     else:
@@ -747,7 +758,7 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
         except sa.exc.SQLAlchemyError as exc:
             _rollback_quietly(state)
             if lost_race(exc):
-                return _lost_race_at_commit(ctx, exc)
+                return _atomic_lost_race(ctx, exc)
             logger.error("could not commit atomic request %s: %s", ctx.record_id, _db_error(exc))
             if isinstance(exc, (sa.exc.IntegrityError, sa.exc.DataError)):
                 # The database refused the view's writes (a constraint): nothing was written. Say so, and
@@ -773,17 +784,15 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
     return response
 
 
-def _lost_race_at_commit(ctx: RequestContext, exc: sa.exc.SQLAlchemyError) -> BaseResponse:
-    """An atomic request's transaction lost a race at its commit: nothing of it was written.
+def _atomic_lost_race(ctx: RequestContext, exc: BaseException) -> BaseResponse:
+    """An atomic request's transaction lost a race, in the view or at its commit: nothing of it was written.
 
     The view is not run again here: a second run in the same request could repeat whatever it did outside the
     database. The answer is what a duplicate arriving now would get, read from the committed record: a replay,
     409 ``in-progress``, ``stuck`` or 422 ``key-reused`` when another request holds the key; when nobody does,
     503 ``commit-conflict`` with ``Retry-After`` (the retry runs it, once). Never 500, never ``store-unavailable``.
     """
-    logger.warning(
-        "atomic request %r lost a race at its commit (%s); nothing was written", ctx.command.key, _db_error(exc)
-    )
+    logger.warning("atomic request %r lost a race (%s); nothing was written", ctx.command.key, _db_error(exc))
     decision, row = _as_duplicate(ctx)
     if row is None:
         return CommitConflict(

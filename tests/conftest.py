@@ -157,6 +157,20 @@ def pg_variant_urls() -> Iterator[Callable[[str], str]]:
         yield url_of
 
 
+@pytest.fixture(scope="module", params=["postgresql", *PG_VARIANTS])
+def pg_database(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    """For tests that serve real processes: the shared PostgreSQL test database (``postgres_url``), then each
+    variant's, with the app config it needs."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url")), {}
+    return str(request.getfixturevalue("pg_variant_urls")(request.param)), dict(PG_VARIANT_SETUP[request.param][1])
+
+
+def faultapp_env(config: dict[str, object]) -> dict[str, str]:
+    """The fault app's environment for a variant's app config (``tests/faultapp.py``)."""
+    return {"FAULTAPP_ADVISORY_LOCKS": "1" if config.get("IDEMPOTENCY_ADVISORY_LOCKS", True) else "0"}
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Variant databases only for the modules that opt in (``PG_VARIANTS = True``): the rest would only cost time."""
     if not PG_VARIANTS:

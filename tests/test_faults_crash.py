@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import PG_VARIANT_SETUP
-from conftest import PG_VARIANTS as PG_VARIANTS_ON
+from conftest import faultapp_env
 from faultapp import CRASH_HEADER, drop_tables, reset_database, snapshot
 from procs import CONNECTION_LOST, FileClock, Gunicorn, Reply, flask_cli, poll, send
 
@@ -42,7 +41,7 @@ class CrashRig:
             "FAULTAPP_CLOCK_FILE": str(self.clock.path),
             "FAULTAPP_LEASE": str(LEASE),
             "FAULTAPP_SIGNAL_DIR": str(self.signals),
-            "FAULTAPP_ADVISORY_LOCKS": "1" if config.get("IDEMPOTENCY_ADVISORY_LOCKS", True) else "0",
+            **faultapp_env(config),
         }
         self.engine = sa.create_engine(url)
         self.server = Gunicorn(self.env, tmp / "gunicorn.log", workers=1)
@@ -85,14 +84,6 @@ class CrashRig:
             return None if reply.problem == "in-progress" else reply
 
         return poll(answered, timeout=15, what=f"{key} to stop being in progress")
-
-
-@pytest.fixture(scope="module", params=["postgresql", *PG_VARIANTS_ON])
-def pg_database(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
-    """The database the rig serves from: the shared test database, or a distributed-SQL emulation's."""
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("postgres_url")), {}
-    return request.getfixturevalue("pg_variant_urls")(request.param), PG_VARIANT_SETUP[request.param][1]
 
 
 @pytest.fixture(scope="module")

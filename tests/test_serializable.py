@@ -75,6 +75,25 @@ class Races:
             called = conn.execute(sa.text(f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM {seq}")).scalar()
         return min(int(called), int(planned))
 
+    def lose_in_view(self, times: int) -> None:
+        """Fail the next ``times`` inserts of a charge (the view's own write) at once, not at COMMIT."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.text("CREATE SEQUENCE race_view"))
+            conn.execute(
+                sa.text(
+                    "CREATE FUNCTION lose_race_in_view() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+                    f" IF nextval('race_view') <= {int(times)} THEN"
+                    " RAISE EXCEPTION 'test: the view lost a race' USING ERRCODE = '40001'; END IF;"
+                    " RETURN NEW; END $$"
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "CREATE TRIGGER lose_race_in_view BEFORE INSERT ON charges"
+                    " FOR EACH ROW EXECUTE FUNCTION lose_race_in_view()"
+                )
+            )
+
     def stop(self) -> None:
         with self.engine.begin() as conn:
             conn.execute(sa.text("DELETE FROM race_plan"))
@@ -94,6 +113,7 @@ def races(app: Flask, database_url: str) -> Iterator[Races]:
         with engine.begin() as conn:
             conn.execute(sa.text("DROP TRIGGER IF EXISTS lose_race ON idempotency_records"))
             conn.execute(sa.text("DROP FUNCTION IF EXISTS lose_race() CASCADE"))
+            conn.execute(sa.text("DROP FUNCTION IF EXISTS lose_race_in_view() CASCADE"))
             conn.execute(sa.text("DROP TABLE IF EXISTS race_plan"))
             for (seq,) in conn.execute(
                 sa.text("SELECT sequencename FROM pg_sequences WHERE sequencename LIKE 'race_%'")
@@ -225,6 +245,23 @@ def test_an_atomic_commit_that_lost_a_race_is_not_re_run_and_answers_503_commit_
     retry = post(client, "/transfers", json={"amount": 30})
     assert retry.status_code == 201
     assert charges(app, "transfers") == 1
+
+
+@pytest.mark.parametrize("app_config", [{"PROPAGATE_EXCEPTIONS": False}])
+def test_an_atomic_views_own_statement_that_lost_a_race_answers_503_commit_conflict_not_500(
+    app: Flask, client: FlaskClient, races: Races
+) -> None:
+    """Under SERIALIZABLE the view's own write can be the one aborted (often against the claim's read in the same
+    transaction): the whole transaction is gone, claim included, exactly as if the COMMIT had lost."""
+    races.lose_in_view(1)
+    reply = post(client, "/transfers", json={"amount": 30})
+    assert reply.status_code == 503 and problem_code(reply) == "commit-conflict"
+    assert charges(app, "transfers") == 0 and record(app, "k-1") is None
+    retry = post(client, "/transfers", json={"amount": 30})
+    assert retry.status_code == 201 and retry.get_json()["attempt"] == 1
+    assert charges(app, "transfers") == 1
+    row = record(app, "k-1")
+    assert row is not None and (row["state"], row["attempts"]) == ("COMPLETED", 1)
 
 
 @pytest.mark.parametrize("winner", ["completed", "in_progress"])
