@@ -139,4 +139,3 @@ def test_the_client_still_recognises_in_progress_under_a_docs_url() -> None:
     # IdempotentSession retries 409 by the end of the problem type: a docs URL keeps the code at the end.
     body = ('{"type": "' + DOCS + 'in-progress", "title": "t", "status": 409, "detail": "d"}').encode()
     assert _judge(409, {"Retry-After": "1"}, lambda: body).retry
-
