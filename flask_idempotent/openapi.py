@@ -264,10 +264,11 @@ def merge(document: Mapping[str, Any], fragment: Mapping[str, Any]) -> dict[str,
     """``document`` (an OpenAPI 3.1 dict, such as apispec's ``spec.to_dict()``) with ``fragment`` folded in.
 
     Objects merge key by key; where both have a value, the document's wins (its descriptions, its own
-    responses). ``parameters`` lists are joined, skipping one the document already has (same ``$ref``, or same
-    ``name`` and ``in``). Every response the document already declares for a protected operation gets the
-    ``Idempotent-Replayed`` header (a replay answers with the stored status, whatever it was), unless it is a
-    ``$ref`` (add the header to that component yourself). ``document`` is not changed.
+    responses), and nothing is added to a ``$ref`` of the document. ``parameters`` lists are joined, skipping
+    one the document already has (same ``$ref``, or same ``name`` and ``in``). Every response the document
+    already declares for a protected operation gets the ``Idempotent-Replayed`` header (a replay answers with
+    the stored status, whatever it was), unless it is a ``$ref`` (add the header to that component yourself).
+    ``document`` is not changed.
     """
     merged = copy.deepcopy(dict(document))
     originals = {
@@ -292,6 +293,8 @@ def _deep_merge(target: dict[str, Any], update: Mapping[str, Any], root: Mapping
     for name, value in update.items():
         if name not in target:
             target[name] = copy.deepcopy(value)
+        elif isinstance(target[name], dict) and "$ref" in target[name]:
+            continue  # the document points elsewhere for this one: nothing may be added beside a reference
         elif isinstance(target[name], dict) and isinstance(value, Mapping):
             _deep_merge(target[name], value, root)
         elif name == "parameters" and isinstance(target[name], list) and isinstance(value, list):

@@ -215,6 +215,7 @@ def test_the_example_app_serves_a_valid_openapi_31_document(tmp_path: Path) -> N
 def test_merging_into_an_apispec_document(fragment: dict[str, Any]) -> None:
     spec = APISpec(title="Payments", version="1.0", openapi_version="3.1.0")
     spec.components.parameter("RequestKey", "header", {"name": "idempotency-key", "schema": {"type": "string"}})
+    spec.components.response("Outage", {"description": "We are down"})
     spec.path(
         path="/payments",
         operations={
@@ -224,6 +225,7 @@ def test_merging_into_an_apispec_document(fragment: dict[str, Any]) -> None:
                 "responses": {
                     "201": {"description": "Created"},
                     "422": {"description": "Invalid amount"},
+                    "503": "Outage",  # apispec turns it into a $ref
                 },
             },
         },
@@ -240,6 +242,7 @@ def test_merging_into_an_apispec_document(fragment: dict[str, Any]) -> None:
     replayed = {"$ref": "#/components/headers/IdempotentReplayed"}
     assert post_payments["responses"]["201"]["headers"]["Idempotent-Replayed"] == replayed
     assert post_payments["responses"]["422"]["headers"]["Idempotent-Replayed"] == replayed
+    assert post_payments["responses"]["503"] == {"$ref": "#/components/responses/Outage"}  # nothing beside a $ref
     assert "413" in post_payments["responses"] and post_payments["x-idempotency"]["mode"] == "leased"
     assert merged["paths"]["/payments"]["get"] == original["paths"]["/payments"]["get"]
     assert "/transfers" in merged["paths"] and "IdempotencyKey" in merged["components"]["parameters"]
