@@ -268,8 +268,10 @@ def merge(document: Mapping[str, Any], fragment: Mapping[str, Any]) -> dict[str,
     one the document already has (same ``$ref``, or same ``name`` and ``in``). Every response the document
     already declares for a protected operation gets the ``Idempotent-Replayed`` header (a replay answers with
     the stored status, whatever it was), unless it is a ``$ref`` (add the header to that component yourself).
-    ``document`` is not changed.
+    ``document`` is not changed; anything but a mapping is a ``TypeError``.
     """
+    if not isinstance(document, Mapping) or not isinstance(fragment, Mapping):
+        raise TypeError("merge(document, fragment) takes two dicts (apispec: spec.to_dict(); idempotency.openapi())")
     merged = copy.deepcopy(dict(document))
     originals = {
         (path, method): set((operation.get("responses") or {}).keys())

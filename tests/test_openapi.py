@@ -246,3 +246,8 @@ def test_merging_into_an_apispec_document(fragment: dict[str, Any]) -> None:
     assert "413" in post_payments["responses"] and post_payments["x-idempotency"]["mode"] == "leased"
     assert merged["paths"]["/payments"]["get"] == original["paths"]["/payments"]["get"]
     assert "/transfers" in merged["paths"] and "IdempotencyKey" in merged["components"]["parameters"]
+
+
+def test_merge_takes_dicts(fragment: dict[str, Any]) -> None:
+    with pytest.raises(TypeError, match="spec.to_dict"):
+        merge('{"openapi": "3.1.0"}', fragment)  # type: ignore[arg-type]
