@@ -72,7 +72,7 @@ _SCOPE_ERROR = _Problem(errors.ScopeError)
 
 
 def _problems(options: Resolved) -> Iterator[tuple[int, _Problem]]:
-    """The problems a route with ``options`` can answer, with their HTTP status (README: "Behaviour")."""
+    """The problems a route with ``options`` can answer, with their HTTP status (docs: Behaviour)."""
     if options.required:
         yield 400, _MISSING_KEY
     yield 400, _INVALID_KEY
