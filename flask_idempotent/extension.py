@@ -1,5 +1,5 @@
 """The ``Idempotency`` extension: registration of the request hooks, the CLI group, the dashboard and the
-app's callbacks. The hooks themselves are in ``pipeline.py`` (README: "Behaviour")."""
+app's callbacks. The hooks themselves are in ``pipeline.py`` (docs: "Behaviour")."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, current_app, has_app_context
 
-from . import pipeline
+from . import openapi, pipeline
 from .cli import cli
-from .constants import DEFAULTS
+from .constants import DEFAULTS, ConfigKey
 from .dashboard import init_dashboard
+from .errors import check_docs_url
 from .state import AppState, Callbacks, app_state, register
 from .tasks import Operation, command_of, run_once, task_decorator
 
@@ -36,7 +37,7 @@ class Idempotency:
 
     ``clock_offset`` (a callable returning seconds or a ``timedelta``) is for tests that need a lease to run
     out: it is added to the database's clock, which decides every lease, expiry and "stuck"
-    (README: "Time: the database's clock decides").
+    (docs: "Time: the database's clock decides").
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class Idempotency:
             raise RuntimeError("flask_idempotent is already registered on this app")
         for name, value in DEFAULTS.items():
             app.config.setdefault(name, value)
+        check_docs_url(app.config[ConfigKey.DOCS_URL])
         register(app, AppState(app, db, self._callbacks, self.clock_offset))
         self._apps.add(app)
         app.extensions["idempotency"] = self
@@ -116,6 +118,17 @@ class Idempotency:
         """The per-app state of ``app`` (default: the current app)."""
         return app_state(app)
 
+    def openapi(self, app: Flask | None = None) -> dict[str, Any]:
+        """The OpenAPI 3.1 ``paths`` and ``components`` for the routes this layer protects on ``app`` (default:
+        the current app), to merge into the app's own document (docs/publishing.md).
+
+        Each protected operation gets the ``Idempotency-Key`` header parameter, the problem responses the layer
+        can answer (400, 409 or 202, 413, 422, 503, ...) with their ``type`` URIs, and an ``x-idempotency`` field
+        with its ``mode``, ``required``, ``ttl`` and ``lease`` (seconds). ``openapi.merge(document, fragment)``
+        folds it into an existing document.
+        """
+        return openapi.fragment(app or current_app._get_current_object())  # type: ignore[attr-defined]
+
     # Beyond views ------------------------------------------------------------------------------------------
 
     def _bound(self) -> tuple[AppState, Callable[[], contextlib.AbstractContextManager[Any]]]:
@@ -143,7 +156,7 @@ class Idempotency:
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Make a function (a Celery task's body, say) run at most once per key.
 
-        README: "Tasks and other code paths".
+        docs: "Tasks and other code paths".
 
         ``key`` computes the key from the call's arguments; the arguments (JSON) are the command, so the same
         key with other arguments raises ``KeyReused``; the return value (JSON) is stored and returned to a
@@ -174,7 +187,7 @@ class Idempotency:
         ttl: float | timedelta | None = None,
         transient: tuple[type[BaseException], ...] = (),
     ) -> Iterator[Operation]:
-        """Run a block at most once per ``(scope, key)`` (README: "Tasks and other code paths")::
+        """Run a block at most once per ``(scope, key)`` (docs: "Tasks and other code paths")::
 
             with idempotency.once("refunds", refund_id, command=payload) as op:
                 if op.done:
