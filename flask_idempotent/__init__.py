@@ -11,6 +11,7 @@ from .decorator import idempotent
 from .errors import (
     AtomicViewCommitted,
     CommitFailed,
+    ConfigurationError,
     IdempotencyError,
     InvalidKey,
     KeyReused,
@@ -31,6 +32,7 @@ from .extension import Idempotency
 __all__ = [
     "AtomicViewCommitted",
     "CommitFailed",
+    "ConfigurationError",
     "Idempotency",
     "IdempotencyError",
     "InvalidKey",

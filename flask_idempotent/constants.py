@@ -26,6 +26,7 @@ class ConfigKey:
     MAX_RESPONSE_BYTES = "IDEMPOTENCY_MAX_RESPONSE_BYTES"
     DASHBOARD_URL_PREFIX = "IDEMPOTENCY_DASHBOARD_URL_PREFIX"
     DASHBOARD_SHOW_BODIES = "IDEMPOTENCY_DASHBOARD_SHOW_BODIES"
+    ENABLED = "IDEMPOTENCY_ENABLED"
 
 
 #: Defaults applied with ``app.config.setdefault`` in ``init_app``.
@@ -47,6 +48,7 @@ DEFAULTS: dict[str, object] = {
     ConfigKey.MAX_RESPONSE_BYTES: 1024 * 1024,
     ConfigKey.DASHBOARD_URL_PREFIX: "/idempotency",
     ConfigKey.DASHBOARD_SHOW_BODIES: False,
+    ConfigKey.ENABLED: True,
 }
 
 #: Methods the layer protects; the key is ignored on every other method.
