@@ -13,8 +13,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from faultapp import create_app as faultapp_create_app
+from faultapp import drop_tables, reset_database, snapshot
 from flask import Flask, jsonify, request, request_finished
 from flask_sqlalchemy import SQLAlchemy
+from procs import Gunicorn
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from werkzeug.serving import make_server
 
@@ -451,3 +454,24 @@ def test_switching_off_is_allowed_in_debug(database_url: str) -> None:
         with app.app_context():
             db.drop_all()
             db.engine.dispose()
+
+
+@pytest.mark.postgresql_only
+def test_duplicate_burst_against_gunicorn_workers_sees_one_execution(postgres_url: str, tmp_path: Any) -> None:
+    """A real multi-process server: two gunicorn workers, a view slow enough for the duplicates to overlap."""
+    reset_database(postgres_url)
+    env = {"FAULTAPP_DATABASE_URL": postgres_url, "FAULTAPP_VIEW_WORK_MS": "500", "FAULTAPP_SIGNAL_DIR": str(tmp_path)}
+    app = faultapp_create_app(env)  # the served app's twin in this process: the kit reads the records with it
+    try:
+        with Gunicorn(env, tmp_path / "gunicorn.log", workers=2) as server:
+            burst = duplicate_burst(f"http://127.0.0.1:{server.port}/payments", json={"amount": 5}, n=6, app=app)
+        assert burst.originals[0].status_code == 201
+        assert any(r.status_code == 409 for r in burst.replies)  # they overlapped the 500 ms view
+        engine = sa.create_engine(postgres_url)
+        with engine.connect() as conn:
+            assert len(snapshot(conn, burst.key)["effects"]) == 1
+        engine.dispose()
+    finally:
+        with app.app_context():
+            app.extensions["sqlalchemy"].engine.dispose()
+        drop_tables(postgres_url)
