@@ -144,16 +144,12 @@ def view_runs(app: Flask, endpoint: str | None = None) -> int:
 # Reading the layer ------------------------------------------------------------------------------------------
 
 
-def _fail(message: str) -> AssertionError:
-    return AssertionError(message)
-
-
 def _endpoint(app: Flask, method: str, url: str) -> str:
     path = urllib.parse.urlsplit(url).path
     try:
         endpoint, _ = app.url_map.bind("localhost").match(path, method=method)
     except HTTPException as exc:
-        raise _fail(f"{method} {path} matches no route of the app ({exc.code})") from None
+        raise AssertionError(f"{method} {path} matches no route of the app ({exc.code})") from None
     return str(endpoint)
 
 
@@ -161,7 +157,7 @@ def _protection(app: Flask, endpoint: str) -> Resolved:
     """The route's resolved options; fails when the layer cannot protect it (names why)."""
     state = app_state(app)
     if not state.enabled:
-        raise _fail(
+        raise AssertionError(
             f"{ConfigKey.ENABLED} is False on this app: the layer is switched off and protects nothing. The kit"
             " proves routes with the layer on; keep the switch for unit tests of view logic only."
         )
@@ -169,9 +165,9 @@ def _protection(app: Flask, endpoint: str) -> Resolved:
     if route is None and state.protect_all:
         route = RouteOptions()
     if route is None:
-        raise _fail(f"the view of {endpoint!r} has no @idempotent: requests to it are not protected")
+        raise AssertionError(f"the view of {endpoint!r} has no @idempotent: requests to it are not protected")
     if route.exempt:
-        raise _fail(f"the view of {endpoint!r} is @idempotent(exempt=True): requests to it are not protected")
+        raise AssertionError(f"the view of {endpoint!r} is @idempotent(exempt=True): requests to it are not protected")
     return state.resolve(route)
 
 
@@ -218,7 +214,7 @@ def _show(response: TestResponse | Reply) -> str:
     return f"{response.status_code}{replayed} {body!r}"
 
 
-def _atomic_commit_error(app: Flask, kit: _Kit, record: Mapping[str, Any] | None) -> str | None:
+def _atomic_commit_error(kit: _Kit, record: Mapping[str, Any] | None) -> str | None:
     if isinstance(kit.raised, AtomicViewCommitted) or (record is not None and "AtomicViewCommitted" in str(record)):
         return (
             "the view commits db.session in atomic mode: an @idempotent(atomic=True) view must not call"
@@ -234,9 +230,9 @@ def _open(client: FlaskClient, kit: _Kit, url: str, method: str, **kwargs: Any) 
     try:
         return client.open(url, method=method, **kwargs)
     except Exception as exc:
-        commit_error = _atomic_commit_error(client.application, kit, None)
+        commit_error = _atomic_commit_error(kit, None)
         if commit_error:
-            raise _fail(commit_error) from exc
+            raise AssertionError(commit_error) from exc
         raise
 
 
@@ -266,7 +262,7 @@ class IdempotencyCheck:
     conflict: TestResponse
     missing_key: TestResponse | None
     other_client: TestResponse | None
-    #: The stored record after the replay (``operations.get``'s dict: state, attempts, response_status...).
+    #: The first client's record at the end (``operations.show``'s dict: state, attempts, response_status...).
     record: dict[str, Any]
 
 
@@ -338,16 +334,16 @@ def assert_idempotent(
     first, ran, claimed = send(keyed, body)
     owner = claimed[0] if claimed else None
     record = None if owner is None else _record(app, owner.scope, owner.key)
-    commit_error = _atomic_commit_error(app, kit, record)
+    commit_error = _atomic_commit_error(kit, record)
     if commit_error:
-        raise _fail(commit_error)
+        raise AssertionError(commit_error)
     if ran != 1 or owner is None or record is None:
-        raise _fail(
+        raise AssertionError(
             f"the first {method} {url} ran the view {ran} time(s) and claimed {len(claimed)} record(s); expected"
             f" one run and one record. Response: {_show(first)}"
         )
     if record["state"] != "COMPLETED" or record["attempts"] != 1:
-        raise _fail(
+        raise AssertionError(
             f"the first request left its record {record['state']} (attempts {record['attempts']}, error"
             f" {record['error']!r}); assert_idempotent needs a request that completes. Response: {_show(first)}"
         )
@@ -361,17 +357,19 @@ def assert_idempotent(
             if scopes and scopes[0] != owner.scope
             else ""
         )
-        raise _fail(f"the retry with the same key ran the view again ({ran} run(s)).{hint} Response: {_show(replay)}")
+        raise AssertionError(
+            f"the retry with the same key ran the view again ({ran} run(s)).{hint} Response: {_show(replay)}"
+        )
     if replay.headers.get(REPLAYED_HEADER) != "true":
-        raise _fail(f"the retry is not marked {REPLAYED_HEADER}: true. Response: {_show(replay)}")
+        raise AssertionError(f"the retry is not marked {REPLAYED_HEADER}: true. Response: {_show(replay)}")
     if replay.status_code != first.status_code or replay.get_data() != first.get_data():
-        raise _fail(f"the replay differs from the first response: {_show(first)} then {_show(replay)}")
+        raise AssertionError(f"the replay differs from the first response: {_show(first)} then {_show(replay)}")
     _unchanged(app, record, "the replay")
 
     other = {"json": other_json} if other_json is not None else {"data": other_data} if other_data else {}
     conflict, ran, _ = send(keyed, other or _different(json, data))
     if conflict.status_code != 422 or _problem(conflict) != "key-reused" or ran:
-        raise _fail(
+        raise AssertionError(
             "the same key with another body must be refused with 422 key-reused without running the view; got"
             f" {_show(conflict)} (view runs: {ran}). A fingerprint= callable that ignores the changed field"
             " makes this pass the other body as the same command: pass other_json= with a change it sees."
@@ -382,7 +380,7 @@ def assert_idempotent(
     if options.required and options.key is None:
         missing, ran, _ = send(base, body)
         if missing.status_code != 400 or _problem(missing) != "missing-key" or ran:
-            raise _fail(f"a request without {state.header} must be 400 missing-key; got {_show(missing)}")
+            raise AssertionError(f"a request without {state.header} must be 400 missing-key; got {_show(missing)}")
 
     crossed = None
     if other_client is not None or other_headers is not None:
@@ -392,7 +390,7 @@ def assert_idempotent(
             other_client or client,
         )
         if not ran or not claimed or claimed[0].scope == owner.scope:
-            raise _fail(_shared_scope(app, owner.scope) + f". The other client got {_show(crossed)}")
+            raise AssertionError(_shared_scope(app, owner.scope) + f". The other client got {_show(crossed)}")
     final = _record(app, owner.scope, owner.key)
     assert final is not None
     return IdempotencyCheck(key, first, replay, conflict, missing, crossed, final)
@@ -403,7 +401,7 @@ def _unchanged(app: Flask, before: Mapping[str, Any], after_what: str) -> None:
     fields = ("state", "attempts", "version", "response_status")
     if now is None or any(now[f] != before[f] for f in fields):
         seen = None if now is None else {f: now[f] for f in fields}
-        raise _fail(f"{after_what} changed the record: { ({f: before[f] for f in fields}) } became {seen}")
+        raise AssertionError(f"{after_what} changed the record: { ({f: before[f] for f in fields}) } became {seen}")
 
 
 # duplicate_burst --------------------------------------------------------------------------------------------
@@ -504,7 +502,7 @@ def duplicate_burst(
         thread.join(timeout + 5)
     errors = [r for r in replies if isinstance(r, BaseException)]
     if errors:
-        raise _fail(f"{len(errors)} of {len(jobs)} requests got no response: {errors[0]!r}")
+        raise AssertionError(f"{len(errors)} of {len(jobs)} requests got no response: {errors[0]!r}")
     done = [r for r in replies if isinstance(r, Reply)]
     result = BurstResult(key, done)
     for client in range(len(who)):
@@ -514,17 +512,21 @@ def duplicate_burst(
         if len(originals) != 1:
             detail = "; ".join(_show(r) for r in originals[:3]) or "; ".join(_show(r) for r in mine[:3])
             hint = _burst_hint(app, kit, key, len(who))
-            raise _fail(f"{label}{len(originals)} of {len(mine)} requests were executed, expected 1.{hint} {detail}")
+            raise AssertionError(
+                f"{label}{len(originals)} of {len(mine)} requests were executed, expected 1.{hint} {detail}"
+            )
         original = result.originals[client] = originals[0]
         for reply in mine:
             if reply.replayed and (reply.status_code, reply.body) != (original.status_code, original.body):
-                raise _fail(f"{label}a replay differs from the original: {_show(original)} then {_show(reply)}")
+                raise AssertionError(
+                    f"{label}a replay differs from the original: {_show(original)} then {_show(reply)}"
+                )
     if app is not None:
         assert kit is not None
         _check_burst_records(app, kit, key, len(who))
         ran = sum(kit.runs.values()) - runs_before
         if ran and ran != len(who):  # 0: the app object is not the one serving (another process)
-            raise _fail(f"the view ran {ran} times for {len(who)} client(s)")
+            raise AssertionError(f"the view ran {ran} times for {len(who)} client(s)")
     return result
 
 
@@ -541,7 +543,7 @@ def _burst_hint(app: Flask | None, kit: _Kit | None, key: str, clients: int) -> 
             )
         return " Is the route @idempotent (below the route decorator), and is the key header the app reads?"
     found = _records_with_key(app, key)
-    commit_error = _atomic_commit_error(app, kit, found[0] if found else None) if kit is not None else None
+    commit_error = _atomic_commit_error(kit, found[0] if found else None) if kit is not None else None
     if commit_error:
         return f" {commit_error}"
     if clients > 1 and len(found) < clients:
@@ -556,13 +558,15 @@ def _check_burst_records(app: Flask, kit: _Kit, key: str, clients: int) -> None:
     if len(found) != clients:
         scope = found[0]["scope"] if found else ""
         hint = _shared_scope(app, scope) if len(found) < clients else "the scope changed between requests"
-        raise _fail(f"{len(found)} record(s) for the key from {clients} client(s): {hint}")
+        raise AssertionError(f"{len(found)} record(s) for the key from {clients} client(s): {hint}")
     for rec in found:
         if rec["state"] != "COMPLETED" or rec["attempts"] != 1:
-            commit_error = _atomic_commit_error(app, kit, rec)
+            commit_error = _atomic_commit_error(kit, rec)
             if commit_error:
-                raise _fail(commit_error)
-            raise _fail(f"the record of scope {rec['scope']!r} is {rec['state']} with attempts {rec['attempts']}")
+                raise AssertionError(commit_error)
+            raise AssertionError(
+                f"the record of scope {rec['scope']!r} is {rec['state']} with attempts {rec['attempts']}"
+            )
 
 
 # crash_after_effect -----------------------------------------------------------------------------------------
@@ -629,37 +633,43 @@ def crash_after_effect(
             response = None
         finally:
             kit.crash_next = None
-    commit_error = _atomic_commit_error(app, kit, None)
+    commit_error = _atomic_commit_error(kit, None)
     if commit_error:
-        raise _fail(commit_error)
+        raise AssertionError(commit_error)
     if response is not None or not claimed:
         shown = "" if response is None else f" Response: {_show(response)}"
-        raise _fail(f"the view of {endpoint!r} did not run to its end, so there was no effect to crash after.{shown}")
+        raise AssertionError(
+            f"the view of {endpoint!r} did not run to its end, so there was no effect to crash after.{shown}"
+        )
     owner = claimed[0]
     left = _record(app, owner.scope, owner.key)
 
     if options.atomic:
         if left is not None:
-            raise _fail(f"atomic mode: a crash must leave nothing, but the record is {left['state']}")
+            raise AssertionError(f"atomic mode: a crash must leave nothing, but the record is {left['state']}")
         again, ran = retry()
         if ran != 1 or again.status_code >= 500 or again.headers.get(REPLAYED_HEADER):
-            raise _fail(f"atomic mode: after a crash the retry must run the view again; got {_show(again)}")
+            raise AssertionError(f"atomic mode: after a crash the retry must run the view again; got {_show(again)}")
         return CrashResult(key, None, None, again)
 
     if left is None or left["state"] != "IN_PROGRESS" or left["attempts"] != 1:
-        raise _fail(f"leased mode: a crash after the effect must leave the record IN_PROGRESS, found {left}")
+        raise AssertionError(f"leased mode: a crash after the effect must leave the record IN_PROGRESS, found {left}")
     live, ran = retry()
     if live.status_code != options.in_progress_status or ran:
-        raise _fail(f"while the lease is live the retry must be {options.in_progress_status}; got {_show(live)}")
+        raise AssertionError(
+            f"while the lease is live the retry must be {options.in_progress_status}; got {_show(live)}"
+        )
     clock.advance(seconds=options.lease + 1)
     late, ran = retry()
     now = _record(app, owner.scope, owner.key)
     assert now is not None
     if options.on_stale == "hold":
         if late.status_code != 409 or _problem(late) != "stuck" or ran or now["state"] != "IN_PROGRESS":
-            raise _fail(f"after the lease ran out the retry must be 409 stuck (on_stale='hold'); got {_show(late)}")
+            raise AssertionError(
+                f"after the lease ran out the retry must be 409 stuck (on_stale='hold'); got {_show(late)}"
+            )
     elif ran != 1 or now["state"] != "COMPLETED" or now["attempts"] != 2:
-        raise _fail(
+        raise AssertionError(
             f"after the lease ran out the retry must take over (on_stale='takeover'): run once, attempts 2;"
             f" got {_show(late)}, record {now['state']} attempts {now['attempts']}"
         )
@@ -729,18 +739,18 @@ def store_outage(app: Flask) -> Iterator[Outage]:
             sa.event.remove(pool, "checkout", listener)
     ran = sum(kit.runs.values()) - runs
     if ran:
-        raise _fail(
+        raise AssertionError(
             f"{ran} view(s) ran while the store was cut off: the route is not protected by the layer (fail closed"
             " means the view never runs without a record)"
         ) from raised
     if raised is not None:
         raise raised
     if not outage.responses:
-        raise _fail("store_outage saw no POST/PUT/PATCH/DELETE request to the app: send one inside the block")
+        raise AssertionError("store_outage saw no POST/PUT/PATCH/DELETE request to the app: send one inside the block")
     for response in outage.responses:
         problem = _problem(response)
         if response.status_code != 503 or problem != "store-unavailable" or "Retry-After" not in response.headers:
-            raise _fail(
+            raise AssertionError(
                 "during a store outage a protected request must answer 503 store-unavailable with Retry-After"
                 f" (fail closed); got {response.status_code} {problem or response.get_data()[:200]!r}"
             )

@@ -7,6 +7,8 @@ route decorator, an atomic view that commits, no ``scope_loader`` with two clien
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -475,3 +477,22 @@ def test_duplicate_burst_against_gunicorn_workers_sees_one_execution(postgres_ur
         with app.app_context():
             app.extensions["sqlalchemy"].engine.dispose()
         drop_tables(postgres_url)
+
+
+def test_pytest_loads_the_kit_as_a_plugin_in_a_users_project(tmp_path: Any) -> None:
+    """The ``pytest11`` entry point: a project without any conftest gets ``lease_clock``, with warnings as errors."""
+    (tmp_path / "test_user.py").write_text(
+        "def test_lease_clock(lease_clock):\n"
+        "    lease_clock.advance(seconds=61)\n"
+        "    assert lease_clock.offset.total_seconds() == 61\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-W", "error", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
