@@ -234,11 +234,11 @@ def served() -> Iterator[Any]:
 
 
 def hold_until_duplicates_answered(app: Flask, duplicates: int) -> None:
-    """The first request's view waits until ``duplicates`` other requests were answered 409 (no sleeps)."""
+    """The first request's view waits until ``duplicates`` other requests were answered (no sleeps)."""
     answered = threading.Semaphore(0)
 
     def count(sender: Any, response: Any, **_: Any) -> None:
-        if response.status_code == 409:
+        if response.status_code in (409, 503):  # in progress; or SQLite's write lock was busy: not run either
             answered.release()
 
     def hold() -> None:
@@ -257,7 +257,7 @@ def test_duplicate_burst_against_a_served_app_sees_one_execution(kit_app: Flask,
     burst = duplicate_burst(url, json={"amount": 5}, headers=ALICE, n=6, app=kit_app)
 
     statuses = sorted(r.status_code for r in burst.replies)
-    assert statuses == [201, 409, 409, 409, 409, 409]
+    assert statuses[0] == 201 and set(statuses[1:]) <= {409, 503} and 409 in statuses
     assert effects(kit_app, "payments") == 1
     (stored,) = records(kit_app, burst.key)
     assert (stored["state"], stored["attempts"]) == ("COMPLETED", 1)
@@ -462,13 +462,13 @@ def test_switching_off_is_allowed_in_debug(database_url: str) -> None:
 def test_duplicate_burst_against_gunicorn_workers_sees_one_execution(postgres_url: str, tmp_path: Any) -> None:
     """A real multi-process server: two gunicorn workers, a view slow enough for the duplicates to overlap."""
     reset_database(postgres_url)
-    env = {"FAULTAPP_DATABASE_URL": postgres_url, "FAULTAPP_VIEW_WORK_MS": "500", "FAULTAPP_SIGNAL_DIR": str(tmp_path)}
+    env = {"FAULTAPP_DATABASE_URL": postgres_url, "FAULTAPP_VIEW_WORK_MS": "2000", "FAULTAPP_SIGNAL_DIR": str(tmp_path)}
     app = faultapp_create_app(env)  # the served app's twin in this process: the kit reads the records with it
     try:
         with Gunicorn(env, tmp_path / "gunicorn.log", workers=2) as server:
             burst = duplicate_burst(f"http://127.0.0.1:{server.port}/payments", json={"amount": 5}, n=6, app=app)
         assert burst.originals[0].status_code == 201
-        assert any(r.status_code == 409 for r in burst.replies)  # they overlapped the 500 ms view
+        assert any(r.status_code == 409 for r in burst.replies)  # they overlapped the 2 s view
         engine = sa.create_engine(postgres_url)
         with engine.connect() as conn:
             assert len(snapshot(conn, burst.key)["effects"]) == 1
