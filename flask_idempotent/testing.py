@@ -215,7 +215,8 @@ def _show(response: TestResponse | Reply) -> str:
 
 
 def _atomic_commit_error(kit: _Kit, record: Mapping[str, Any] | None) -> str | None:
-    if isinstance(kit.raised, AtomicViewCommitted) or (record is not None and "AtomicViewCommitted" in str(record)):
+    stored_error = str((record or {}).get("error") or "")
+    if isinstance(kit.raised, AtomicViewCommitted) or stored_error.startswith(AtomicViewCommitted.__name__):
         return (
             "the view commits db.session in atomic mode: an @idempotent(atomic=True) view must not call"
             " db.session.commit() (the layer commits its writes together with the outcome, so nothing of this"
@@ -245,7 +246,7 @@ def _shared_scope(app: Flask, scope: str) -> str:
         )
     return (
         f"two clients share one record: the scope_loader returned the same scope {scope!r} for both; it must"
-        " name who owns the key (the user, API-key or tenant id)"
+        " name who owns the key (the user, API-key or tenant id)."
     )
 
 
@@ -390,7 +391,7 @@ def assert_idempotent(
             other_client or client,
         )
         if not ran or not claimed or claimed[0].scope == owner.scope:
-            raise AssertionError(_shared_scope(app, owner.scope) + f". The other client got {_show(crossed)}")
+            raise AssertionError(_shared_scope(app, owner.scope) + f" The other client got {_show(crossed)}")
     final = _record(app, owner.scope, owner.key)
     assert final is not None
     return IdempotencyCheck(key, first, replay, conflict, missing, crossed, final)
@@ -547,7 +548,7 @@ def _burst_hint(app: Flask | None, kit: _Kit | None, key: str, clients: int) -> 
     if commit_error:
         return f" {commit_error}"
     if clients > 1 and len(found) < clients:
-        return " " + _shared_scope(app, found[0]["scope"] if found else "") + "."
+        return " " + _shared_scope(app, found[0]["scope"] if found else "")
     if not found:
         return " No record was stored for the key: is the route @idempotent, and the key header the app reads?"
     return ""
@@ -583,6 +584,8 @@ class CrashResult:
     while_live: TestResponse | None
     #: The retry after the lease ran out (leased: 409 stuck, or the takeover's response); atomic: the re-run.
     after_expiry: TestResponse
+    #: With ``other_headers``: the other client's request with the same key, right after the crash.
+    other_client: TestResponse | None = None
 
 
 def crash_after_effect(
@@ -594,6 +597,7 @@ def crash_after_effect(
     json: Any = None,
     data: Any = None,
     headers: Mapping[str, str] | None = None,
+    other_headers: Mapping[str, str] | None = None,
     key: str | None = None,
 ) -> CrashResult:
     """Kill the request right after its view ran (its effect is done, its outcome never stored) and retry.
@@ -607,6 +611,8 @@ def crash_after_effect(
       (attempts 2, COMPLETED; ``on_stale="takeover"``);
     - atomic mode: nothing was committed (no record); the retry runs the view again and completes.
 
+    With ``other_headers`` (another client's credentials), that client's request with the same key, sent right
+    after the crash, must run as an operation of its own (a record of another scope), not meet the crashed one.
     ``clock`` is the ``lease_clock`` fixture (installed on the app here).
     """
     app: Flask = client.application
@@ -620,9 +626,9 @@ def crash_after_effect(
     sent = {**(headers or {}), header: key} if options.key is None else dict(headers or {})
     body = {"json": json} if json is not None else {"data": data}
 
-    def retry() -> tuple[TestResponse, int]:
+    def retry(extra: Mapping[str, str] = sent) -> tuple[TestResponse, int]:
         before = kit.runs[endpoint]
-        response = _open(client, kit, url, method, headers=sent, **body)
+        response = _open(client, kit, url, method, headers=extra, **body)
         return response, kit.runs[endpoint] - before
 
     kit.crash_next = endpoint
@@ -643,6 +649,14 @@ def crash_after_effect(
         )
     owner = claimed[0]
     left = _record(app, owner.scope, owner.key)
+    crossed = None
+    if other_headers is not None:
+        with _claims(app) as others:
+            crossed, ran = retry({**other_headers, header: key} if options.key is None else dict(other_headers))
+        if not ran or not others or others[0].scope == owner.scope:
+            raise AssertionError(
+                f"{_shared_scope(app, owner.scope)} After the first client's crash, the other got {_show(crossed)}"
+            )
 
     if options.atomic:
         if left is not None:
@@ -650,7 +664,7 @@ def crash_after_effect(
         again, ran = retry()
         if ran != 1 or again.status_code >= 500 or again.headers.get(REPLAYED_HEADER):
             raise AssertionError(f"atomic mode: after a crash the retry must run the view again; got {_show(again)}")
-        return CrashResult(key, None, None, again)
+        return CrashResult(key, None, None, again, crossed)
 
     if left is None or left["state"] != "IN_PROGRESS" or left["attempts"] != 1:
         raise AssertionError(f"leased mode: a crash after the effect must leave the record IN_PROGRESS, found {left}")
@@ -673,7 +687,7 @@ def crash_after_effect(
             f"after the lease ran out the retry must take over (on_stale='takeover'): run once, attempts 2;"
             f" got {_show(late)}, record {now['state']} attempts {now['attempts']}"
         )
-    return CrashResult(key, left, live, late)
+    return CrashResult(key, left, live, late, crossed)
 
 
 # store_outage -----------------------------------------------------------------------------------------------

@@ -350,6 +350,29 @@ def test_crash_after_effect_atomic_route_leaves_nothing_and_the_retry_runs(
     assert effects(kit_app, "transfers") == 1  # the crashed transaction was rolled back
 
 
+@pytest.mark.parametrize("path", ["/payments", "/transfers"])
+def test_crash_after_effect_another_clients_same_key_runs_on_its_own(
+    kit_app: Flask, lease_clock: LeaseClock, path: str
+) -> None:
+    crash = crash_after_effect(
+        kit_app.test_client(), "POST", path, clock=lease_clock, json={"amount": 5}, headers=ALICE, other_headers=BOB
+    )
+    assert crash.other_client is not None and crash.other_client.status_code == 201
+    bobs = [r for r in records(kit_app, crash.key) if r["scope"] == "bob"]
+    assert [(r["state"], r["attempts"]) for r in bobs] == [("COMPLETED", 1)]
+
+
+@pytest.mark.parametrize("path", ["/payments", "/transfers"])
+def test_crash_after_effect_names_two_clients_sharing_a_record_without_a_scope_loader(
+    make: Any, lease_clock: LeaseClock, path: str
+) -> None:
+    app = make(scope_loader=False)
+    with pytest.raises(AssertionError, match=r"two clients share one record \(scope ''\) because no scope_loader"):
+        crash_after_effect(
+            app.test_client(), "POST", path, clock=lease_clock, json={"amount": 5}, headers=ALICE, other_headers=BOB
+        )
+
+
 def test_crash_after_effect_names_an_atomic_view_that_commits(kit_app: Flask, lease_clock: LeaseClock) -> None:
     with pytest.raises(AssertionError, match=r"commits db.session in atomic mode"):
         crash_after_effect(
