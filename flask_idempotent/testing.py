@@ -19,6 +19,7 @@ fixture; nothing else in ``flask_idempotent`` imports it (nor pytest).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import http.client
 import json as jsonlib
@@ -459,7 +460,7 @@ def duplicate_burst(
     clients: Sequence[Mapping[str, str]] | None = None,
     n: int = 8,
     key: str | None = None,
-    key_header: str = "Idempotency-Key",
+    key_header: str | None = None,
     app: Flask | None = None,
     timeout: float = 30.0,
 ) -> BurstResult:
@@ -471,11 +472,14 @@ def duplicate_burst(
     ``n`` requests go out per client and each client must get one original of its own: the key is per client.
     With ``app`` (the served app's object, for a server in this process or on the same database), the record
     of each client is read too: COMPLETED with ``attempts`` 1; an in-process app also counts view runs.
+    ``key_header`` defaults to ``app``'s ``IDEMPOTENCY_HEADER``, else ``Idempotency-Key``.
     """
     if n < 2:
         raise ValueError("duplicate_burst needs n >= 2 requests")
     key = key or f"{_KEY_PREFIX}{uuid.uuid4().hex}"
     payload: bytes | None = None
+    if key_header is None:
+        key_header = app_state(app).header if app is not None else "Idempotency-Key"
     sent = {key_header: key, **(headers or {})}
     if json is not None:
         payload = jsonlib.dumps(json).encode()
@@ -492,7 +496,8 @@ def duplicate_burst(
     def run(slot: int, client: int, request_headers: dict[str, str]) -> None:
         try:
             barrier.wait(timeout)
-            replies[slot] = _with_client(_send(url, method.upper(), request_headers, payload, timeout), client)
+            reply = _send(url, method.upper(), request_headers, payload, timeout)
+            replies[slot] = dataclasses.replace(reply, client=client)
         except BaseException as exc:  # reported below
             replies[slot] = exc
 
@@ -529,10 +534,6 @@ def duplicate_burst(
         if ran and ran != len(who):  # 0: the app object is not the one serving (another process)
             raise AssertionError(f"the view ran {ran} times for {len(who)} client(s)")
     return result
-
-
-def _with_client(reply: Reply, client: int) -> Reply:
-    return Reply(reply.status_code, reply.headers, reply.body, client)
 
 
 def _burst_hint(app: Flask | None, kit: _Kit | None, key: str, clients: int) -> str:
