@@ -11,12 +11,16 @@ its write, like a downstream call failing after the charge).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import secrets
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 import redis
+import sqlalchemy as sa
 from flask import Flask, jsonify, request
 from flask_sqlalchemy import SQLAlchemy
 from peer import IdempotencyAlreadyInProgressError, IdempotencyValidationError, make_peer_functions
@@ -90,6 +94,52 @@ def _created(result: dict[str, Any]) -> Any:
     return jsonify(result), 201, {"Location": f"/payments/{result['id']}"}
 
 
+# The floor: the layer's protocol for a first request written as raw SQL in a minimal view of this same app, so
+# the layer's own Python shows as the difference between /leased and /floor-leased (and /atomic and
+# /floor-atomic). It hashes the body like a fingerprint would, claims with one INSERT ... ON CONFLICT DO NOTHING,
+# runs the same view body, and stores the response with a fenced UPDATE. No replay, no 409 handling beyond a
+# bare answer: only a first request's cost is measured against it.
+_NOW = "timezone('UTC', statement_timestamp())"
+FLOOR_CLAIM = sa.text(
+    "INSERT INTO idempotency_records (scope, key, request_hash, method, path, endpoint, version, kind, state,"
+    " retryable, attempts, lease_token, locked_until, event_count, created_at, updated_at, expires_at)"
+    " VALUES (:scope, :key, :hash, 'POST', :path, 'floor', 1, 'http', 'IN_PROGRESS', false, 1, :token,"
+    f" {_NOW} + interval '60 seconds', 0, {_NOW}, {_NOW}, {_NOW} + interval '1 day')"
+    " ON CONFLICT (scope, key) DO NOTHING RETURNING id"
+)
+FLOOR_OUTCOME = sa.text(
+    "UPDATE idempotency_records SET state = 'COMPLETED', retryable = false, response_status = :status,"
+    " response_headers = CAST(:headers AS JSON), response_body = :body, lease_token = NULL,"
+    f" locked_until = NULL, updated_at = {_NOW}, version = version + 1"
+    " WHERE id = :id AND version = 1 AND lease_token = :token AND state = 'IN_PROGRESS'"
+)
+
+
+def _floor_claim(conn: Any, route: str) -> int | None:
+    digest = hashlib.sha256(request.get_data()).hexdigest()
+    params = {
+        "scope": request.headers.get("X-Tenant") or "",
+        "key": request.headers.get("Idempotency-Key") or secrets.token_hex(8),
+        "hash": f"v1:{digest}",
+        "path": request.path,
+        "token": secrets.token_hex(16),
+    }
+    record_id = conn.execute(FLOOR_CLAIM, params).scalar()
+    request.environ["floor.token"] = params["token"]
+    return None if record_id is None else int(record_id)
+
+
+def _floor_outcome(conn: Any, record_id: int, response: Any) -> None:
+    params = {
+        "status": response.status_code,
+        "headers": json.dumps([[k, v] for k, v in response.headers.items() if k in ("Content-Type", "Location")]),
+        "body": response.get_data(),
+        "id": record_id,
+        "token": request.environ["floor.token"],
+    }
+    conn.execute(FLOOR_OUTCOME, params)
+
+
 def create_app() -> Flask:
     app = Flask(__name__)
     app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["BENCH_DATABASE_URL"]
@@ -137,6 +187,34 @@ def create_app() -> Flask:
     @app.errorhandler(IdempotencyValidationError)
     def peer_payload_mismatch(exc: Exception) -> Any:
         return jsonify(error="payload-mismatch"), 422
+
+    autocommit = None
+
+    @app.post("/floor-leased")
+    def floor_leased() -> Any:
+        nonlocal autocommit
+        if autocommit is None:
+            autocommit = db.engine.execution_options(isolation_level="AUTOCOMMIT")
+        with autocommit.connect() as conn:
+            record_id = _floor_claim(conn, "floor-leased")
+        if record_id is None:
+            return jsonify(error="in-progress"), 409
+        response = app.make_response(_created(payment_body(_command("floor-leased"))))
+        with autocommit.connect() as conn:
+            _floor_outcome(conn, record_id, response)
+        return response
+
+    @app.post("/floor-atomic")
+    def floor_atomic() -> Any:
+        conn = db.session.connection()
+        record_id = _floor_claim(conn, "floor-atomic")
+        if record_id is None:
+            db.session.rollback()
+            return jsonify(error="in-progress"), 409
+        response = app.make_response(_created(payment_body(_command("floor-atomic"), commit=False)))
+        _floor_outcome(conn, record_id, response)
+        db.session.commit()
+        return response
 
     @app.get("/healthz")
     def healthz() -> Any:

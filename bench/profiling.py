@@ -1,6 +1,6 @@
 """Profile one route of the benchmark app in process: where a first request's time goes.
 
-    .venv/bin/python bench/profiling.py                      # us per request: bare, leased, atomic (interleaved)
+    .venv/bin/python bench/profiling.py                      # us per request of each route (interleaved)
     .venv/bin/python bench/profiling.py /leased              # pyinstrument tree of 2,000 first requests
     .venv/bin/python bench/profiling.py /atomic --cprofile   # cProfile, sorted by own time
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from infra import Databases, bench_env  # noqa: E402
 
 BODY = json.dumps({"amount": 1250, "currency": "EUR", "creditor": "ACME", "reference": "profile"})
-ROUTES = ["/bare", "/leased", "/atomic"]
+ROUTES = ["/bare", "/leased", "/floor-leased", "/atomic", "/floor-atomic"]
 
 
 def main() -> int:
@@ -46,12 +46,15 @@ def main() -> int:
         create_tables(app)
         client = app.test_client()
 
+        cpu: dict[str, list[float]] = {path: [] for path in ROUTES}
+
         def run(path: str, n: int) -> float:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(n):
                 headers = {"Content-Type": "application/json", "X-Tenant": "t1", "Idempotency-Key": uuid.uuid4().hex}
                 response = client.post(path, data=BODY, headers=headers)
                 assert response.status_code == 201, (response.status_code, response.data)
+            cpu[path].append((time.process_time() - c0) / n * 1e6)
             return (time.perf_counter() - t0) / n * 1e6
 
         try:
@@ -59,13 +62,22 @@ def main() -> int:
                 for path in ROUTES:
                     run(path, 200)  # warm-up
                 times: dict[str, list[float]] = {path: [] for path in ROUTES}
-                for _ in range(5):
-                    for path in ROUTES:
+                for path in ROUTES:
+                    cpu[path].clear()
+                for round_no in range(5):
+                    for path in ROUTES if round_no % 2 == 0 else ROUTES[::-1]:
                         times[path].append(run(path, args.requests // 5))
                 bare = statistics.median(times["/bare"])
+                # Wall time includes the database's; CPU time is this process's Python (and driver) alone, which
+                # the load on the machine disturbs far less.
                 for path, us in times.items():
-                    median = statistics.median(us)
-                    print(f"{path:8} {median:7.0f} us per request   x{median / bare:.2f} of bare")
+                    median, own = statistics.median(us), statistics.median(cpu[path])
+                    floor = f"/floor-{path.lstrip('/')}"
+                    vs_floor = f"   CPU x{own / statistics.median(cpu[floor]):.2f} of {floor}" if floor in cpu else ""
+                    print(
+                        f"{path:14} {median:7.0f} us per request   x{median / bare:.2f} of bare"
+                        f"   CPU {own:5.0f} us{vs_floor}"
+                    )
             else:
                 profile(args.route, args.requests, args.cprofile, run)
         finally:

@@ -41,8 +41,8 @@ def machine_line(results: dict[str, Any]) -> str:
 def main_table(results: dict[str, Any]) -> str:
     s = results["main"]["summary"]
     lines = [
-        "| Scenario | Variant | req/s | x bare | p50 ms | p99 ms | p99 added ms | Responses |",
-        "|---|---|---:|---:|---:|---:|---:|---|",
+        "| Scenario | Variant | req/s | x bare | x floor | p50 ms | p99 ms | p99 added ms | Responses |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for scenario, variants in s.items():
         for variant, e in variants.items():
@@ -55,6 +55,7 @@ def main_table(results: dict[str, Any]) -> str:
                 extra = f"; **{e['keys_with_duplicate_effects']} keys charged more than once**"
             lines.append(
                 f"| {results['main']['titles'][scenario]} | {label} | {e['rps']:.0f} | {_f(e['rps_ratio'])} | "
+                f"{_f(e['floor_ratio']) if 'floor_ratio' in e else ''} | "
                 f"{_f(e['p50_ms'])} | {_f(e['p99_ms'])} | {_f(e['p99_added_ms'])} | {statuses}{extra} |"
             )
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """flask_idempotent: idempotency keys for Flask as concurrency control for effects, not a response cache.
 
-See the README's "Behaviour" table for what each request gets.
+See the docs' "Behaviour" table for what each request gets.
 """
 
 from __future__ import annotations

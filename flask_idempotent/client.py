@@ -88,10 +88,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The header that carries the key (``key_header=`` changes it).
 KEY_HEADER = "Idempotency-Key"
+#: How many attempts a call makes at most, the first included.
 DEFAULT_ATTEMPTS = 5
+#: Seconds for the whole call, retries and waits included.
 DEFAULT_DEADLINE = 60.0
+#: Seconds: the base of the exponential backoff.
 DEFAULT_BACKOFF = 0.5
+#: Seconds: the longest wait between two attempts (a longer ``Retry-After`` still wins).
 DEFAULT_MAX_BACKOFF = 10.0
 #: A 409 body larger than this is not a problem document of the layer's: it is not parsed, and not retried.
 _MAX_PROBLEM_BYTES = 64 * 1024

@@ -26,6 +26,7 @@ class ConfigKey:
     MAX_RESPONSE_BYTES = "IDEMPOTENCY_MAX_RESPONSE_BYTES"
     DASHBOARD_URL_PREFIX = "IDEMPOTENCY_DASHBOARD_URL_PREFIX"
     DASHBOARD_SHOW_BODIES = "IDEMPOTENCY_DASHBOARD_SHOW_BODIES"
+    REPLAY_TALLY_SECONDS = "IDEMPOTENCY_REPLAY_TALLY_SECONDS"
     ENABLED = "IDEMPOTENCY_ENABLED"
 
 
@@ -48,6 +49,7 @@ DEFAULTS: dict[str, object] = {
     ConfigKey.MAX_RESPONSE_BYTES: 1024 * 1024,
     ConfigKey.DASHBOARD_URL_PREFIX: "/idempotency",
     ConfigKey.DASHBOARD_SHOW_BODIES: False,
+    ConfigKey.REPLAY_TALLY_SECONDS: 60,
     ConfigKey.ENABLED: True,
 }
 
@@ -80,3 +82,5 @@ class EventKind(str, enum.Enum):
     MARK_FAILED = "mark_failed"
     ACKNOWLEDGE = "acknowledge"
     RELEASE = "release"
+    #: Not about one record: how many replays a process answered (``detail["count"]``), for the overview's chart.
+    REPLAYS = "replays"

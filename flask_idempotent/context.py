@@ -126,7 +126,7 @@ class CurrentRecord:
     """``current_record``: the record the current protected request owns.
 
     ``key``, ``scope``, ``attempt``, ``recovery_point``, ``recovery_data``, :meth:`checkpoint` and
-    :meth:`set_resource` (README: "Inside a view").
+    :meth:`set_resource` (docs: "Inside a view").
     """
 
     def __init__(self, context: RequestContext) -> None:

@@ -430,6 +430,7 @@ def plural(count: int, noun: str, nouns: str | None = None) -> str:
 #: The overview's charts: (series name, title, what one bar counts).
 CHARTS = (
     ("created", "First requests", "first requests (records created)"),
+    ("replays", "Replays", "replays (answers from a stored response)"),
     ("conflicts", "Conflicts", "conflicts (key reused with another request)"),
     ("failed", "Failures", "records that failed (FAILED, by last update)"),
 )
@@ -580,6 +581,7 @@ def overview() -> ResponseReturnValue:
         stats=ops.stats(),
         charts=charts(ops.activity()),
         activity_limit=ops.ACTIVITY_LIMIT,
+        replay_tally_seconds=ops.replay_tally_seconds(),
         stuck=ops.list_stuck(per_page=5),
         final=ops.list_failed(per_page=5, awaiting=True),
     )

@@ -1,6 +1,6 @@
 """``@idempotent``: marks a view as protected and carries its options.
 
-The enforcing happens in the extension's request hooks (README: "Behaviour"); the decorator only registers
+The enforcing happens in the extension's request hooks (docs: "Behaviour"); the decorator only registers
 the options on the view and notes an exception the view raised, so the outcome can tell a transient error
 from any other.
 """
@@ -138,7 +138,7 @@ def idempotent(
     a fixed scope for the route (``"stripe"``) instead of the ``scope_loader``'s. ``describe=`` returns a
     short, PII-free summary of the command for operators (``"10.00 EUR to ACME"``), stored with the record;
     ``runbook=`` is operator guidance for the route's stuck records (text or URL).
-    See the README's "Behaviour" table for the responses it causes.
+    See the docs' "Behaviour" table for the responses it causes.
     """
     options = RouteOptions(
         required=required,

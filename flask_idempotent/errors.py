@@ -140,7 +140,8 @@ class TransientError(IdempotencyError, ServiceUnavailable):
 class SchemaVersionError(RuntimeError):
     """The extension's tables are at an older schema version than this release needs.
 
-    The message names the migration to run (README: "Upgrading"); requests fail until it has run.
+    The message names the migration to run (docs: "Upgrading from schema version 1 to 2"); requests fail until it
+    has run.
     """
 
 

@@ -1,5 +1,5 @@
 """The ``Idempotency`` extension: registration of the request hooks, the CLI group, the dashboard and the
-app's callbacks. The hooks themselves are in ``pipeline.py`` (README: "Behaviour")."""
+app's callbacks. The hooks themselves are in ``pipeline.py`` (docs: "Behaviour")."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Idempotency:
 
     ``clock_offset`` (a callable returning seconds or a ``timedelta``) is for tests that need a lease to run
     out: it is added to the database's clock, which decides every lease, expiry and "stuck"
-    (README: "Time: the database's clock decides").
+    (docs: "Time: the database's clock decides").
     """
 
     def __init__(
@@ -143,7 +143,7 @@ class Idempotency:
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Make a function (a Celery task's body, say) run at most once per key.
 
-        README: "Tasks and other code paths".
+        docs: "Tasks and other code paths".
 
         ``key`` computes the key from the call's arguments; the arguments (JSON) are the command, so the same
         key with other arguments raises ``KeyReused``; the return value (JSON) is stored and returned to a
@@ -174,7 +174,7 @@ class Idempotency:
         ttl: float | timedelta | None = None,
         transient: tuple[type[BaseException], ...] = (),
     ) -> Iterator[Operation]:
-        """Run a block at most once per ``(scope, key)`` (README: "Tasks and other code paths")::
+        """Run a block at most once per ``(scope, key)`` (docs: "Tasks and other code paths")::
 
             with idempotency.once("refunds", refund_id, command=payload) as op:
                 if op.done:

@@ -81,7 +81,7 @@ CLAIMING = frozenset({Decision.REPLACE, Decision.RETRY, Decision.TAKEOVER})
 
 
 def decide(seen: Mapping[Any, Any], request_hash: str, on_stale: str) -> Decision:
-    """Decide what a request with ``request_hash`` does to the record ``seen`` (the README's "Behaviour" table).
+    """Decide what a request with ``request_hash`` does to the record ``seen`` (the docs' "Behaviour" table).
 
     ``seen`` is a row of the store's deciding read: the record's columns plus ``is_stuck`` and ``is_expired``,
     both evaluated by the database against its own clock in that same statement.
@@ -178,7 +178,7 @@ def claim_existing(decision: Decision, seen: Mapping[Any, Any], command: Command
 
 
 def classify_status(status: int, *, atomic: bool) -> tuple[State, bool]:
-    """Return ``(state, retryable)`` for a response the view produced (the README's outcome table)."""
+    """Return ``(state, retryable)`` for a response the view produced (docs: "Behaviour")."""
     if status in RETRYABLE_STATUSES:
         return State.FAILED, True
     if status >= 500:
@@ -224,7 +224,7 @@ class TransitionError(ValueError):
 
 
 class Action(str, enum.Enum):
-    """The operator actions of the README's operator table."""
+    """The operator actions of the operator table (docs: "Operating it")."""
 
     MARK_RETRYABLE = "mark-retryable"
     MARK_FAILED = "mark-failed"
@@ -259,7 +259,8 @@ class OperatorTransition:
 def operator_transition(action: Action, seen: Mapping[Any, Any]) -> OperatorTransition:
     """The rule for ``action`` on the record ``seen`` (a row with ``is_stuck`` from the database's clock).
 
-    Raises :class:`TransitionError` naming the rule when the action is not allowed (the README's operator table).
+    Raises :class:`TransitionError` naming the rule when the action is not allowed (the operator table, docs:
+    "Operating it").
     """
     state, retryable = seen["state"], bool(seen["retryable"])
     live = state == State.IN_PROGRESS and not seen["is_stuck"]

@@ -80,16 +80,20 @@ logger = logging.getLogger("flask_idempotent.metrics")
 #: What a protected request came to (the ``request_outcome`` signal's ``outcome``).
 OUTCOMES = ("executed", "replayed", "in_progress", "key_reused", "stuck", "store_unavailable", "rejected", "error")
 
-#: OpenTelemetry names.
+#: OpenTelemetry: the attribute set on the current span.
 SPAN_ATTRIBUTE = "idempotency.outcome"
+#: OpenTelemetry: the counter of protected requests (attributes ``outcome`` and ``endpoint``).
 REQUESTS = "idempotency.requests"
+#: OpenTelemetry: the histogram of claim durations in seconds (attributes ``outcome`` and ``endpoint``).
 CLAIM_DURATION = "idempotency.claim.duration"
 #: The histogram's advised bucket boundaries in seconds: a claim is a few milliseconds, or up to ``wait``.
 CLAIM_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-#: Prometheus names (the counter is exposed as ``idempotency_requests_total``).
+#: Prometheus: the counter of protected requests, exposed as ``idempotency_requests_total{outcome,endpoint}``.
 PROMETHEUS_REQUESTS = "idempotency_requests"
+#: Prometheus: the gauge of stuck records, read from the database at scrape time.
 STUCK_RECORDS = "idempotency_stuck_records"
+#: Prometheus: the gauge of FAILED records, labelled ``retryable="true"|"false"``, read at scrape time.
 FAILED_RECORDS = "idempotency_failed_records"
 
 _EXTENSION = "idempotency_metrics"

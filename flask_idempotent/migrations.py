@@ -1,4 +1,4 @@
-"""Schema migrations of the extension's tables (README: "Upgrading").
+"""Schema migrations of the extension's tables (docs: "Upgrading from schema version 1 to 2").
 
 A released schema version is never edited: each later version comes with a function here that upgrades an
 existing installation from the version before it, usable two ways:

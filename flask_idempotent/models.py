@@ -5,7 +5,7 @@ autogenerate see them like the app's own tables (and never try to drop them). Ti
 
 Schema version 2 (version 1 plus ``version``, ``kind``, ``summary``, ``acknowledged_at`` and
 ``acknowledged_by``). A released schema is never edited in place: a change adds a new version and a migration
-(:mod:`flask_idempotent.migrations`; the README's "Upgrading").
+(:mod:`flask_idempotent.migrations`; the docs' "Upgrading from schema version 1 to 2").
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The operations API: what the CLI and the dashboard do to records. Needs an app context.
 
 Listing functions return a :class:`Page`; every query is the store's (``store.py``) and served by an index of
-``models.py``; "stuck" and "awaiting a decision" are the state machine's predicates, evaluated with the
-database's clock. Actions follow the README's operator table as ``machine.operator_transition`` states it: a refused
-action raises :class:`TransitionError` naming the rule and changes nothing; an action is a compare-and-set on
-the record's ``version`` (the one the operator saw, when given), so an action on a record that changed since
+``models.py``; "stuck" and "awaiting a decision" are the state machine's predicates, evaluated with the database's
+clock. Actions follow the operator table (docs: "Operating it") as ``machine.operator_transition`` states it: a
+refused action raises :class:`TransitionError` naming the rule and changes nothing; an action is a compare-and-set
+on the record's ``version`` (the one the operator saw, when given), so an action on a record that changed since
 fails with :class:`RecordChanged`; and it writes an event with the actor in the same transaction.
 """
 
@@ -243,10 +243,14 @@ def search(query: str, page: Any = 1, per_page: Any = DEFAULT_PER_PAGE, *, scope
 #: "at least" (``capped``).
 ACTIVITY_LIMIT = 20_000
 
+#: How long the processes' replay counts are kept (``purge`` deletes older ones): the chart shows 24 hours.
+REPLAY_COUNTS_KEPT = timedelta(hours=48)
+
 
 def activity(hours: int = 24, limit: int = ACTIVITY_LIMIT) -> dict[str, Any]:
     """Per-hour counts of the last ``hours`` clock hours (the current one included), by the database's clock:
-    ``created`` (first requests: records created), ``conflicts`` (conflict events) and ``failed`` (records that
+    ``created`` (first requests: records created), ``replays`` (the counts each process writes, see
+    :class:`~flask_idempotent.state.ReplayTally`), ``conflicts`` (conflict events) and ``failed`` (records that
     are FAILED, by their ``updated_at``: when they failed or were last changed). Each series is
     ``{"counts": [...], "capped": bool}`` oldest hour first; ``hours`` lists the hours' starts.
 
@@ -257,17 +261,26 @@ def activity(hours: int = 24, limit: int = ACTIVITY_LIMIT) -> dict[str, Any]:
     with state.db.engine.connect() as conn:
         now = state.store.now(conn)
         start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
-        raw = state.store.activity(conn, start, limit)
+        raw = {
+            name: ([(t, 1) for t in times], capped)
+            for name, (times, capped) in state.store.activity(conn, start, limit).items()
+        }
+        raw["replays"] = state.store.replays_since(conn, start, limit)
     starts = [start + timedelta(hours=i) for i in range(hours)]
     series: dict[str, Any] = {}
-    for name, (times, capped) in raw.items():
+    for name, (weighted, capped) in raw.items():
         counts = [0] * hours
-        for t in times:
+        for t, n in weighted:
             index = int((t - start).total_seconds() // 3600)
             if 0 <= index < hours:
-                counts[index] += 1
+                counts[index] += n
         series[name] = {"counts": counts, "capped": capped}
     return {"hours": starts, "now": now, **series}
+
+
+def replay_tally_seconds() -> float:
+    """How often each process writes its count of replays (``IDEMPOTENCY_REPLAY_TALLY_SECONDS``)."""
+    return _state().replays.interval
 
 
 def runbook_of(endpoint: str | None) -> str | None:
@@ -325,7 +338,7 @@ def refusal(action: Action | str, record: dict[str, Any]) -> str | None:
 
 
 def act(action: Action | str, record_id: int, *, actor: str, version: int | None = None) -> dict[str, Any]:
-    """Apply an operator ``action`` to record ``record_id`` as ``actor`` (the README's operator table).
+    """Apply an operator ``action`` to record ``record_id`` as ``actor`` (docs: "Operating it", the operator table).
 
     ``version`` is the version of the record the operator looked at; without it, the version read here.
     Raises :class:`RecordNotFound`, :class:`TransitionError` (the rule that refused it; nothing changed) or
@@ -417,7 +430,7 @@ def purge(*, batch_size: int = 1000, max_batches: int | None = None, pause: floa
     Each batch is its own short transaction. On PostgreSQL rows locked by a running request are skipped
     (``FOR UPDATE SKIP LOCKED``) instead of waited for. IN_PROGRESS records are never purged. Between batches
     it sleeps ``pause`` seconds: back to back, batches of 1000 more than doubled the p99 of concurrent
-    requests in the benchmark (see the README's Performance).
+    requests in the benchmark (see the docs' "Performance").
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
@@ -434,4 +447,6 @@ def purge(*, batch_size: int = 1000, max_batches: int | None = None, pause: floa
             break
         if pause:
             time.sleep(pause)
+    with state.db.engine.begin() as conn:  # the replay counts behind the overview's last-24-hours chart
+        state.store.purge_replays(conn, REPLAY_COUNTS_KEPT.total_seconds())
     return total

@@ -1,4 +1,4 @@
-"""The request pipeline: claim or answer before the view, store the outcome after it (the README's "Behaviour"
+"""The request pipeline: claim or answer before the view, store the outcome after it (the docs' "Behaviour"
 tables). ``Idempotency.init_app`` registers :func:`before_request`, :func:`after_request` and
 :func:`teardown_request`; every rule they follow comes from ``machine.py`` and every statement from ``store.py``.
 """
@@ -54,7 +54,7 @@ from .machine import (
     outcome,
 )
 from .state import AppState, Resolved, app_state
-from .store import Executor
+from .store import Executor, dialect_of
 
 logger = logging.getLogger("flask_idempotent")
 
@@ -202,6 +202,7 @@ def before_request() -> ResponseReturnValue | None:
     )
     set_current(ctx)
     state.check_schema()
+    state.replays.write_due()
     return _claim_and_report(ctx)
 
 
@@ -232,6 +233,8 @@ def _claim_and_report(ctx: RequestContext) -> ResponseReturnValue | None:
     finally:
         ctx.claim_seconds = time.perf_counter() - started
         if outcome_name is not None:
+            if outcome_name == "replayed":
+                ctx.state.replays.add()  # the overview's chart (metrics count it from the signal below)
             _report(ctx, outcome_name)
 
 
@@ -350,6 +353,13 @@ def _decide_and_claim(ctx: RequestContext, conn: Executor, token: str) -> _Answe
     store, options, command = ctx.state.store, ctx.options, ctx.command
     # An atomic owner's claim stays uncommitted until its view returns; duplicates must neither run nor block
     # on its row, so in atomic mode the read also takes a transaction-scoped lock on the key (PostgreSQL).
+    claim = claim_new(command, token)
+    if dialect_of(conn) == "postgresql":
+        # A first request is the common case: claim with one INSERT, read the record only if the key is taken.
+        record_id = store.claim_new(conn, claim, lease=options.lease, ttl=options.ttl, lock=ctx.atomic)
+        if record_id is not None:
+            _claimed(ctx, record_id, 1, claim, None)
+            return None, None
     if ctx.atomic:
         locked, row = store.find_and_lock(conn, command.scope, command.key)
     else:
@@ -364,7 +374,6 @@ def _decide_and_claim(ctx: RequestContext, conn: Executor, token: str) -> _Answe
         return decision, row
     for _ in range(_CLAIM_ATTEMPTS):
         if row is None:
-            claim = claim_new(command, token)
             record_id = store.insert(conn, claim, lease=options.lease, ttl=options.ttl)
             if record_id is not None:
                 _claimed(ctx, record_id, 1, claim, None)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -66,6 +68,56 @@ class Callbacks:
     resource_url: Callable[[Any], Any] | None = None
 
 
+class ReplayTally:
+    """Replays this process answered, written to the events table at most once per ``interval`` seconds.
+
+    A replay is one read and writes nothing; the overview's replays-per-hour chart still needs them counted
+    across processes. So each process counts them here and writes the count as one ``replays`` event when the
+    next protected request comes ``interval`` seconds or more after the first uncounted replay, dated at that
+    first replay (so the chart's hour is right within ``interval``). ``interval`` 0 writes every replay at once.
+    A process that serves nothing more keeps its count until it does; one that is killed loses at most one
+    interval's replays. This is a statistic for people: nothing the layer decides reads it.
+    """
+
+    def __init__(self, write: Callable[[int, float], None], interval: float) -> None:
+        self._write = write
+        self.interval = interval
+        self.clock: Callable[[], float] = time.monotonic
+        self._lock = threading.Lock()  # gthread workers: requests of one process count into one tally
+        self._pending = 0
+        self._first = 0.0
+        self._not_before = 0.0  # after a failed write: the next try waits one interval (at least 1 s)
+
+    def add(self) -> None:
+        """Count one replay (after writing the count that was due, if any)."""
+        self.write_due()
+        with self._lock:
+            if not self._pending:
+                self._first = self.clock()
+            self._pending += 1
+        if self.interval == 0:
+            self.write_due()
+
+    def write_due(self) -> None:
+        """Write the count if its first replay is ``interval`` seconds old or more."""
+        now = self.clock()
+        if not self._pending or now - self._first < self.interval or now < self._not_before:
+            return  # unlocked peek: the common case costs a few comparisons
+        with self._lock:
+            count, first = self._pending, self._first
+            self._pending = 0
+        if not count:
+            return
+        try:
+            self._write(count, now - first)
+        except sa.exc.SQLAlchemyError as exc:
+            with self._lock:  # kept for the next try, dated at the older first replay
+                self._first = first if not self._pending else min(first, self._first)
+                self._pending += count
+                self._not_before = now + max(self.interval, 1.0)
+            logger.warning("could not write the count of %s replays: %s", count, type(exc).__name__)
+
+
 def _offset_seconds(offset: Callable[[], float | timedelta] | None) -> Callable[[], float]:
     if offset is None:
         return lambda: 0.0
@@ -122,6 +174,8 @@ class AppState:
         self.engine_options: dict[str, Any] = dict(config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
         self._resolved: dict[RouteOptions, Resolved] = {}
         self._autocommit: Engine | None = None
+        tally = seconds(ConfigKey.REPLAY_TALLY_SECONDS, config[ConfigKey.REPLAY_TALLY_SECONDS])
+        self.replays = ReplayTally(self._write_replays, 60.0 if tally is None else tally)
         self._schema_checked = False
         self.views_checked = False
 
@@ -179,6 +233,10 @@ class AppState:
                 weakref.finalize(self, own.dispose)
                 self._autocommit = own
         return self._autocommit
+
+    def _write_replays(self, count: int, age: float) -> None:
+        with self.engine.connect() as conn:
+            self.store.add_replays(conn, count, age)
 
     @contextlib.contextmanager
     def connection(self, atomic: bool) -> Iterator[Executor]:

@@ -131,6 +131,23 @@ class RecordStore:
             "sqlite": sqlite.insert(r).values(**new).on_conflict_do_nothing(index_elements=unique).returning(r.c.id),
         }
         self._insert_plain = sa.insert(r).values(**new)
+        # PostgreSQL: a first request is the common case, so a claim starts with the INSERT and reads the record
+        # only when the key is taken (measured, server + client CPU per claim: 1.5 ms for the read and the
+        # insert, 0.8 ms for the insert alone; a replay then costs an INSERT that does nothing before its read).
+        # In atomic mode the INSERT also takes the key's advisory lock and inserts only if it was granted: an
+        # INSERT of a key whose claim another open transaction holds would wait for that whole view.
+        claim_values: list[Any] = [
+            new[c.name] if c.name in new else bind(c.name, type_=c.type) for c in r.c if c.name != "id"
+        ]
+        claim_names = [c.name for c in r.c if c.name != "id"]
+        lock = sa.func.pg_try_advisory_xact_lock(bind("_lock", type_=sa.BigInteger))
+        self._claim_new = {
+            False: self._insert["postgresql"],
+            True: postgresql.insert(r)
+            .from_select(claim_names, sa.select(*claim_values).where(lock))
+            .on_conflict_do_nothing(index_elements=unique)
+            .returning(r.c.id),
+        }
         next_version = r.c.version + sa.literal_column("1", sa.Integer)
         at_version = (r.c.id == bind("_id"), r.c.version == bind("_version"))
         self._reclaim = {
@@ -222,6 +239,16 @@ class RecordStore:
         row = conn.execute(self._find_and_lock, params).one()
         return bool(row._locked), (None if row.id is None else row)
 
+    def claim_new(self, conn: Executor, claim: Claim, *, lease: float, ttl: float, lock: bool) -> int | None:
+        """PostgreSQL: insert the claim of a new key in one statement; its id, or ``None`` if the key is taken
+        (or, with ``lock``, its advisory lock is held elsewhere): read it then (:meth:`find`/:meth:`find_and_lock`).
+        """
+        params = {**claim.values, **self._times(lease, ttl)}
+        if lock:
+            params["_lock"] = advisory_key(claim.values["scope"], claim.values["key"])
+        row = conn.execute(self._claim_new[lock], params).first()
+        return None if row is None else int(row[0])
+
     def insert(self, conn: Executor, claim: Claim, *, lease: float, ttl: float) -> int | None:
         """Insert the record ``claim`` creates; return its id, or ``None`` if ``(scope, key)`` is already taken."""
         params = {**claim.values, **self._times(lease, ttl)}
@@ -308,6 +335,42 @@ class RecordStore:
                 **self._times(),
             },
         )
+
+    def add_replays(self, conn: Executor, count: int, age: float) -> None:
+        """Store a process's count of ``count`` replays, dated ``age`` seconds ago by the database's clock."""
+        times = self._times()
+        times["_now_s"] -= age
+        params = {
+            "_record_id": None,
+            "_scope": "",
+            "_key": "",
+            "_kind": EventKind.REPLAYS.value,
+            "_actor": None,
+            "_detail": {"count": count},
+            **times,
+        }
+        conn.execute(self._add_event, params)
+
+    def replays_since(self, conn: Executor, since: datetime, limit: int) -> tuple[list[tuple[datetime, int]], bool]:
+        """The replay counts written since ``since`` (newest first, at most ``limit``; ``True`` if capped)."""
+        e = self.events
+        query = (
+            sa.select(e.c.created_at, e.c.detail)
+            .where(e.c.kind == EventKind.REPLAYS.value, e.c.created_at >= since)
+            .order_by(e.c.created_at.desc())
+            .limit(limit + 1)
+        )
+        rows = conn.execute(query).all()
+        counts = [(row.created_at, int((row.detail or {}).get("count", 0))) for row in rows[:limit]]
+        return counts, len(rows) > limit
+
+    def purge_replays(self, conn: Executor, older_than: float) -> int:
+        """Delete replay counts older than ``older_than`` seconds (the chart shows the last 24 hours)."""
+        e = self.events
+        where = sa.and_(e.c.kind == EventKind.REPLAYS.value, e.c.created_at < _now())
+        times = self._times()
+        times["_now_s"] -= older_than
+        return int(conn.execute(sa.delete(e).where(where), times).rowcount)
 
     def add_client_event(
         self, conn: Executor, *, record: Row[Any], kind: EventKind, detail: Mapping[str, Any], cap: int

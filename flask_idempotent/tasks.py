@@ -1,7 +1,7 @@
 """Idempotent tasks and code paths: ``idempotency.task(...)`` and ``idempotency.once(...)``.
 
 The same records, leases, fencing, dashboard and CLI as requests; the record's ``kind`` is ``task``. A call
-claims its (scope, key) like a request does (README: "Tasks and other code paths"):
+claims its (scope, key) like a request does (docs: "Tasks and other code paths"):
 
 - claimed (new, retryable failure, expired): the function runs; its JSON-serialisable return value is stored
   and returned; an exception is a FAILED outcome (retryable for ``TransientError`` and the ``transient=``

@@ -232,7 +232,7 @@ def test_payment_is_idempotent_per_user_as_the_testing_kit_proves_it(example: Fl
 
 def test_the_readmes_five_line_kit_test_passes_on_the_example_app(example: Flask) -> None:
     readme = (Path(example_app.__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("### Testing your own routes", 1)[1]
+    section = readme.split("## Testing your own routes", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict[str, Any] = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example

@@ -29,7 +29,7 @@ UPDATE_CLAIM = "UPDATE idempotency_records"
 
 @contextlib.contextmanager
 def fail_once(app: Flask, event: str, prefix: str) -> Iterator[list[str]]:
-    """Raise a DBAPI error once, at ``event`` of the first statement starting with ``prefix``.
+    """Raise a DBAPI error once, at ``event`` of the first statement that contains ``prefix``.
 
     Listens on the layer's autocommit engine (on SQLite a view of the app's engine with its own listeners),
     so the app's own statements (the view's, the test's reads) are never touched. Yields the statements it
@@ -40,7 +40,7 @@ def fail_once(app: Flask, event: str, prefix: str) -> Iterator[list[str]]:
     failed: list[str] = []
 
     def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if not failed and statement.lstrip().startswith(prefix):
+        if not failed and prefix in statement:
             failed.append(statement)
             raise sa.exc.OperationalError(statement, None, Exception("reply lost"))
 

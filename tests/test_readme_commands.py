@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -28,7 +29,8 @@ from procs import free_port
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
-#: The README's "run the example" command, verbatim (``test_readme_shows_the_start_command`` keeps them equal).
+#: The README's "run the example" command, verbatim (``test_readme_shows_the_start_command`` keeps them equal); the
+#: docs' Quickstart includes that part of the README.
 START_COMMAND = (
     "python3 -m venv .venv && .venv/bin/pip install -e '.[migrate]'"
     " && .venv/bin/flask --app example_app --debug init-db"
@@ -170,7 +172,43 @@ def test_readme_start_command_serves_the_example_app_from_a_fresh_virtualenv(ser
     assert status == 200 and "Operator login" in login
 
 
+def included_part(page: str, source: str) -> str:
+    """The part of ``source`` that the docs ``page`` includes (MyST's ``{include}`` between two marker lines)."""
+    text = (CHECKOUT / "docs" / page).read_text()
+    match = re.search(r'```\{include\} \.\./(\S+)\n:start-after: "(.+)"\n:end-before: "(.+)"\n', text)
+    assert match, f"docs/{page} must include a part of {source} between two markers"
+    assert match[1] == source
+    whole = (CHECKOUT / source).read_text()
+    assert whole.count(match[2]) == 1 and whole.count(match[3]) == 1, f"the markers of docs/{page} in {source}"
+    return whole.split(match[2])[1].split(match[3])[0]
+
+
 def test_readme_shows_the_start_command() -> None:
     readme = (CHECKOUT / "README.md").read_text()
     assert START_COMMAND in readme, "README.md must show the example's start command exactly as this test runs it"
     assert TEST_COMMAND in readme
+
+
+def test_the_docs_show_the_same_commands() -> None:
+    quickstart = included_part("quickstart.md", "README.md")
+    assert START_COMMAND in quickstart and TEST_COMMAND in quickstart
+    assert TEST_COMMAND in (CHECKOUT / "docs" / "running-tests.md").read_text()
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub (and MyST, with ``myst_heading_anchors``) gives a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_reach_files_and_headings_of_the_checkout() -> None:
+    readme = (CHECKOUT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", readme)
+    local = [link for link in links if not link.startswith(("http://", "https://"))]
+    assert "docs/behaviour.md" in local  # the table into the docs
+    for link in local:
+        path, _, anchor = link.partition("#")
+        target = CHECKOUT / path
+        assert target.is_file(), f"README.md links to {link}, which is not a file of the checkout"
+        if anchor:
+            headings = re.findall(r"^#{1,6} (.+)$", target.read_text(), flags=re.MULTILINE)
+            assert anchor in map(github_anchor, headings), f"README.md links to {link}: no such heading"
