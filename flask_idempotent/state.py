@@ -264,7 +264,7 @@ class AppState:
                 f"the {self.tables.records.name} table lacks the columns {', '.join(sorted(missing))}: it is at"
                 f" an older schema version than this flask_idempotent needs ({SCHEMA_VERSION}). Run"
                 " `flask idempotency upgrade-schema`, or a migration that calls"
-                " flask_idempotent.migrations.upgrade_1_to_2() (README: Upgrading)."
+                " flask_idempotent.migrations.upgrade_1_to_2() (docs: Upgrading from schema version 1 to 2)."
             )
         self._schema_checked = True
 
