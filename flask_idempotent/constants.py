@@ -29,6 +29,7 @@ class ConfigKey:
     DASHBOARD_SHOW_BODIES = "IDEMPOTENCY_DASHBOARD_SHOW_BODIES"
     ADVISORY_LOCKS = "IDEMPOTENCY_ADVISORY_LOCKS"
     REPLAY_TALLY_SECONDS = "IDEMPOTENCY_REPLAY_TALLY_SECONDS"
+    ENABLED = "IDEMPOTENCY_ENABLED"
 
 
 #: Defaults applied with ``app.config.setdefault`` in ``init_app``.
@@ -55,6 +56,7 @@ DEFAULTS: dict[str, object] = {
     # databases without working advisory locks (CockroachDB); correctness never rests on them.
     ConfigKey.ADVISORY_LOCKS: True,
     ConfigKey.REPLAY_TALLY_SECONDS: 60,
+    ConfigKey.ENABLED: True,
 }
 
 #: Methods the layer protects; the key is ignored on every other method.

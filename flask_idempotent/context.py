@@ -17,7 +17,7 @@ from werkzeug.local import LocalProxy
 
 from .errors import LeaseLost
 from .machine import Command
-from .state import AppState, Resolved
+from .state import AppState, Resolved, app_state
 from .store import retry_lost_race
 
 _ENVIRON_KEY = "flask_idempotent.request"
@@ -193,8 +193,35 @@ class CurrentRecord:
         self._context.resource_ref = ref
 
 
-def _current() -> CurrentRecord:
+class SwitchedOffRecord:
+    """``current_record`` while ``IDEMPOTENCY_ENABLED`` is False (unit tests of view logic): no record behind it.
+
+    ``key`` is the key header as sent (``""`` without one), ``scope`` is ``""``, ``attempt`` is 1;
+    :meth:`checkpoint` stores nothing and :meth:`set_resource` only checks that its value is JSON.
+    """
+
+    id: int | None = None
+    scope = ""
+    attempt = 1
+    recovery_point: str | None = None
+    recovery_data: Any = None
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def checkpoint(self, name: str, data: Any = None) -> None:
+        json.dumps(data)
+
+    def set_resource(self, ref: Any) -> None:
+        json.dumps(ref)
+
+
+def _current() -> CurrentRecord | SwitchedOffRecord:
     ctx = get_current()
+    if ctx is None and has_request_context():
+        state = app_state()
+        if not state.enabled:
+            return SwitchedOffRecord(request.headers.get(state.header, ""))
     if ctx is None or not ctx.claimed:
         raise RuntimeError("current_record is only available inside a view protected by @idempotent")
     return CurrentRecord(ctx)

@@ -192,6 +192,10 @@ class SchemaVersionError(RuntimeError):
     """
 
 
+class ConfigurationError(ValueError):
+    """``init_app`` refuses the app's configuration; the message names the ``IDEMPOTENCY_*`` key to change."""
+
+
 class AtomicViewCommitted(RuntimeError):
     """An ``atomic=True`` view committed or rolled back ``db.session`` itself.
 

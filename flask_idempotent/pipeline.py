@@ -166,6 +166,8 @@ def _load_scope(state: AppState) -> str:
 
 def before_request() -> ResponseReturnValue | None:
     state = app_state()
+    if not state.enabled:
+        return None  # IDEMPOTENCY_ENABLED = False: no claim, so after_request and teardown do nothing either
     _check_views(state)
     route = _route_options(state)
     if route is None:

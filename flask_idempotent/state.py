@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 
 from .constants import BASE_REPLAY_HEADERS, ConfigKey
 from .decorator import RouteOptions, seconds
-from .errors import SchemaVersionError, TransientError
+from .errors import ConfigurationError, SchemaVersionError, TransientError
 from .models import SCHEMA_VERSION, Tables, define_tables
 from .store import Executor, RecordStore
 
@@ -140,6 +140,14 @@ class AppState:
         clock_offset: Callable[[], float | timedelta] | None = None,
     ) -> None:
         config = app.config
+        #: ``IDEMPOTENCY_ENABLED = False``: the hooks do nothing (unit tests of view logic only, never production).
+        self.enabled = bool(config[ConfigKey.ENABLED])
+        if not self.enabled and not (app.debug or app.testing):
+            raise ConfigurationError(
+                f"{ConfigKey.ENABLED} = False switches the idempotency layer off: every request runs unprotected."
+                " It is for unit tests of view logic and is refused unless app.testing (TESTING) or app.debug is"
+                f" set; remove {ConfigKey.ENABLED} from this deployment's configuration."
+            )
         self.db = db
         self.callbacks = callbacks
         self.tables: Tables = define_tables(db.metadata)

@@ -23,7 +23,7 @@ configured like CockroachDB or YugabyteDB would behave, each a throwaway databas
   rest on the lock.
 
 Their ``database_url`` params are ``postgresql-serializable`` and so on; they run only in the modules that opt
-in with ``PG_VARIANTS = True`` (the concurrency, lease, atomic, model, crash and serializable tests), and
+in with ``PG_VARIANTS = True`` (the concurrency, lease, atomic, model, crash, storm and serializable tests), and
 ``database_config`` is the config a variant's app needs (``app`` applies it).
 """
 
