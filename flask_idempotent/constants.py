@@ -22,11 +22,14 @@ class ConfigKey:
     REPLAY_HEADERS = "IDEMPOTENCY_REPLAY_HEADERS"
     RETRY_AFTER = "IDEMPOTENCY_RETRY_AFTER"
     PROBLEM_TYPE_BASE = "IDEMPOTENCY_PROBLEM_TYPE_BASE"
+    DOCS_URL = "IDEMPOTENCY_DOCS_URL"
     MAX_BODY_BYTES = "IDEMPOTENCY_MAX_BODY_BYTES"
     MAX_RESPONSE_BYTES = "IDEMPOTENCY_MAX_RESPONSE_BYTES"
     DASHBOARD_URL_PREFIX = "IDEMPOTENCY_DASHBOARD_URL_PREFIX"
     DASHBOARD_SHOW_BODIES = "IDEMPOTENCY_DASHBOARD_SHOW_BODIES"
+    ADVISORY_LOCKS = "IDEMPOTENCY_ADVISORY_LOCKS"
     REPLAY_TALLY_SECONDS = "IDEMPOTENCY_REPLAY_TALLY_SECONDS"
+    ENABLED = "IDEMPOTENCY_ENABLED"
 
 
 #: Defaults applied with ``app.config.setdefault`` in ``init_app``.
@@ -44,11 +47,16 @@ DEFAULTS: dict[str, object] = {
     ConfigKey.REPLAY_HEADERS: (),
     ConfigKey.RETRY_AFTER: 1,
     ConfigKey.PROBLEM_TYPE_BASE: "urn:flask-idempotent:problem:",
+    ConfigKey.DOCS_URL: None,
     ConfigKey.MAX_BODY_BYTES: 10 * 1024 * 1024,
     ConfigKey.MAX_RESPONSE_BYTES: 1024 * 1024,
     ConfigKey.DASHBOARD_URL_PREFIX: "/idempotency",
     ConfigKey.DASHBOARD_SHOW_BODIES: False,
+    # PostgreSQL only: an atomic duplicate answers at once instead of waiting for the owner's row. False for
+    # databases without working advisory locks (CockroachDB); correctness never rests on them.
+    ConfigKey.ADVISORY_LOCKS: True,
     ConfigKey.REPLAY_TALLY_SECONDS: 60,
+    ConfigKey.ENABLED: True,
 }
 
 #: Methods the layer protects; the key is ignored on every other method.

@@ -17,7 +17,8 @@ from werkzeug.local import LocalProxy
 
 from .errors import LeaseLost
 from .machine import Command
-from .state import AppState, Resolved
+from .state import AppState, Resolved, app_state
+from .store import retry_lost_race
 
 _ENVIRON_KEY = "flask_idempotent.request"
 UNSET: Any = object()
@@ -165,11 +166,16 @@ class CurrentRecord:
         """
         ctx = self._context
         assert ctx.record_id is not None and ctx.lease_token is not None
+        record_id, lease_token = ctx.record_id, ctx.lease_token
         values = {"recovery_point": name, "recovery_data": data}
-        with ctx.state.connection(ctx.atomic) as conn:
-            written = ctx.state.store.checkpoint(
-                conn, ctx.record_id, ctx.version, ctx.lease_token, values, ctx.options.lease
-            )
+
+        def write() -> bool:
+            with ctx.state.connection(ctx.atomic) as conn:
+                return ctx.state.store.checkpoint(conn, record_id, ctx.version, lease_token, values, ctx.options.lease)
+
+        # Leased: a write that lost a race (SERIALIZABLE) wrote nothing and is written again. Atomic: it is part
+        # of the view's transaction, which the database aborted; the view's error says so.
+        written = write() if ctx.atomic else retry_lost_race(write)
         if not written:
             raise LeaseLost(f"record {ctx.record_id} is no longer owned by this request")
         ctx.version += 1
@@ -187,8 +193,35 @@ class CurrentRecord:
         self._context.resource_ref = ref
 
 
-def _current() -> CurrentRecord:
+class SwitchedOffRecord:
+    """``current_record`` while ``IDEMPOTENCY_ENABLED`` is False (unit tests of view logic): no record behind it.
+
+    ``key`` is the key header as sent (``""`` without one), ``scope`` is ``""``, ``attempt`` is 1;
+    :meth:`checkpoint` stores nothing and :meth:`set_resource` only checks that its value is JSON.
+    """
+
+    id: int | None = None
+    scope = ""
+    attempt = 1
+    recovery_point: str | None = None
+    recovery_data: Any = None
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def checkpoint(self, name: str, data: Any = None) -> None:
+        json.dumps(data)
+
+    def set_resource(self, ref: Any) -> None:
+        json.dumps(ref)
+
+
+def _current() -> CurrentRecord | SwitchedOffRecord:
     ctx = get_current()
+    if ctx is None and has_request_context():
+        state = app_state()
+        if not state.enabled:
+            return SwitchedOffRecord(request.headers.get(state.header, ""))
     if ctx is None or not ctx.claimed:
         raise RuntimeError("current_record is only available inside a view protected by @idempotent")
     return CurrentRecord(ctx)

@@ -4,7 +4,8 @@ Each subclasses the matching werkzeug exception (``KeyReused`` is an ``Unprocess
 a ``ServiceUnavailable``, ...), so an app's handler for that status catches it, and an app can restyle any of
 them with ``@app.errorhandler(KeyReused)``.
 The problem ``type`` is ``IDEMPOTENCY_PROBLEM_TYPE_BASE`` + the code (``urn:flask-idempotent:problem:key-reused``
-by default).
+by default). With ``IDEMPOTENCY_DOCS_URL`` set, that URL wins: ``type`` is the documentation URL + the code, and
+every problem response links to it with ``Link: <type>; rel="describedby"`` (docs/publishing.md).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import current_app, has_app_context
 from werkzeug.exceptions import (
@@ -50,10 +52,7 @@ class IdempotencyError(HTTPException):
 
     @property
     def problem_type(self) -> str:
-        base = DEFAULTS[ConfigKey.PROBLEM_TYPE_BASE]
-        if has_app_context():
-            base = current_app.config.get(ConfigKey.PROBLEM_TYPE_BASE, base)
-        return f"{base}{self.problem_code}"
+        return problem_type(self.problem_code)
 
     def problem(self) -> dict[str, Any]:
         """The problem details object (RFC 9457)."""
@@ -63,7 +62,55 @@ class IdempotencyError(HTTPException):
         response = Response(json.dumps(self.problem()), status=self.code, mimetype=PROBLEM_MEDIA_TYPE)
         if self.retry_after is not None:
             response.headers["Retry-After"] = str(self.retry_after)
+        if _config(ConfigKey.DOCS_URL):
+            response.headers["Link"] = f'<{self.problem_type}>; rel="describedby"'
         return response
+
+
+def _config(name: str) -> Any:
+    if has_app_context():
+        return current_app.config.get(name, DEFAULTS[name])
+    return DEFAULTS[name]
+
+
+def problem_type(code: str) -> str:
+    """The problem ``type`` URI of ``code`` (``missing-key``...) in the current app.
+
+    ``IDEMPOTENCY_DOCS_URL`` + ``code`` when that is set, else ``IDEMPOTENCY_PROBLEM_TYPE_BASE`` + ``code``.
+    """
+    return f"{_config(ConfigKey.DOCS_URL) or _config(ConfigKey.PROBLEM_TYPE_BASE)}{code}"
+
+
+#: Characters a URL cannot carry as they are inside ``Link: <...>`` (RFC 3986 excludes them; percent-encode them).
+_NOT_IN_URL = frozenset('<>"{}|\\^`')
+
+
+def _is_http_url(value: str) -> bool:
+    if not all("\x21" <= ch <= "\x7e" and ch not in _NOT_IN_URL for ch in value):
+        return False
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # an unclosed IPv6 bracket, say
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
+def check_docs_url(value: object) -> str | None:
+    """Validate an ``IDEMPOTENCY_DOCS_URL`` value (``init_app`` calls it); ``None`` or ``""`` means unset.
+
+    It must be an absolute ``http(s)`` URL of visible ASCII characters, because it becomes the problem ``type``
+    (RFC 9457 asks for an absolute URI) and the target of a ``Link`` header. The code is appended as it is, so
+    the URL ends where a code can follow: ``https://example.com/docs/errors#`` or ``.../errors/``.
+    Anything else raises ``ValueError`` naming the key.
+    """
+    if value is None or value == "":
+        return None
+    if not (isinstance(value, str) and _is_http_url(value)):
+        raise ValueError(
+            f"{ConfigKey.DOCS_URL} must be an absolute http(s) URL of visible ASCII characters (percent-encode the"
+            f" rest), such as 'https://example.com/docs/errors#'; got {value!r}"
+        )
+    return value
 
 
 class MissingKey(IdempotencyError, BadRequest):
@@ -137,19 +184,17 @@ class TransientError(IdempotencyError, ServiceUnavailable):
         super().__init__(detail, retry_after=retry_after)
 
 
-class ConfigurationError(ValueError):
-    """``init_app`` refuses the app's setup; the message says what to change.
-
-    Raised for a database the record store has no statements for (the message lists the supported dialects).
-    """
-
-
 class SchemaVersionError(RuntimeError):
     """The extension's tables are at an older schema version than this release needs.
 
     The message names the migration to run (docs: "Upgrading from schema version 1 to 2"); requests fail until it
     has run.
     """
+
+
+class ConfigurationError(ValueError):
+    """``init_app`` refuses the app's configuration; the message names the ``IDEMPOTENCY_*`` key to change, or,
+    for a database the record store has no statements for, the supported dialects."""
 
 
 class AtomicViewCommitted(RuntimeError):
@@ -178,6 +223,20 @@ class CommitFailed(IdempotencyError, InternalServerError):
     code = 500
     problem_code = "commit-failed"
     title = "The request's changes could not be committed"
+
+
+class CommitConflict(IdempotencyError, ServiceUnavailable):
+    """503: an atomic request's final commit lost a race with a concurrent transaction (a serialization failure
+    under SERIALIZABLE, a deadlock, a Galera certification failure), and no other request holds its key.
+
+    Nothing of the request was written and the key is free: retrying with the same key after ``Retry-After``
+    runs it again. (When another request holds the key by then, the answer is that duplicate's: 409 or a
+    replay.) Unlike ``commit-failed`` the retry is expected to succeed.
+    """
+
+    code = 503
+    problem_code = "commit-conflict"
+    title = "The request's changes conflicted with a concurrent transaction"
 
 
 class ScopeError(IdempotencyError, InternalServerError):

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, current_app, has_app_context
 
-from . import pipeline
+from . import openapi, pipeline
 from .cli import cli
-from .constants import DEFAULTS
+from .constants import DEFAULTS, ConfigKey
 from .dashboard import init_dashboard
+from .errors import check_docs_url
 from .state import AppState, Callbacks, app_state, register
 from .tasks import Operation, command_of, run_once, task_decorator
 
@@ -60,6 +61,7 @@ class Idempotency:
             raise RuntimeError("flask_idempotent is already registered on this app")
         for name, value in DEFAULTS.items():
             app.config.setdefault(name, value)
+        check_docs_url(app.config[ConfigKey.DOCS_URL])
         register(app, AppState(app, db, self._callbacks, self.clock_offset))
         self._apps.add(app)
         app.extensions["idempotency"] = self
@@ -115,6 +117,17 @@ class Idempotency:
     def state(self, app: Flask | None = None) -> AppState:
         """The per-app state of ``app`` (default: the current app)."""
         return app_state(app)
+
+    def openapi(self, app: Flask | None = None) -> dict[str, Any]:
+        """The OpenAPI 3.1 ``paths`` and ``components`` for the routes this layer protects on ``app`` (default:
+        the current app), to merge into the app's own document (docs/publishing.md).
+
+        Each protected operation gets the ``Idempotency-Key`` header parameter, the problem responses the layer
+        can answer (400, 409 or 202, 413, 422, 503, ...) with their ``type`` URIs, and an ``x-idempotency`` field
+        with its ``mode``, ``required``, ``ttl`` and ``lease`` (seconds). ``openapi.merge(document, fragment)``
+        folds it into an existing document.
+        """
+        return openapi.fragment(app or current_app._get_current_object())  # type: ignore[attr-defined]
 
     # Beyond views ------------------------------------------------------------------------------------------
 

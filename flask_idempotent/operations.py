@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import sqlalchemy as sa
 from flask import current_app
 
 from . import signals
@@ -24,7 +25,7 @@ from .context import RecordView
 from .decorator import options_of
 from .machine import Action, TransitionError, operator_transition
 from .state import AppState, app_state
-from .store import COUNT_LIMIT
+from .store import COUNT_LIMIT, LOST_RACE_ATTEMPTS, lost_race, retry_lost_race
 
 __all__ = [
     "COUNT_LIMIT",
@@ -348,6 +349,28 @@ def act(action: Action | str, record_id: int, *, actor: str, version: int | None
     if not actor:
         raise ValueError("an operator action needs the actor's name")
     _check_id(record_id)
+    try:
+        # An action that lost a race (SERIALIZABLE, a deadlock) changed nothing; run again, it reads the record
+        # afresh and still compares the version the operator saw.
+        result = retry_lost_race(lambda: _act_once(action, record_id, actor, version))
+    except sa.exc.DBAPIError as exc:
+        if not lost_race(exc):
+            raise
+        raise RecordChanged(
+            f"record {record_id} is being changed by others right now (the database refused the action"
+            f" {LOST_RACE_ATTEMPTS} times); look at it again, then decide"
+        ) from exc
+    signals.operator_action.send(
+        current_app._get_current_object(),  # type: ignore[attr-defined]
+        record=RecordView.of(result),
+        action=action.value,
+        actor=actor,
+    )
+    return result
+
+
+def _act_once(action: Action, record_id: int, actor: str, version: int | None) -> dict[str, Any]:
+    """One transaction of :func:`act`: read, check, compare-and-set, event; the record as it is after."""
     state = _state()
     store = state.store
     with state.db.engine.begin() as conn:
@@ -384,14 +407,7 @@ def act(action: Action | str, record_id: int, *, actor: str, version: int | None
             },
         )
         after = None if transition.delete else store.get(conn, record_id)
-    result = record_dict(after if after is not None else row)
-    signals.operator_action.send(
-        current_app._get_current_object(),  # type: ignore[attr-defined]
-        record=RecordView.of(result),
-        action=action.value,
-        actor=actor,
-    )
-    return result
+    return record_dict(after if after is not None else row)
 
 
 def mark_retryable(record_id: int, *, actor: str, version: int | None = None) -> dict[str, Any]:
@@ -439,8 +455,7 @@ def purge(*, batch_size: int = 1000, max_batches: int | None = None, pause: floa
     state = _state()
     total = batches = 0
     while max_batches is None or batches < max_batches:
-        with state.db.engine.begin() as conn:
-            deleted = state.store.purge_batch(conn, batch_size)
+        deleted = retry_lost_race(lambda: _purge_batch(state, batch_size))
         total += deleted
         batches += 1
         if deleted < batch_size or batches == max_batches:
@@ -450,3 +465,8 @@ def purge(*, batch_size: int = 1000, max_batches: int | None = None, pause: floa
     with state.db.engine.begin() as conn:  # the replay counts behind the overview's last-24-hours chart
         state.store.purge_replays(conn, REPLAY_COUNTS_KEPT.total_seconds())
     return total
+
+
+def _purge_batch(state: AppState, batch_size: int) -> int:
+    with state.db.engine.begin() as conn:
+        return state.store.purge_batch(conn, batch_size)

@@ -27,7 +27,9 @@ from .decorator import RouteOptions, is_watched, misplaced, options_of, view_exc
 from .errors import (
     AtomicViewCommitted,
     BodyTooLargeToFingerprint,
+    CommitConflict,
     CommitFailed,
+    IdempotencyError,
     InvalidKey,
     KeyReused,
     MissingKey,
@@ -54,7 +56,7 @@ from .machine import (
     outcome,
 )
 from .state import AppState, Resolved, app_state
-from .store import Executor, dialect_of
+from .store import LOST_RACE_ATTEMPTS, Executor, dialect_of, lost_race, pause_after_lost_race, retry_lost_race
 
 logger = logging.getLogger("flask_idempotent")
 
@@ -164,6 +166,8 @@ def _load_scope(state: AppState) -> str:
 
 def before_request() -> ResponseReturnValue | None:
     state = app_state()
+    if not state.enabled:
+        return None  # IDEMPOTENCY_ENABLED = False: no claim, so after_request and teardown do nothing either
     _check_views(state)
     route = _route_options(state)
     if route is None:
@@ -247,7 +251,7 @@ def _report(ctx: RequestContext, outcome_name: str) -> None:
 
 
 def _claim(ctx: RequestContext) -> ResponseReturnValue | None:
-    state, options = ctx.state, ctx.options
+    options = ctx.options
     deadline = time.monotonic() + options.wait
     delay = 0.02
     while True:
@@ -255,37 +259,43 @@ def _claim(ctx: RequestContext) -> ResponseReturnValue | None:
         if decision is None:
             signals.record_claimed.send(_app(), record=ctx.view())
             return None
-        if decision is Decision.REPLAY:
-            assert row is not None
-            return _replay(ctx, row)
-        if decision is Decision.CONFLICT:
-            assert row is not None
-            client_event(ctx, row, EventKind.CONFLICT)
-            signals.key_conflict.send(_app(), record=RecordView.of(row._mapping))
-            raise KeyReused(
-                f"This {state.header} was first used for {row.method} {row.path} with a different request."
-                " Use a new key for a new request."
-            )
-        if decision is Decision.STUCK:
-            assert row is not None
-            client_event(ctx, row, EventKind.STALE_HIT)
-            raise RecordStuck(
-                "The first request with this key stopped without recording an outcome. It may have had an"
-                " effect, so it is not run again until an operator decides."
-            )
-        # IN_PROGRESS: poll until the owner finishes or the wait runs out.
         remaining = deadline - time.monotonic()
-        if remaining > 0:
+        if decision is Decision.IN_PROGRESS and remaining > 0:
+            # Poll until the owner finishes or the wait runs out.
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.25)
             continue
-        if row is not None:
-            client_event(ctx, row, EventKind.IN_PROGRESS_HIT)
-        raise RequestInProgress(
-            "A request with this key is still being processed. Retry after the time in Retry-After.",
-            retry_after=state.retry_after,
-            status=options.in_progress_status,
+        return _answer(ctx, decision, row)
+
+
+def _answer(ctx: RequestContext, decision: Decision, row: Row[Any] | None) -> Response:
+    """The answer to a request that may not claim its key: the replay, or the problem it raises."""
+    state, options = ctx.state, ctx.options
+    if decision is Decision.REPLAY:
+        assert row is not None
+        return _replay(ctx, row)
+    if decision is Decision.CONFLICT:
+        assert row is not None
+        client_event(ctx, row, EventKind.CONFLICT)
+        signals.key_conflict.send(_app(), record=RecordView.of(row._mapping))
+        raise KeyReused(
+            f"This {state.header} was first used for {row.method} {row.path} with a different request."
+            " Use a new key for a new request."
         )
+    if decision is Decision.STUCK:
+        assert row is not None
+        client_event(ctx, row, EventKind.STALE_HIT)
+        raise RecordStuck(
+            "The first request with this key stopped without recording an outcome. It may have had an"
+            " effect, so it is not run again until an operator decides."
+        )
+    if row is not None:
+        client_event(ctx, row, EventKind.IN_PROGRESS_HIT)
+    raise RequestInProgress(
+        "A request with this key is still being processed. Retry after the time in Retry-After.",
+        retry_after=state.retry_after,
+        status=options.in_progress_status,
+    )
 
 
 def claim_once(ctx: RequestContext) -> _Answer:
@@ -293,33 +303,69 @@ def claim_once(ctx: RequestContext) -> _Answer:
     # One lease token per claim: whatever row carries it was written by this call, which is how a claim
     # whose reply was lost finds out that it did commit.
     token = secrets.token_hex(16)
+    for attempt in range(LOST_RACE_ATTEMPTS):
+        try:
+            if ctx.atomic:
+                # Core statements on the session's connection: the view's transaction, without ORM execution.
+                decision, row = _decide_and_claim(ctx, state.db.session.connection(), token)
+                if decision is not None:
+                    _rollback_quietly(state)  # hold no transaction while answering or polling
+                return decision, row
+            with state.engine.connect() as conn:
+                return _decide_and_claim(ctx, conn, token)
+        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+            if ctx.atomic:
+                _rollback_quietly(state)  # the claim was in the rolled-back transaction: nothing was written
+            if not lost_race(exc):
+                return _claim_failed(ctx, token, exc)
+            # The database aborted a statement that lost a race with another request's (SERIALIZABLE, a
+            # deadlock, a Galera certification failure): it wrote nothing, so deciding again is safe.
+            if ctx.claimed and not ctx.atomic:
+                return None, None  # the claim had committed; what lost came after it (the takeover's event)
+            _unclaim(ctx)
+            logger.info("the claim of %r lost a race (%s); deciding again", ctx.command.key, _db_error(exc))
+            if attempt + 1 < LOST_RACE_ATTEMPTS:
+                pause_after_lost_race(attempt)
+    logger.warning("the claim of %r kept losing races; answering as a duplicate", ctx.command.key)
+    return _as_duplicate(ctx)
+
+
+def _as_duplicate(ctx: RequestContext) -> tuple[Decision, Row[Any] | None]:
+    """What a request that could not claim its key is told: what the record says, read now, else in progress.
+
+    A key nobody holds (no record, or one a claim could take) is "in progress" too: a retry after
+    ``Retry-After`` decides again, and nothing ran.
+    """
+    state, command = ctx.state, ctx.command
     try:
-        if ctx.atomic:
-            # Core statements on the session's connection: the view's transaction, without ORM execution.
-            decision, row = _decide_and_claim(ctx, state.db.session.connection(), token)
-            if decision is not None:
-                _rollback_quietly(state)  # hold no transaction while answering or polling
-            return decision, row
         with state.engine.connect() as conn:
-            return _decide_and_claim(ctx, conn, token)
-    except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
-        if ctx.atomic:
-            _rollback_quietly(state)  # the claim was in the rolled-back transaction: nothing was written
-        if _is_lock_wait(exc):
-            # SQLite: another connection held the write lock past the busy timeout. Nothing was claimed, and
-            # nothing says the key is in progress (it may be brand new): the store is busy, retry later.
-            logger.warning("idempotency store busy (locked) while claiming %r", ctx.command.key)
-            raise StoreUnavailable(
-                "The idempotency store is busy, so the request was not run. Retry after the time in Retry-After.",
-                retry_after=state.retry_after,
-            ) from exc
-        if not ctx.atomic and _recover_lost_claim(ctx, token):
-            return None, None
-        logger.error("idempotency store unavailable while claiming %r: %s", ctx.command.key, _db_error(exc))
+            row = state.store.find(conn, command.scope, command.key)
+    except (sa.exc.DBAPIError, sa.exc.TimeoutError):
+        return Decision.IN_PROGRESS, None
+    decision = None if row is None else decide(row._mapping, command.request_hash, ctx.options.on_stale)
+    if decision is None or decision in CLAIMING:
+        return Decision.IN_PROGRESS, None
+    return decision, row
+
+
+def _claim_failed(ctx: RequestContext, token: str, exc: sa.exc.DBAPIError | sa.exc.TimeoutError) -> _Answer:
+    """The claim met a database error other than a lost race: 503, unless a leased claim did commit."""
+    state = ctx.state
+    if _is_lock_wait(exc):
+        # SQLite: another connection held the write lock past the busy timeout. Nothing was claimed, and
+        # nothing says the key is in progress (it may be brand new): the store is busy, retry later.
+        logger.warning("idempotency store busy (locked) while claiming %r", ctx.command.key)
         raise StoreUnavailable(
-            "The idempotency store cannot be reached, so the request was not run. Retry later.",
+            "The idempotency store is busy, so the request was not run. Retry after the time in Retry-After.",
             retry_after=state.retry_after,
         ) from exc
+    if not ctx.atomic and _recover_lost_claim(ctx, token):
+        return None, None
+    logger.error("idempotency store unavailable while claiming %r: %s", ctx.command.key, _db_error(exc))
+    raise StoreUnavailable(
+        "The idempotency store cannot be reached, so the request was not run. Retry later.",
+        retry_after=state.retry_after,
+    ) from exc
 
 
 def _recover_lost_claim(ctx: RequestContext, token: str) -> bool:
@@ -413,6 +459,13 @@ def _claimed(
         ctx.recovery_data = previous["recovery_data"]
 
 
+def _unclaim(ctx: RequestContext) -> None:
+    """Forget a claim that was rolled back (atomic mode) or never committed."""
+    ctx.record_id = ctx.lease_token = ctx.previous = ctx.claim = None
+    ctx.version = ctx.attempt = 0
+    ctx.recovery_point, ctx.recovery_data = None, None
+
+
 def client_event(ctx: RequestContext, row: Row[Any], kind: EventKind) -> None:
     """Store an event a client caused, up to the per-record cap; past it the event is only counted."""
     state, command = ctx.state, ctx.command
@@ -422,9 +475,13 @@ def client_event(ctx: RequestContext, row: Row[Any], kind: EventKind) -> None:
         "endpoint": command.endpoint,
         "request_hash": command.request_hash,
     }
-    try:
+
+    def write() -> None:
         with state.engine.connect() as conn:
             state.store.add_client_event(conn, record=row, kind=kind, detail=detail, cap=MAX_CLIENT_EVENTS_PER_RECORD)
+
+    try:
+        retry_lost_race(write)  # many duplicates of one key count on its row at once: under SERIALIZABLE they race
     except sa.exc.SQLAlchemyError as exc:  # the answer matters more than its audit trail
         logger.warning("could not store %s event for record %s: %s", kind.value, row.id, _db_error(exc))
 
@@ -487,6 +544,13 @@ def after_request(response: BaseResponse) -> BaseResponse:
         _withdraw(ctx)  # a hook answered before the view (auth, CSRF): not an outcome
         return response
     exc = view_exception()
+    if ctx.atomic and exc is not None and lost_race(exc):
+        # A statement of the view lost a race (under SERIALIZABLE, often against the claim's own read in the
+        # same transaction): the database aborted the transaction, claim included; nothing was written.
+        ctx.settled = True
+        _report(ctx, "executed")
+        _rollback_quietly(ctx.state)
+        return _atomic_lost_race(ctx, exc)
     if exc is not None and isinstance(exc, ctx.options.transient):
         state, retryable = State.FAILED, True
     else:
@@ -531,16 +595,21 @@ def _withdraw(ctx: RequestContext) -> None:
     if ctx.atomic:
         _rollback_quietly(state)
         return
-    assert ctx.record_id is not None and ctx.lease_token is not None
     try:
-        with state.engine.connect() as conn:
-            if ctx.previous is None:
-                state.store.withdraw(conn, ctx.record_id, ctx.lease_token)
-            else:
-                state.store.restore(conn, ctx.record_id, ctx.version, ctx.lease_token, ctx.previous)
+        retry_lost_race(lambda: _withdraw_once(ctx))
     except sa.exc.SQLAlchemyError as exc:
         # The view did not run; the record stays IN_PROGRESS and shows as stuck once its lease ends.
         logger.error("could not withdraw the claim of record %s: %s", ctx.record_id, _db_error(exc))
+
+
+def _withdraw_once(ctx: RequestContext) -> None:
+    state = ctx.state
+    assert ctx.record_id is not None and ctx.lease_token is not None
+    with state.engine.connect() as conn:
+        if ctx.previous is None:
+            state.store.withdraw(conn, ctx.record_id, ctx.lease_token)
+        else:
+            state.store.restore(conn, ctx.record_id, ctx.version, ctx.lease_token, ctx.previous)
 
 
 def _settle(
@@ -597,15 +666,22 @@ def store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
     assert ctx.record_id is not None and ctx.lease_token is not None
     # The view ran: its outcome is worth waiting for. SQLite's write lock held past the busy timeout (an
     # atomic request in flight) is waited out, within the lease, before the record is left to be stuck.
+    # A write that lost a race (SERIALIZABLE: an operator or a takeover changed the row meanwhile) wrote
+    # nothing; written again, the compare-and-set finds out whether this request still owns the record.
     deadline = time.monotonic() + ctx.options.lease
     delay = 0.05
+    races = 0
     try:
         while True:
             try:
                 with state.engine.connect() as conn:
                     stored = state.store.settle(conn, ctx.record_id, ctx.version, ctx.lease_token, values)
                 break
-            except sa.exc.OperationalError as exc:
+            except sa.exc.DBAPIError as exc:
+                if lost_race(exc) and races + 1 < LOST_RACE_ATTEMPTS:
+                    pause_after_lost_race(races)
+                    races += 1
+                    continue
                 if not _is_lock_wait(exc) or time.monotonic() + delay > deadline:
                     raise
                 logger.warning("outcome of record %s waits for the store's write lock", ctx.record_id)
@@ -692,8 +768,10 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
             _store_atomic_failure(ctx, values)
             return InternalServerError().get_response()
         except sa.exc.SQLAlchemyError as exc:
-            logger.error("could not commit atomic request %s: %s", ctx.record_id, _db_error(exc))
             _rollback_quietly(state)
+            if lost_race(exc):
+                return _atomic_lost_race(ctx, exc)
+            logger.error("could not commit atomic request %s: %s", ctx.record_id, _db_error(exc))
             if isinstance(exc, (sa.exc.IntegrityError, sa.exc.DataError)):
                 # The database refused the view's writes (a constraint): nothing was written. Say so, and
                 # record a retryable failure in a transaction of its own, for the dashboard.
@@ -718,6 +796,28 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
     return response
 
 
+def _atomic_lost_race(ctx: RequestContext, exc: BaseException) -> BaseResponse:
+    """An atomic request's transaction lost a race, in the view or at its commit: nothing of it was written.
+
+    The view is not run again here: a second run in the same request could repeat whatever it did outside the
+    database. The answer is what a duplicate arriving now would get, read from the committed record: a replay,
+    409 ``in-progress``, ``stuck`` or 422 ``key-reused`` when another request holds the key; when nobody does,
+    503 ``commit-conflict`` with ``Retry-After`` (the retry runs it, once). Never 500, never ``store-unavailable``.
+    """
+    logger.warning("atomic request %r lost a race (%s); nothing was written", ctx.command.key, _db_error(exc))
+    decision, row = _as_duplicate(ctx)
+    if row is None:
+        return CommitConflict(
+            "This request's changes conflicted with a concurrent transaction, so nothing of it was saved."
+            " Retrying it with the same key is safe.",
+            retry_after=ctx.state.retry_after,
+        ).get_response()  # type: ignore[return-value]
+    try:
+        return _answer(ctx, decision, row)
+    except IdempotencyError as problem:
+        return problem.get_response()  # type: ignore[return-value]
+
+
 def _store_atomic_failure(ctx: RequestContext, values: dict[str, Any]) -> None:
     """After the rollback, record the FAILED (retryable) outcome in a transaction of its own.
 
@@ -726,7 +826,9 @@ def _store_atomic_failure(ctx: RequestContext, values: dict[str, Any]) -> None:
     """
     state, store, claim, options = ctx.state, ctx.state.store, ctx.claim, ctx.options
     assert isinstance(claim, Claim) and ctx.lease_token is not None
-    try:
+    lease_token = ctx.lease_token
+
+    def write() -> tuple[int | None, int, bool]:
         with state.db.engine.begin() as conn:
             if ctx.previous is None:
                 record_id = store.insert(conn, claim, lease=options.lease, ttl=options.ttl)
@@ -736,7 +838,11 @@ def _store_atomic_failure(ctx: RequestContext, values: dict[str, Any]) -> None:
                 if not store.reclaim(conn, record_id, version, claim, lease=options.lease, ttl=options.ttl):
                     record_id = None
                 version += 1
-            stored = record_id is not None and store.settle(conn, record_id, version, ctx.lease_token, values)
+            stored = record_id is not None and store.settle(conn, record_id, version, lease_token, values)
+        return record_id, version, stored
+
+    try:
+        record_id, version, stored = retry_lost_race(write)
     except sa.exc.SQLAlchemyError as exc:
         logger.warning("could not store the failure of atomic record %s: %s", ctx.command.key, _db_error(exc))
         return

@@ -147,10 +147,21 @@ class AppState:
                 f"flask_idempotent cannot keep its records in a {dialect!r} database (SQLALCHEMY_DATABASE_URI):"
                 f" supported are {', '.join(SUPPORTED_DIALECTS)}"
             )
+        #: ``IDEMPOTENCY_ENABLED = False``: the hooks do nothing (unit tests of view logic only, never production).
+        self.enabled = bool(config[ConfigKey.ENABLED])
+        if not self.enabled and not (app.debug or app.testing):
+            raise ConfigurationError(
+                f"{ConfigKey.ENABLED} = False switches the idempotency layer off: every request runs unprotected."
+                " It is for unit tests of view logic and is refused unless app.testing (TESTING) or app.debug is"
+                f" set; remove {ConfigKey.ENABLED} from this deployment's configuration."
+            )
         self.db = db
         self.callbacks = callbacks
         self.tables: Tables = define_tables(db.metadata)
-        self.store = RecordStore(self.tables, _offset_seconds(clock_offset))
+        advisory_locks = config[ConfigKey.ADVISORY_LOCKS]
+        if not isinstance(advisory_locks, bool):  # "off" from an environment variable would read as True
+            raise ValueError(f"{ConfigKey.ADVISORY_LOCKS} must be True or False, not {advisory_locks!r}")
+        self.store = RecordStore(self.tables, _offset_seconds(clock_offset), advisory_locks=advisory_locks)
         self.header: str = config[ConfigKey.HEADER]
         self.protect_all = bool(config[ConfigKey.PROTECT_ALL])
         self.fingerprint_headers = tuple(config[ConfigKey.FINGERPRINT_HEADERS])
@@ -263,7 +274,7 @@ class AppState:
                 f"the {self.tables.records.name} table lacks the columns {', '.join(sorted(missing))}: it is at"
                 f" an older schema version than this flask_idempotent needs ({SCHEMA_VERSION}). Run"
                 " `flask idempotency upgrade-schema`, or a migration that calls"
-                " flask_idempotent.migrations.upgrade_1_to_2() (README: Upgrading)."
+                " flask_idempotent.migrations.upgrade_1_to_2() (docs: Upgrading from schema version 1 to 2)."
             )
         self._schema_checked = True
 

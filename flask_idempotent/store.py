@@ -13,9 +13,11 @@ lease to run out (``Idempotency(clock_offset=...)``).
 from __future__ import annotations
 
 import hashlib
+import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -39,6 +41,20 @@ SUPPORTED_DIALECTS = ("postgresql", "sqlite", "mysql", "mariadb")
 MYSQL_DIALECTS = frozenset({"mysql", "mariadb"})
 #: MySQL's ER_DUP_ENTRY: an INSERT refused by a unique index.
 MYSQL_DUPLICATE_KEY = 1062
+
+#: SQLSTATEs of a transaction the database aborted because it lost a race with a concurrent one: serialization
+#: failure (PostgreSQL under SERIALIZABLE or REPEATABLE READ; CockroachDB and YugabyteDB send it for any
+#: conflict) and deadlock. Nothing of that transaction was committed.
+LOST_RACE_SQLSTATES = frozenset({"40001", "40P01"})
+#: MySQL and MariaDB error numbers of the same: 1213, a deadlock, which is also how a MariaDB Galera node fails
+#: the COMMIT of a transaction that lost certification to another node's.
+LOST_RACE_MYSQL_ERRNOS = frozenset({1213})
+#: Runs of a statement (or transaction) that lost such a race before the caller gives up and answers as a
+#: duplicate would. Each loser retries after a random pause of up to ``LOST_RACE_PAUSE * 2**attempt`` seconds.
+LOST_RACE_ATTEMPTS = 5
+LOST_RACE_PAUSE = 0.005
+
+T = TypeVar("T")
 
 
 class Executor(Protocol):
@@ -78,6 +94,45 @@ def _db_time_mysql(element: db_time, compiler: SQLCompiler, **kw: Any) -> str:
     return f"TIMESTAMPADD(MICROSECOND, ROUND(({seconds}) * 1000000), UTC_TIMESTAMP(6))"
 
 
+def lost_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database aborting a transaction that lost a race at commit or in a statement.
+
+    PostgreSQL's SQLSTATE (psycopg 3 ``sqlstate``, psycopg2 ``pgcode``) in :data:`LOST_RACE_SQLSTATES`, or a
+    MySQL/MariaDB error number (the DB-API exception's first argument, as PyMySQL and mysqlclient raise it) in
+    :data:`LOST_RACE_MYSQL_ERRNOS`. Nothing of the aborted transaction was written: running it again is safe
+    whenever it holds only the layer's statements.
+    """
+    if not isinstance(exc, sa.exc.DBAPIError) or exc.orig is None:
+        return False
+    orig = exc.orig
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if sqlstate is not None:
+        return sqlstate in LOST_RACE_SQLSTATES
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    return bool(args) and isinstance(args[0], int) and args[0] in LOST_RACE_MYSQL_ERRNOS
+
+
+def pause_after_lost_race(attempt: int) -> None:
+    """A random pause before the ``attempt``-th rerun (from 0), so that two losers do not collide again."""
+    time.sleep(random.uniform(0, LOST_RACE_PAUSE * 2**attempt))
+
+
+def retry_lost_race(run: Callable[[], T], attempts: int = LOST_RACE_ATTEMPTS) -> T:
+    """``run()``, run again (up to ``attempts`` runs in all) while it raises an error :func:`lost_race` names.
+
+    Only for work that is safe to repeat: each run must be a whole transaction of the layer's own statements.
+    The last run's error is raised as it is.
+    """
+    for attempt in range(attempts - 1):
+        try:
+            return run()
+        except sa.exc.DBAPIError as exc:
+            if not lost_race(exc):
+                raise
+            pause_after_lost_race(attempt)
+    return run()
+
+
 def advisory_key(scope: str, key: str) -> int:
     """A signed 64-bit lock id for ``(scope, key)``; a collision only makes a request wait, never run twice."""
     digest = hashlib.blake2b(f"{len(scope)}:{scope}{key}".encode(), digest_size=8).digest()
@@ -101,8 +156,12 @@ class RecordStore:
     so SQLAlchemy finds them in its compiled cache without rebuilding or re-keying them.
     """
 
-    def __init__(self, tables: Tables, offset: Callable[[], float] = lambda: 0.0) -> None:
+    def __init__(
+        self, tables: Tables, offset: Callable[[], float] = lambda: 0.0, *, advisory_locks: bool = True
+    ) -> None:
         self.tables = tables
+        #: Whether the deciding read of an atomic claim takes an advisory lock on PostgreSQL (see ``find_and_lock``).
+        self.advisory_locks = advisory_locks
         self.records = r = tables.records
         self.events = e = tables.events
         self.offset = offset
@@ -252,9 +311,12 @@ class RecordStore:
 
         One statement. ``locked`` is ``False`` when another transaction holds the key (an atomic request in
         flight); the row is still returned as last committed, so a replay never waits for a lock. Other
-        databases serialize writers themselves (SQLite's write lock), so they always "lock".
+        databases serialize writers themselves (SQLite's write lock), so they always "lock"; so does PostgreSQL
+        with ``advisory_locks`` off. The lock only spares a duplicate the wait on the owner's uncommitted row:
+        without it (or with a lock that always grants) the duplicate's INSERT waits for the owner's commit, then
+        finds the key taken. Correctness rests on the unique constraint, never on the lock.
         """
-        if dialect_of(conn) != "postgresql":
+        if not self.advisory_locks or dialect_of(conn) != "postgresql":
             return True, self.find(conn, scope, key)
         params = {"_lock": advisory_key(scope, key), "_scope": scope, "_key": key, **self._times()}
         row = conn.execute(self._find_and_lock, params).one()
@@ -263,8 +325,10 @@ class RecordStore:
     def claim_new(self, conn: Executor, claim: Claim, *, lease: float, ttl: float, lock: bool) -> int | None:
         """PostgreSQL: insert the claim of a new key in one statement; its id, or ``None`` if the key is taken
         (or, with ``lock``, its advisory lock is held elsewhere): read it then (:meth:`find`/:meth:`find_and_lock`).
+        ``lock`` is ignored with ``advisory_locks`` off: the INSERT then waits for an open claim's transaction.
         """
         params = {**claim.values, **self._times(lease, ttl)}
+        lock = lock and self.advisory_locks
         if lock:
             params["_lock"] = advisory_key(claim.values["scope"], claim.values["key"])
         row = conn.execute(self._claim_new[lock], params).first()

@@ -12,6 +12,20 @@ every PostgreSQL id starts with ``postgresql``, so ``-k postgresql`` selects bot
 psycopg 3, and ``url.startswith("postgresql")`` holds for both URLs. Tests that start real processes from
 ``postgres_url`` (gunicorn, Celery) stay on the admin URL's driver, psycopg2.
 
+Distributed-SQL emulation: ``IDEMPOTENCY_TEST_PG_VARIANTS`` (default none; CI: all) lists PostgreSQL databases
+configured like CockroachDB or YugabyteDB would behave, each a throwaway database of its own (psycopg2):
+
+- ``serializable``: ``default_transaction_isolation = serializable``: every conflict is a 40001 to retry;
+- ``nolocks``: serializable, and no advisory locks: ``pg_try_advisory_xact_lock`` raises "undefined function"
+  (a stub ahead of ``pg_catalog`` on the ``search_path``), and the app runs with
+  ``IDEMPOTENCY_ADVISORY_LOCKS = False`` (CockroachDB);
+- ``grantall``: read committed, and ``pg_try_advisory_xact_lock`` always grants (a stub): correctness may not
+  rest on the lock.
+
+Their ``database_url`` params are ``postgresql-serializable`` and so on; they run only in the modules that opt
+in with ``PG_VARIANTS = True`` (the concurrency, lease, atomic, model, crash, storm and serializable tests), and
+``database_config`` is the config a variant's app needs (``app`` applies it).
+
 MariaDB: the param ``mariadb`` runs the same tests on a throwaway database of the server named by
 ``IDEMPOTENCY_TEST_MARIADB_ADMIN_URL`` (default ``mysql+pymysql://root@127.0.0.1:3306/mysql``), skipped loudly
 when unreachable and failed instead with ``IDEMPOTENCY_REQUIRE_MARIADB=1`` (CI). ``IDEMPOTENCY_TEST_DATABASES``
@@ -21,9 +35,11 @@ when unreachable and failed instead with ``IDEMPOTENCY_REQUIRE_MARIADB=1`` (CI).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -40,11 +56,40 @@ if unknown := set(PG_DRIVERS) - set(PG_DRIVER_PARAMS):
     raise ValueError(
         f"IDEMPOTENCY_TEST_PG_DRIVERS: unknown driver(s) {sorted(unknown)}; known: {list(PG_DRIVER_PARAMS)}"
     )
+#: Variant -> (SQL run in its fresh database, the app config it needs).
+PG_VARIANT_SETUP: dict[str, tuple[tuple[str, ...], dict[str, object]]] = {
+    "serializable": (("ALTER DATABASE {db} SET default_transaction_isolation = 'serializable'",), {}),
+    "nolocks": (
+        (
+            "ALTER DATABASE {db} SET default_transaction_isolation = 'serializable'",
+            "CREATE SCHEMA no_advisory_locks",
+            "CREATE FUNCTION no_advisory_locks.pg_try_advisory_xact_lock(bigint) RETURNS boolean LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'function pg_try_advisory_xact_lock(bigint) does not exist'"
+            " USING ERRCODE = '42883'; END $$",
+            "ALTER DATABASE {db} SET search_path = public, no_advisory_locks, pg_catalog",
+        ),
+        {"IDEMPOTENCY_ADVISORY_LOCKS": False},
+    ),
+    "grantall": (
+        (
+            "CREATE SCHEMA always_granting",
+            "CREATE FUNCTION always_granting.pg_try_advisory_xact_lock(bigint) RETURNS boolean LANGUAGE sql"
+            " AS 'SELECT true'",
+            "ALTER DATABASE {db} SET search_path = public, always_granting, pg_catalog",
+        ),
+        {},
+    ),
+}
+PG_VARIANTS = [v.strip() for v in os.environ.get("IDEMPOTENCY_TEST_PG_VARIANTS", "").split(",") if v.strip()]
+if unknown := set(PG_VARIANTS) - set(PG_VARIANT_SETUP):
+    raise ValueError(
+        f"IDEMPOTENCY_TEST_PG_VARIANTS: unknown variant(s) {sorted(unknown)}; known: {list(PG_VARIANT_SETUP)}"
+    )
 MARIADB_ADMIN_URL = os.environ.get("IDEMPOTENCY_TEST_MARIADB_ADMIN_URL", "mysql+pymysql://root@127.0.0.1:3306/mysql")
 REQUIRE_MARIADB = os.environ.get("IDEMPOTENCY_REQUIRE_MARIADB") == "1"
 DATABASE_FAMILIES = {
     "sqlite": ["sqlite"],
-    "postgresql": [PG_DRIVER_PARAMS[d] for d in PG_DRIVERS],
+    "postgresql": [*(PG_DRIVER_PARAMS[d] for d in PG_DRIVERS), *(f"postgresql-{v}" for v in PG_VARIANTS)],
     "mariadb": ["mariadb"],
 }
 TEST_DATABASES = [
@@ -55,6 +100,41 @@ if unknown := set(TEST_DATABASES) - set(DATABASE_FAMILIES):
 DATABASE_PARAMS = [param for family in TEST_DATABASES for param in DATABASE_FAMILIES[family]]
 PG_SKIP_REASON = "PostgreSQL not reachable"
 MARIADB_SKIP_REASON = "MariaDB not reachable"
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where the throwaway databases of one kind of server are made, and how."""
+
+    admin_url: str
+    skip_reason: str
+    require: str  # the env var that turns an unreachable server from a skip into a failure
+    required: bool
+    quote: str
+    create: str
+    drop: str
+
+
+SERVERS = {
+    "postgresql": Server(
+        PG_ADMIN_URL,
+        PG_SKIP_REASON,
+        "IDEMPOTENCY_REQUIRE_POSTGRES",
+        REQUIRE_POSTGRES,
+        '"',
+        "CREATE DATABASE {db}",
+        "DROP DATABASE IF EXISTS {db} WITH (FORCE)",
+    ),
+    "mariadb": Server(
+        MARIADB_ADMIN_URL,
+        MARIADB_SKIP_REASON,
+        "IDEMPOTENCY_REQUIRE_MARIADB",
+        REQUIRE_MARIADB,
+        "`",
+        "CREATE DATABASE {db} CHARACTER SET utf8mb4",  # the server's default collation: the models set theirs
+        "DROP DATABASE IF EXISTS {db}",
+    ),
+}
 
 
 class Clock:
@@ -83,50 +163,93 @@ class Clock:
         return abs((stored - plus - self.now).total_seconds()) <= margin
 
 
-def throwaway_database(admin_url: str, skip_reason: str, require: str | None, create: str, drop: str) -> Iterator[str]:
-    """Create a database on the server of ``admin_url`` (``create``/``drop`` format ``{name}``), yield its URL,
-    drop it. An unreachable server skips the test, loudly; fails it instead when the env var ``require`` is set.
-    """
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+@contextlib.contextmanager
+def throwaway_database(setup: tuple[str, ...] = (), server: str = "postgresql") -> Iterator[str]:
+    """A fresh database on ``server`` (its URL), with ``setup`` run in it (``{db}``: its quoted name); dropped
+    after. An unreachable server skips the test, loudly (fails it when its ``IDEMPOTENCY_REQUIRE_*`` is set)."""
+    kind = SERVERS[server]
+    admin = sa.create_engine(kind.admin_url, isolation_level="AUTOCOMMIT")
     try:
         conn = admin.connect()
     except sa.exc.OperationalError as exc:
         admin.dispose()
-        message = f"{skip_reason} at {admin_url}: {str(exc).splitlines()[0]}"
-        if require:
-            pytest.fail(f"{require}=1 but {message}")
+        message = f"{kind.skip_reason} at {kind.admin_url}: {str(exc).splitlines()[0]}"
+        if kind.required:
+            pytest.fail(f"{kind.require}=1 but {message}")
         pytest.skip(message)
     name = f"flask_idempotent_test_{uuid.uuid4().hex[:12]}"
-    conn.execute(sa.text(create.format(name=name)))
+    quoted = f"{kind.quote}{name}{kind.quote}"
+    conn.execute(sa.text(kind.create.replace("{db}", quoted)))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
     try:
-        yield admin.url.set(database=name).render_as_string(hide_password=False)
+        if setup:
+            engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+            with engine.connect() as own:
+                for statement in setup:
+                    own.execute(sa.text(statement.replace("{db}", quoted)))
+            engine.dispose()
+        yield url
     finally:
-        conn.execute(sa.text(drop.format(name=name)))
+        conn.execute(sa.text(kind.drop.replace("{db}", quoted)))
         conn.close()
         admin.dispose()
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    yield from throwaway_database(
-        PG_ADMIN_URL,
-        PG_SKIP_REASON,
-        "IDEMPOTENCY_REQUIRE_POSTGRES" if REQUIRE_POSTGRES else None,
-        'CREATE DATABASE "{name}"',
-        'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
-    )
+    with throwaway_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def mariadb_url() -> Iterator[str]:
     """A throwaway database on the MariaDB (or MySQL) server of ``IDEMPOTENCY_TEST_MARIADB_ADMIN_URL``."""
-    yield from throwaway_database(
-        MARIADB_ADMIN_URL,
-        MARIADB_SKIP_REASON,
-        "IDEMPOTENCY_REQUIRE_MARIADB" if REQUIRE_MARIADB else None,
-        "CREATE DATABASE `{name}` CHARACTER SET utf8mb4",  # the server's default collation: the models set theirs
-        "DROP DATABASE IF EXISTS `{name}`",
-    )
+    with throwaway_database(server="mariadb") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_variant_urls() -> Iterator[Callable[[str], str]]:
+    """Variant name -> the URL of its database (made on first use, one per session)."""
+    with contextlib.ExitStack() as stack:
+        urls: dict[str, str] = {}
+
+        def url_of(variant: str) -> str:
+            if variant not in urls:
+                urls[variant] = stack.enter_context(throwaway_database(PG_VARIANT_SETUP[variant][0]))
+            return urls[variant]
+
+        yield url_of
+
+
+@pytest.fixture(scope="module", params=["postgresql", *PG_VARIANTS])
+def pg_database(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    """For tests that serve real processes: the shared PostgreSQL test database (``postgres_url``), then each
+    variant's, with the app config it needs."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url")), {}
+    return str(request.getfixturevalue("pg_variant_urls")(request.param)), dict(PG_VARIANT_SETUP[request.param][1])
+
+
+def faultapp_env(config: dict[str, object]) -> dict[str, str]:
+    """The fault app's environment for a variant's app config (``tests/faultapp.py``)."""
+    return {"FAULTAPP_ADVISORY_LOCKS": "1" if config.get("IDEMPOTENCY_ADVISORY_LOCKS", True) else "0"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Variant databases only for the modules that opt in (``PG_VARIANTS = True``): the rest would only cost time."""
+    if not PG_VARIANTS:
+        return
+    variants = {f"postgresql-{v}" for v in PG_VARIANTS} | set(PG_VARIANTS)
+    keep, drop = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        on_variant = params.get("database_url") in variants or params.get("pg_database") in variants
+        opted_in = getattr(getattr(item, "module", None), "PG_VARIANTS", False)
+        (drop if on_variant and not opted_in else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def with_driver(url: str, driver: str) -> str:
@@ -137,7 +260,7 @@ def with_driver(url: str, driver: str) -> str:
 @pytest.fixture(params=DATABASE_PARAMS)
 def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A database URL per param: ``sqlite``, ``postgresql`` (psycopg2), ``postgresql-psycopg`` (psycopg 3),
-    ``mariadb`` (PyMySQL).
+    ``mariadb`` (PyMySQL), the PostgreSQL variants.
 
     Tests may also pick one by indirect parametrization (``["postgresql"]``): that one runs whatever the env says.
     """
@@ -145,9 +268,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
         return f"sqlite:///{tmp_path_factory.mktemp('db') / 'test.db'}"
     if request.param == "mariadb":
         return str(request.getfixturevalue("mariadb_url"))
+    variant = request.param.removeprefix("postgresql-")
+    if variant in PG_VARIANT_SETUP:
+        return str(request.getfixturevalue("pg_variant_urls")(variant))
     url = str(request.getfixturevalue("postgres_url"))
     driver = {"postgresql": "psycopg2", "postgresql-psycopg": "psycopg"}[request.param]
     return with_driver(url, driver)
+
+
+@pytest.fixture
+def database_config(request: pytest.FixtureRequest) -> dict[str, object]:
+    """The app config the test's database needs: a variant's (``nolocks``: advisory locks off), else none."""
+    param = getattr(request.node, "callspec", None) and request.node.callspec.params.get("database_url")
+    variant = str(param or "").removeprefix("postgresql-")
+    return dict(PG_VARIANT_SETUP[variant][1]) if variant in PG_VARIANT_SETUP else {}
 
 
 @pytest.fixture
@@ -167,8 +301,14 @@ def app_config() -> dict[str, object]:
 
 
 @pytest.fixture
-def app(database_url: str, clock: Clock, controls: Controls, app_config: dict[str, object]) -> Iterator[Flask]:
-    app = build_app(database_url, clock=clock, controls=controls, **app_config)
+def app(
+    database_url: str,
+    clock: Clock,
+    controls: Controls,
+    app_config: dict[str, object],
+    database_config: dict[str, object],
+) -> Iterator[Flask]:
+    app = build_app(database_url, clock=clock, controls=controls, **{**database_config, **app_config})
     with app.app_context():
         db = app.extensions["sqlalchemy"]
         db.drop_all()

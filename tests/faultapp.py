@@ -6,6 +6,7 @@
 - ``FAULTAPP_CLOCK_FILE``: a file holding an offset in seconds added to the database's clock. The test moves the
   database's clock as the server (and the CLI) see it by rewriting it, so a lease expires without waiting for it;
 - ``FAULTAPP_LEASE`` (seconds, default 30) and ``FAULTAPP_CONNECT_TIMEOUT`` (seconds, default 2);
+- ``FAULTAPP_ADVISORY_LOCKS``: ``0`` sets ``IDEMPOTENCY_ADVISORY_LOCKS = False`` (default ``1``);
 - ``FAULTAPP_SIGNAL_DIR``: where the app writes crash witnesses and meets held requests (see below);
 - ``FAULTAPP_VIEW_WORK_MS``: a slow query in each view, so that duplicates overlap (default 0).
 
@@ -73,6 +74,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         SQLALCHEMY_DATABASE_URI=env["FAULTAPP_DATABASE_URL"],
         SQLALCHEMY_ENGINE_OPTIONS=engine_options(float(env.get("FAULTAPP_CONNECT_TIMEOUT", "2"))),
         IDEMPOTENCY_LEASE=float(env.get("FAULTAPP_LEASE", "30")),
+        IDEMPOTENCY_ADVISORY_LOCKS=env.get("FAULTAPP_ADVISORY_LOCKS", "1") == "1",
     )
 
     class Base(DeclarativeBase):

@@ -8,6 +8,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from helpers import charges, ext, post, problem_code, record
 
+#: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
+PG_VARIANTS = True
+
 
 def test_atomic_success_commits_writes_and_outcome_together(app: Flask, client: FlaskClient) -> None:
     first = post(client, "/transfers", json={"amount": 30})

@@ -9,6 +9,9 @@ from flask import Flask
 from helpers import charges, ext, record
 from werkzeug.test import TestResponse
 
+#: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
+PG_VARIANTS = True
+
 THREADS = 12
 
 

@@ -7,11 +7,13 @@ time is the database's clock as the extension sees it, which the test moves; not
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import re
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from werkzeug.test import TestResponse
 import example_app
 from example_app import ConfigurationError, create_app, normalize_database_url
 from example_app.config import DEV_OPERATOR_PASSWORD
+from flask_idempotent.testing import LeaseClock, assert_idempotent, crash_after_effect, store_outage
 
 OPERATOR_PASSWORD = "s3cret-operator-password"
 ALICE = "alice-demo-token"
@@ -173,47 +176,93 @@ class InThread:
 # The walk-through -------------------------------------------------------------------------------------------
 
 
-def test_payment_charges_once_and_its_retry_is_replayed(example: Flask) -> None:
+def test_payment_is_idempotent_per_user_as_the_testing_kit_proves_it(example: Flask) -> None:
+    """The kit's ``assert_idempotent``: charge, replay, another amount (422), no key (400), Bob's own payment."""
     client = example.test_client()
-    first = pay(client, "order-1001", 1000, description="coffee beans")
-    assert first.status_code == 201
-    payment = first.get_json()
+    body = {"amount": 1000, "currency": "EUR", "description": "coffee beans"}
+    check = assert_idempotent(
+        client,
+        "POST",
+        "/payments",
+        json=body,
+        headers={"Authorization": f"Bearer {ALICE}"},
+        other_json={**body, "amount": 2000},
+        other_headers={"Authorization": f"Bearer {BOB}"},
+        key="order-1001",
+    )
+
+    payment = check.first.get_json()
+    assert check.first.status_code == 201
     assert payment["amount"] == 1000 and payment["status"] == "succeeded"
-    assert first.headers["Location"] == f"/payments/{payment['id']}"
-    assert "Idempotent-Replayed" not in first.headers
+    assert check.first.headers["Location"] == f"/payments/{payment['id']}"
+    assert "Idempotent-Replayed" not in check.first.headers
+    assert check.replay.get_json() == payment  # byte-identical, marked (checked by the kit)
+    assert check.replay.headers["Location"] == check.first.headers["Location"]
+    assert problem_code(check.conflict) == "key-reused"
+    assert check.missing_key is not None and problem_code(check.missing_key) == "missing-key"
+    assert check.other_client is not None and check.other_client.get_json()["id"] != payment["id"]
 
-    retry = pay(client, "order-1001", 1000, description="coffee beans")
-    assert retry.status_code == 201
-    assert retry.headers["Idempotent-Replayed"] == "true"
-    assert retry.get_json() == payment
-    assert retry.headers["Location"] == first.headers["Location"]
-
-    assert len(rows(example, "provider_charges")) == 1
-    (booked,) = rows(example, "payments")
-    assert booked["charge_id"] == payment["charge_id"] == rows(example, "provider_charges")[0]["id"]
     rec = record(example, "order-1001")
     assert (rec["state"], rec["attempts"], rec["response_status"]) == ("COMPLETED", 1, 201)
     assert rec["recovery_point"] == "provider-charged"
+    assert rec["event_count"] == 1  # the 422, counted: the cap on client-caused events reads it
+    (conflict,) = rows(example, "idempotency_events", kind="conflict")
+    assert conflict["record_id"] == rec["id"]
+    scopes = sorted(r["scope"] for r in rows(example, "idempotency_records", key="order-1001"))
+    assert scopes == sorted([str(user_id(example, "alice")), str(user_id(example, "bob"))])
+    charges = rows(example, "provider_charges")
+    assert [c["amount"] for c in charges] == [1000, 1000]  # Alice's and Bob's; never the replay's or the 422's
+    alices = [p for p in rows(example, "payments") if p["user_id"] == user_id(example, "alice")]
+    assert [p["charge_id"] for p in alices] == [payment["charge_id"]]
+    assert len(rows(example, "payments")) == 2
 
-    read = client.get(first.headers["Location"], headers={"Authorization": f"Bearer {ALICE}"})
+    read = client.get(check.first.headers["Location"], headers={"Authorization": f"Bearer {ALICE}"})
     assert read.status_code == 200 and read.get_json() == payment
 
 
-def test_same_key_with_another_amount_is_rejected_with_422(example: Flask) -> None:
-    client = example.test_client()
-    assert pay(client, "order-1002", 1000).status_code == 201
-    before = record(example, "order-1002")
+def test_the_readmes_five_line_kit_test_passes_on_the_example_app(example: Flask) -> None:
+    readme = (Path(example_app.__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Testing your own routes", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    namespace["test_create_payment_is_idempotent"](example.test_client())
+    assert len(rows(example, "payments")) == 2  # Alice's and Bob's
 
-    reused = pay(client, "order-1002", 2000)
 
-    assert reused.status_code == 422 and problem_code(reused) == "key-reused"
-    after = record(example, "order-1002")
-    assert after["event_count"] == before["event_count"] + 1  # counted: the cap on client-caused events reads it
-    assert {**after, "event_count": None} == {**before, "event_count": None}  # otherwise untouched
-    assert [c["amount"] for c in rows(example, "provider_charges")] == [1000]
-    assert len(rows(example, "payments")) == 1
-    (conflict,) = rows(example, "idempotency_events", kind="conflict")
-    assert conflict["record_id"] == before["id"]
+def test_crash_after_the_payment_leaves_it_in_progress_then_stuck_as_the_testing_kit_proves_it(
+    example: Flask, lease_clock: LeaseClock
+) -> None:
+    crash = crash_after_effect(
+        example.test_client(),
+        "POST",
+        "/payments",
+        clock=lease_clock,
+        json={"amount": 1000, "currency": "EUR"},
+        headers={"Authorization": f"Bearer {ALICE}"},
+    )
+    assert problem_code(crash.after_expiry) == "stuck"
+    rec = record(example, crash.key)
+    assert (rec["state"], rec["recovery_point"], rec["attempts"]) == ("IN_PROGRESS", "provider-charged", 1)
+    assert len(rows(example, "provider_charges")) == len(rows(example, "payments")) == 1  # never charged twice
+
+
+def test_crash_after_a_transfer_leaves_nothing_and_the_retry_moves_the_money_once(
+    example: Flask, lease_clock: LeaseClock
+) -> None:
+    before = balances(example)
+    crash = crash_after_effect(
+        example.test_client(),
+        "POST",
+        "/transfers",
+        clock=lease_clock,
+        json={"from_account": ALICE_CHECKING, "to_account": BOB_CHECKING, "amount": 300},
+        headers={"Authorization": f"Bearer {ALICE}"},
+    )
+    assert crash.left is None and crash.after_expiry.status_code == 201
+    after = balances(example)
+    assert after[ALICE_CHECKING] == before[ALICE_CHECKING] - 300 and after[BOB_CHECKING] == before[BOB_CHECKING] + 300
+    assert len(rows(example, "transfers")) == 1
 
 
 def test_concurrent_duplicate_gets_409_while_the_first_waits_on_the_provider(example: Flask) -> None:
@@ -408,19 +457,6 @@ def test_transfer_beyond_the_balance_changes_nothing_and_its_answer_is_kept(exam
 # Scope and authentication -----------------------------------------------------------------------------------
 
 
-def test_the_same_key_from_two_users_names_two_payments(example: Flask) -> None:
-    client = example.test_client()
-    alice = pay(client, "order-1", 1000)
-    bob = pay(client, "order-1", 1000, token=BOB)
-
-    assert alice.status_code == bob.status_code == 201
-    assert "Idempotent-Replayed" not in bob.headers
-    assert alice.get_json()["id"] != bob.get_json()["id"]
-    scopes = sorted(r["scope"] for r in rows(example, "idempotency_records", key="order-1"))
-    assert scopes == sorted([str(user_id(example, "alice")), str(user_id(example, "bob"))])
-    assert len(rows(example, "provider_charges")) == 2
-
-
 def test_request_without_a_valid_token_is_401_and_claims_no_key(example: Flask) -> None:
     client = example.test_client()
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic YTpi"}):
@@ -429,14 +465,6 @@ def test_request_without_a_valid_token_is_401_and_claims_no_key(example: Flask) 
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     assert rows(example, "idempotency_records") == []
     assert rows(example, "provider_charges") == []
-
-
-def test_payment_without_a_key_is_400_and_charges_nothing(example: Flask) -> None:
-    response = example.test_client().post(
-        "/payments", json={"amount": 1000}, headers={"Authorization": f"Bearer {ALICE}"}
-    )
-    assert response.status_code == 400 and problem_code(response) == "missing-key"
-    assert rows(example, "idempotency_records") == [] and rows(example, "provider_charges") == []
 
 
 def test_a_user_cannot_read_another_users_payment(example: Flask) -> None:
@@ -629,20 +657,27 @@ def down(database_url: str, tmp_path: Any, example_config: dict[str, Any]) -> Fl
     )
 
 
+@pytest.mark.parametrize("cut", ["never-reachable", "cut-while-running"])
 def test_a_database_outage_answers_every_api_route_with_503_store_unavailable(
-    down: Flask, caplog: pytest.LogCaptureFixture
+    cut: str, database_url: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The token lookup runs before the layer's hook: it meets the outage first, and must answer like the layer."""
-    client = down.test_client()
+    """The token lookup runs before the layer's hook: it meets the outage first, and must answer like the layer.
+
+    Two outages: a database that was never reachable, and a running app cut off its database by the testing
+    kit's ``store_outage`` (which also asserts that every POST answered 503 store-unavailable and no view ran).
+    """
+    app: Flask = request.getfixturevalue("down" if cut == "never-reachable" else "example")
+    client = app.test_client()
     auth = {"Authorization": f"Bearer {ALICE}"}
-    answers = [
-        pay(client, "order-outage"),
-        transfer(client, "transfer-outage", 100),
-        client.get("/payments/1", headers=auth),
-        client.get("/accounts", headers=auth),
-        client.post("/payments", json={"amount": 1}, headers=auth),  # no key: the outage answer all the same
-        client.post("/provider/release", headers=auth),
-    ]
+    with store_outage(app) if cut == "cut-while-running" else contextlib.nullcontext():
+        answers = [
+            pay(client, "order-outage"),
+            transfer(client, "transfer-outage", 100),
+            client.get("/payments/1", headers=auth),
+            client.get("/accounts", headers=auth),
+            client.post("/payments", json={"amount": 1}, headers=auth),  # no key: the outage answer all the same
+            client.post("/provider/release", headers=auth),
+        ]
     for response in answers:
         assert response.status_code == 503, response.data
         assert response.mimetype == "application/problem+json"

@@ -19,8 +19,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import faultapp_env
 from faultapp import CRASH_HEADER, drop_tables, reset_database, snapshot
 from procs import CONNECTION_LOST, FileClock, Gunicorn, Reply, flask_cli, poll, send
+
+#: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
+PG_VARIANTS = True
 
 LEASE = 30  # seconds; real time never runs it out during a test, only the test's clock does
 
@@ -28,7 +32,7 @@ LEASE = 30  # seconds; real time never runs it out during a test, only the test'
 class CrashRig:
     """One single-worker gunicorn, its lease clock, and the test's own view of the database."""
 
-    def __init__(self, url: str, tmp: Path) -> None:
+    def __init__(self, url: str, tmp: Path, config: dict[str, object]) -> None:
         self.signals = tmp / "signals"
         self.signals.mkdir()
         self.clock = FileClock(tmp / "clock")
@@ -37,6 +41,7 @@ class CrashRig:
             "FAULTAPP_CLOCK_FILE": str(self.clock.path),
             "FAULTAPP_LEASE": str(LEASE),
             "FAULTAPP_SIGNAL_DIR": str(self.signals),
+            **faultapp_env(config),
         }
         self.engine = sa.create_engine(url)
         self.server = Gunicorn(self.env, tmp / "gunicorn.log", workers=1)
@@ -82,16 +87,17 @@ class CrashRig:
 
 
 @pytest.fixture(scope="module")
-def rig(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashRig]:
-    reset_database(postgres_url)
-    rig = CrashRig(postgres_url, tmp_path_factory.mktemp("crash"))
+def rig(pg_database: tuple[str, dict[str, object]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashRig]:
+    url, config = pg_database
+    reset_database(url)
+    rig = CrashRig(url, tmp_path_factory.mktemp("crash"), config)
     try:
         rig.server.start()
         yield rig
     finally:
         rig.server.stop()
         rig.engine.dispose()
-        drop_tables(postgres_url)
+        drop_tables(url)
 
 
 def assert_in_progress(reply: Reply) -> None:

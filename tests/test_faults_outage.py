@@ -3,11 +3,13 @@
 While the store is cut away, every protected request fails closed (503 ``store-unavailable`` with
 ``Retry-After``) and no view runs; once it is back, the same gunicorn workers serve 201s again by themselves.
 A cut in the middle of a request is safe too: leased mode keeps its effect but never re-executes it silently
-(the record is held as stuck), atomic mode keeps nothing.
+(the record is held as stuck), atomic mode keeps nothing. A primary's failover is the same cut and restore, seen
+whole: 503 during the switch, every key served correctly after it, the request caught in flight left stuck.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from faultapp import HOLD_HEADER, drop_tables, reset_database, snapshot
-from procs import FileClock, Gunicorn, Reply, TcpProxy, poll, send
+from procs import FileClock, Gunicorn, Reply, TcpProxy, flask_cli, poll, send
 
 LEASE = 30
 ROUTES = ("/payments", "/transfers")  # leased, atomic
@@ -183,3 +185,60 @@ def test_atomic_cut_before_commit_answers_503_and_keeps_nothing(rig: OutageRig) 
     state = rig.state(key)
     assert state["effects"] == [retry.json()["effect"]]
     assert (state["record"]["state"], state["record"]["attempts"]) == ("COMPLETED", 1)
+
+
+# A primary's failover: the cut is the primary going away (every connection drops at once, in the middle of a
+# request too); the restore is the promoted standby taking the address. Here it is the same server, so nothing
+# committed before the cut is lost: synchronous replication's promise (docs/deployment.md: asynchronous standbys).
+
+
+def effects_of(rig: OutageRig, key: str) -> int:
+    with rig.engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM fault_effects WHERE key = :k"), {"k": key}).scalar_one())
+
+
+@pytest.mark.postgresql_only
+def test_failover_answers_503_during_the_switch_then_serves_every_key_correctly(
+    rig: OutageRig, postgres_url: str
+) -> None:
+    done = rig.post("/payments", "fo-done")
+    assert done.status == 201
+    workers = rig.server.worker_pids()
+    in_flight, result = held_request(rig, "/payments", "fo-in-flight")  # its effect is committed; it is parked
+
+    rig.proxy.cut()  # the primary is gone
+    try:
+        during = {key: rig.post("/payments", key) for key in ("fo-new", "fo-done")}
+        for reply in during.values():
+            assert_store_unavailable(reply)
+        caught = release(rig, "fo-in-flight", in_flight, result)  # it ends while the store is away
+    finally:
+        rig.proxy.restore()  # the new primary answers at the same address
+
+    # Nothing ran during the switch, and the request caught in flight still answered with its view's response.
+    assert caught.status == 201, caught
+    assert effects_of(rig, "fo-new") == 0
+    assert rig.state("fo-new")["record"] is None
+
+    # After the switch, with no restart: a new key runs once, a completed key replays.
+    new = rig.post("/payments", "fo-new")
+    assert (new.status, new.replayed) == (201, False), new
+    assert effects_of(rig, "fo-new") == 1 and rig.state("fo-new")["record"]["state"] == "COMPLETED"
+    replay = rig.post("/payments", "fo-done")
+    assert (replay.status, replay.replayed, replay.body) == (201, True, done.body)
+    assert rig.server.worker_pids() == workers
+
+    # The request caught in flight: its outcome was never stored. It is in progress until its lease ends, then
+    # held as stuck (never run again by a retry), and the operator's list shows it.
+    record = rig.state("fo-in-flight")["record"]
+    assert record["state"] == "IN_PROGRESS"
+    again = rig.post("/payments", "fo-in-flight")
+    assert (again.status, again.problem) == (409, "in-progress"), again
+    rig.clock.advance(LEASE + 1)
+    stuck = rig.post("/payments", "fo-in-flight")
+    assert (stuck.status, stuck.problem) == (409, "stuck"), stuck
+    operator = {"FAULTAPP_DATABASE_URL": postgres_url, "FAULTAPP_CLOCK_FILE": str(rig.clock.path)}
+    listed = flask_cli(operator, "idempotency", "stuck", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert record["id"] in [item["id"] for item in json.loads(listed.stdout)["items"]]
+    assert effects_of(rig, "fo-in-flight") == 1  # one effect, never two

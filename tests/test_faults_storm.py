@@ -4,7 +4,8 @@ Two servers in turn: three sync workers, and two gthread workers with eight thre
 threads send 40 distinct keys (20 to a leased route, 20 to an atomic one), each several times: a burst of
 simultaneous duplicates released by a barrier, a client that retries until it gets an answer, and later
 sequential retries. Whatever the interleaving, each key's view body runs exactly once, and every response is
-the original 201, a byte-identical replay, or 409 ``in-progress`` with ``Retry-After``.
+the original 201, a byte-identical replay, or 409 ``in-progress`` with ``Retry-After`` (on a SERIALIZABLE
+database also 503 ``commit-conflict``: an atomic request that lost a race, wrote nothing, and is retried).
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from conftest import faultapp_env
 from faultapp import drop_tables, reset_database
 from procs import Gunicorn, Reply, poll, send
+
+#: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
+PG_VARIANTS = True
 
 ROUTES = ("/payments", "/transfers")  # leased, atomic
 KEYS_PER_ROUTE = 20
@@ -37,23 +42,26 @@ CLIENT_THREADS = 16
     ],
 )
 def server(
-    request: pytest.FixtureRequest, postgres_url: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    pg_database: tuple[str, dict[str, object]],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Gunicorn]:
-    reset_database(postgres_url)
+    url, config = pg_database
+    reset_database(url)
     tmp: Path = tmp_path_factory.mktemp("storm")
-    env = {"FAULTAPP_DATABASE_URL": postgres_url, "FAULTAPP_VIEW_WORK_MS": "20"}  # a view that takes a while
+    env = {"FAULTAPP_DATABASE_URL": url, "FAULTAPP_VIEW_WORK_MS": "20", **faultapp_env(config)}  # a slow view
     server = Gunicorn(env, tmp / "gunicorn.log", **request.param)
     try:
         server.start()
         yield server
     finally:
         server.stop()
-        drop_tables(postgres_url)
+        drop_tables(url)
 
 
 @pytest.mark.postgresql_only
 def test_retry_storm_over_worker_processes_runs_each_key_once_and_replays_byte_for_byte(
-    server: Gunicorn, postgres_url: str
+    server: Gunicorn, pg_database: tuple[str, dict[str, object]]
 ) -> None:
     keys = [(route, f"storm-{route.strip('/')}-{i}") for route in ROUTES for i in range(KEYS_PER_ROUTE)]
     amounts = {key: 100 + i for i, (_, key) in enumerate(keys)}
@@ -71,8 +79,8 @@ def test_retry_storm_over_worker_processes_runs_each_key_once_and_replays_byte_f
         post(route, key)
 
     def until_answered(route: str, key: str) -> None:
-        """A client that honours 409 in-progress by retrying, until it has the outcome."""
-        poll(lambda: (r := post(route, key)).status != 409 and r, timeout=60, what=f"an answer for {key}")
+        """A client that honours 409 in-progress (and 503 commit-conflict) by retrying, until it has the outcome."""
+        poll(lambda: (r := post(route, key)).status not in (409, 503) and r, timeout=60, what=f"an answer for {key}")
 
     # Phase 1: per key, BURST simultaneous sends and one retrying client, keys in a random order. The tasks
     # of one burst are queued together, so the pool's threads always complete a barrier (no deadlock).
@@ -97,9 +105,10 @@ def test_retry_storm_over_worker_processes_runs_each_key_once_and_replays_byte_f
         for future in [pool.submit(sequential, route, key) for route, key in order]:
             future.result()
 
-    # HTTP: no 5xx; per key one original 201, replays equal to it byte for byte, or 409 in-progress.
+    # HTTP: per key one original 201, replays equal to it byte for byte, or 409 in-progress; no 5xx but 503
+    # commit-conflict (SERIALIZABLE: an atomic transaction lost a race and wrote nothing; the retry runs it).
     everything = [reply for key_replies in replies.values() for reply in key_replies]
-    assert [r for r in everything if r.status >= 500] == []
+    assert [r for r in everything if r.status >= 500 and r.problem != "commit-conflict"] == []
     worker_pids = set()
     for _, key in keys:
         originals = [r for r in replies[key] if r.status == 201 and not r.replayed]
@@ -110,8 +119,8 @@ def test_retry_storm_over_worker_processes_runs_each_key_once_and_replays_byte_f
         for reply in replies[key]:
             if reply is original:
                 continue
-            if reply.status == 409:
-                assert reply.problem == "in-progress", reply
+            if reply.status in (409, 503):
+                assert reply.problem == ("in-progress" if reply.status == 409 else "commit-conflict"), reply
                 assert int(reply.headers["retry-after"]) >= 1
             else:
                 assert (reply.status, reply.replayed) == (201, True), reply
@@ -125,7 +134,7 @@ def test_retry_storm_over_worker_processes_runs_each_key_once_and_replays_byte_f
         assert len(worker_pids) > 1, "the storm never reached more than one worker process"
 
     # Database: one effect per distinct key, every record COMPLETED after a single attempt.
-    engine = sa.create_engine(postgres_url)
+    engine = sa.create_engine(pg_database[0])
     try:
         with engine.connect() as conn:
             effects = dict(

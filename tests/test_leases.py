@@ -15,6 +15,9 @@ from helpers import charges, events, ext, in_app, post, problem_code, record
 from flask_idempotent import operations as ops
 from flask_idempotent import signals
 
+#: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
+PG_VARIANTS = True
+
 
 def hold(app: Flask, step: str) -> Any:
     controls = ext(app)["controls"]

@@ -22,6 +22,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from flask_idempotent import Idempotency, TransientError, idempotent
 from flask_idempotent import operations as ops
 
+#: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
+PG_VARIANTS = True
+
 LEASE = timedelta(seconds=60)
 TTL = timedelta(hours=24)
 OUTCOMES = [201, 404, 409, 500, 503, "transient", "exception"]
@@ -127,9 +130,11 @@ class Model:
 # The real app ----------------------------------------------------------------------------------------------
 
 
-def model_app(database_url: str) -> tuple[Flask, SQLAlchemy, Clock, dict[str, Any]]:
+def model_app(
+    database_url: str, config: dict[str, object] | None = None
+) -> tuple[Flask, SQLAlchemy, Clock, dict[str, Any]]:
     app = Flask(__name__)
-    app.config.update(SQLALCHEMY_DATABASE_URI=database_url, PROPAGATE_EXCEPTIONS=False)
+    app.config.update(SQLALCHEMY_DATABASE_URI=database_url, PROPAGATE_EXCEPTIONS=False, **(config or {}))
     db = SQLAlchemy()
     db.init_app(app)
     clock = Clock()
@@ -309,8 +314,8 @@ class Machine(RuleBasedStateMachine):
         assert self.switch["runs"] == self.model.runs
 
 
-def test_the_extension_behaves_like_the_model(database_url: str) -> None:
-    setup = model_app(database_url)
+def test_the_extension_behaves_like_the_model(database_url: str, database_config: dict[str, object]) -> None:
+    setup = model_app(database_url, database_config)
 
     @setup[0].before_request
     def _scope() -> None:

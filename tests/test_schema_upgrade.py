@@ -178,7 +178,7 @@ def test_a_version_1_table_is_refused_with_the_migration_to_run_then_upgrade_sch
     client = app.test_client()
     with pytest.raises(SchemaVersionError, match="flask idempotency upgrade-schema") as refused:
         post(client, "/payments", key="new", json={"amount": 1})
-    assert "version" in str(refused.value) and "README: Upgrading" in str(refused.value)
+    assert "version" in str(refused.value) and "docs: Upgrading from schema version 1 to 2" in str(refused.value)
     assert ext(app)["controls"].runs["payments"] == 0  # refused before any claim: nothing ran
 
     result = app.test_cli_runner().invoke(args=["idempotency", "upgrade-schema"])
