@@ -52,7 +52,7 @@ def make_app(
     class Effect(db.Model):  # type: ignore[name-defined,misc]
         __tablename__ = "effects"
         id: Mapped[int] = mapped_column(primary_key=True)
-        route: Mapped[str]
+        route: Mapped[str] = mapped_column(sa.String(64))
         amount: Mapped[int]
 
     db.init_app(app)
