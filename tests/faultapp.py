@@ -75,6 +75,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         SQLALCHEMY_ENGINE_OPTIONS=engine_options(float(env.get("FAULTAPP_CONNECT_TIMEOUT", "2"))),
         IDEMPOTENCY_LEASE=float(env.get("FAULTAPP_LEASE", "30")),
         IDEMPOTENCY_ADVISORY_LOCKS=env.get("FAULTAPP_ADVISORY_LOCKS", "1") == "1",
+        IDEMPOTENCY_REPLAY_TALLY_SECONDS=float(env.get("FAULTAPP_REPLAY_TALLY_SECONDS", "60")),
     )
 
     class Base(DeclarativeBase):

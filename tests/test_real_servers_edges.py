@@ -3,7 +3,8 @@ on PostgreSQL.
 
 A blueprint's auth hook rejecting the first attempt is not stored (the corrected retry runs); a streamed response
 is passed through whole and stored while it is sent, up to the response limit; a stream that breaks midway
-leaves a FAILED record, never an IN_PROGRESS one.
+leaves a FAILED record, never an IN_PROGRESS one. Concurrent replays are each counted once for the dashboard's
+chart, by worker processes and threads writing their counts (``IDEMPOTENCY_REPLAY_TALLY_SECONDS`` 0 here).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class WerkzeugServer:
 
 class Rig:
     def __init__(self, url: str, tmp: Path, server: str) -> None:
-        env = {"FAULTAPP_DATABASE_URL": url, "FAULTAPP_SIGNAL_DIR": str(tmp)}
+        env = {"FAULTAPP_DATABASE_URL": url, "FAULTAPP_SIGNAL_DIR": str(tmp), "FAULTAPP_REPLAY_TALLY_SECONDS": "0"}
         self.server: Any = (
             WerkzeugServer(env)
             if server == "werkzeug"
@@ -80,6 +81,35 @@ def test_a_blueprint_auth_rejection_through_gunicorn_leaves_the_key_free(rig: Ri
     again = send(rig.server.port, "POST", "/guarded/payments", key=key, body={"amount": 5}, headers={"X-Auth": "ok"})
     assert again.status == 201 and again.replayed and again.body == ok.body
     assert len(rig.state(key)["effects"]) == 1
+
+
+def replays_counted(rig: Rig) -> int:
+    with rig.engine.connect() as conn:
+        details = conn.execute(sa.text("SELECT detail FROM idempotency_events WHERE kind = 'replays'")).scalars()
+        return sum(int(detail["count"]) for detail in details)
+
+
+def test_concurrent_replays_are_each_counted_once(rig: Rig) -> None:
+    key = f"counted-{rig.server.worker_class}"
+    first = send(rig.server.port, "POST", "/payments", key=key, body={"amount": 3})
+    assert first.status == 201 and not first.replayed
+    before = replays_counted(rig)
+    start = threading.Barrier(8)
+    replies: list[Any] = []
+
+    def replay() -> None:
+        start.wait(timeout=30)
+        replies.append(send(rig.server.port, "POST", "/payments", key=key, body={"amount": 3}))
+
+    threads = [threading.Thread(target=replay) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(replies) == 8 and all(r.status == 201 and r.replayed and r.body == first.body for r in replies)
+    assert replays_counted(rig) - before == 8  # no replay lost or counted twice by the threads of a worker
+    state = rig.state(key)
+    assert state["record"]["state"] == "COMPLETED" and len(state["effects"]) == 1
 
 
 def test_a_stream_under_the_limit_is_stored_as_sent_and_replayed(rig: Rig) -> None:
