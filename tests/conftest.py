@@ -36,8 +36,10 @@ when unreachable and failed instead with ``IDEMPOTENCY_REQUIRE_MARIADB=1`` (CI).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -282,6 +284,33 @@ def database_config(request: pytest.FixtureRequest) -> dict[str, object]:
     param = getattr(request.node, "callspec", None) and request.node.callspec.params.get("database_url")
     variant = str(param or "").removeprefix("postgresql-")
     return dict(PG_VARIANT_SETUP[variant][1]) if variant in PG_VARIANT_SETUP else {}
+
+
+def connects_with_psycopg_3(item: pytest.Item) -> bool:
+    """Whether the test runs on psycopg 3: its ``database_url`` param, or the ``psycopg`` marker."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("database_url") == PG_DRIVER_PARAMS["psycopg"] or item.get_closest_marker("psycopg") is not None
+
+
+@pytest.fixture(autouse=True)
+def no_psycopg_connection_left_open(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A psycopg 3 test fails when it leaves a connection open, instead of a random later test.
+
+    psycopg 3 warns (``ResourceWarning``) when an open connection is garbage-collected, e.g. one still in the
+    pool of an engine nobody disposed; under ``filterwarnings = error`` that warning fails whichever test runs
+    when the collector gets to it. So after each psycopg 3 test (autouse: torn down after the test's other
+    fixtures) the collector runs here, and a warning it raises fails this test. psycopg2 closes such
+    connections silently: the check would find nothing, so it costs its ``gc.collect()`` only on psycopg 3.
+    """
+    yield
+    if not connects_with_psycopg_3(request.node):
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    left_open = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    if left_open:
+        pytest.fail(f"{len(left_open)} psycopg 3 connection(s) left open (dispose the engine): {left_open}")
 
 
 @pytest.fixture

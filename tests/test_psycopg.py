@@ -8,6 +8,7 @@ from helpers import ext
 from testapp import Controls, build_app
 
 pytest.importorskip("psycopg")
+pytestmark = pytest.mark.psycopg
 
 
 @pytest.mark.postgresql_only

@@ -166,8 +166,9 @@ def test_alembic_revision_upgrades_a_version_1_database_that_then_serves(
     app = example(database_url)
     with app.app_context():
         flask_migrate.upgrade()
-        example_app.db.engine.dispose()
     assert autogenerate_diff(app) == []  # the upgraded tables are exactly the model's
+    with app.app_context():
+        example_app.db.engine.dispose()  # after the diff, which connects again
     assert_served_after_upgrade(database_url, clock, version_1)
 
 
