@@ -4,13 +4,13 @@ PostgreSQL: a throwaway database is created on the server named by ``IDEMPOTENCY
 ``postgresql+psycopg2://root@127.0.0.1:5432/postgres``) and dropped afterwards. If the server is unreachable the
 PostgreSQL half is skipped, loudly; with ``IDEMPOTENCY_REQUIRE_POSTGRES=1`` (CI) that is a failure instead.
 
-Drivers: ``IDEMPOTENCY_TEST_PG_DRIVERS`` (default ``psycopg2``; ``psycopg2,psycopg`` adds psycopg 3 — not yet
-in CI: one psycopg 3 connection of the suite is left open and its ResourceWarning fails a random test) lists the
-drivers the ``database_url``
-fixture runs on. Its params are ``sqlite``, ``postgresql`` (psycopg2) and ``postgresql-psycopg`` (psycopg 3):
-every PostgreSQL id starts with ``postgresql``, so ``-k postgresql`` selects both drivers, ``-k psycopg`` only
-psycopg 3, and ``url.startswith("postgresql")`` holds for both URLs. Tests that start real processes from
-``postgres_url`` (gunicorn, Celery) stay on the admin URL's driver, psycopg2.
+Drivers: ``IDEMPOTENCY_TEST_PG_DRIVERS`` (default ``psycopg2``; ``psycopg2,psycopg`` adds psycopg 3, as CI does)
+lists the drivers the ``database_url`` fixture runs on. Its params are ``sqlite``, ``postgresql`` (psycopg2) and
+``postgresql-psycopg`` (psycopg 3): every PostgreSQL id starts with ``postgresql``, so ``-k postgresql`` selects
+both drivers, ``-k postgresql-psycopg`` only psycopg 3, and ``url.startswith("postgresql")`` holds for both URLs.
+Tests that start real processes from ``postgres_url`` (gunicorn, Celery) stay on the admin URL's driver,
+psycopg2. psycopg 3 warns when an open connection is garbage-collected (an engine nobody disposed):
+this file's ``pytest_runtest_teardown`` makes a test that left one open fail itself, not a random later one.
 
 Distributed-SQL emulation: ``IDEMPOTENCY_TEST_PG_VARIANTS`` (default none; CI: all) lists PostgreSQL databases
 configured like CockroachDB or YugabyteDB would behave, each a throwaway database of its own (psycopg2):
@@ -40,9 +40,11 @@ import gc
 import os
 import uuid
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -286,31 +288,44 @@ def database_config(request: pytest.FixtureRequest) -> dict[str, object]:
     return dict(PG_VARIANT_SETUP[variant][1]) if variant in PG_VARIANT_SETUP else {}
 
 
-def connects_with_psycopg_3(item: pytest.Item) -> bool:
-    """Whether the test runs on psycopg 3: its ``database_url`` param, or the ``psycopg`` marker."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    return params.get("database_url") == PG_DRIVER_PARAMS["psycopg"] or item.get_closest_marker("psycopg") is not None
+#: Weak references to the psycopg 3 connections the suite's pools opened that were still open at the last check.
+_psycopg_connections: list[weakref.ref[Any]] = []
 
 
-@pytest.fixture(autouse=True)
-def no_psycopg_connection_left_open(request: pytest.FixtureRequest) -> Iterator[None]:
-    """A psycopg 3 test fails when it leaves a connection open, instead of a random later test.
+@sa.event.listens_for(sa.pool.Pool, "connect")
+def _track_psycopg_connection(dbapi_connection: Any, _record: Any) -> None:
+    if type(dbapi_connection).__module__.partition(".")[0] == "psycopg":  # psycopg.Connection, not psycopg2
+        _psycopg_connections.append(weakref.ref(dbapi_connection))
+
+
+def _still_open(ref: weakref.ref[Any]) -> bool:
+    conn = ref()
+    return conn is not None and not conn.closed
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """A test that leaves a psycopg 3 connection open fails itself, instead of a random later test.
 
     psycopg 3 warns (``ResourceWarning``) when an open connection is garbage-collected, e.g. one still in the
     pool of an engine nobody disposed; under ``filterwarnings = error`` that warning fails whichever test runs
-    when the collector gets to it. So after each psycopg 3 test (autouse: torn down after the test's other
-    fixtures) the collector runs here, and a warning it raises fails this test. psycopg2 closes such
-    connections silently: the check would find nothing, so it costs its ``gc.collect()`` only on psycopg 3.
+    when the collector gets to it. So after each test's teardown (its fixtures', pytest-flask's included), if a
+    psycopg 3 connection that any pool opened is still open, the collector runs here and a warning it raises
+    fails this test's teardown. When every connection was closed (engines disposed) there is nothing to
+    collect, and the collection (about 0.1 s) is skipped. psycopg2 closes such connections silently.
     """
-    yield
-    if not connects_with_psycopg_3(request.node):
-        return
+    result = yield
+    _psycopg_connections[:] = filter(_still_open, _psycopg_connections)
+    if not _psycopg_connections:
+        return result
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         gc.collect()
+    _psycopg_connections[:] = filter(_still_open, _psycopg_connections)
     left_open = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     if left_open:
         pytest.fail(f"{len(left_open)} psycopg 3 connection(s) left open (dispose the engine): {left_open}")
+    return result
 
 
 @pytest.fixture

@@ -1,6 +1,9 @@
-"""psycopg 3: the layer's own autocommit engine does not prepare statements (see state.AppState.engine)."""
+"""psycopg 3: the layer's own autocommit engine does not prepare statements and leaves no connection open
+(see state.AppState.engine)."""
 
 from __future__ import annotations
+
+import gc
 
 import pytest
 from conftest import Clock, with_driver
@@ -8,7 +11,6 @@ from helpers import ext
 from testapp import Controls, build_app
 
 pytest.importorskip("psycopg")
-pytestmark = pytest.mark.psycopg
 
 
 @pytest.mark.postgresql_only
@@ -25,3 +27,18 @@ def test_the_layers_engine_on_psycopg_3_never_prepares_statements(postgres_url: 
         finally:
             state.engine.dispose()
             db.engine.dispose()
+
+
+@pytest.mark.postgresql_only
+def test_the_layers_engine_is_closed_when_its_app_is_dropped_undisposed(postgres_url: str) -> None:
+    """An app dropped without ``db.engine.dispose()`` (a test suite's app per test): the layer's own pool closes
+    its connections when the app is garbage-collected, so psycopg 3 has no open connection to warn about."""
+    app = build_app(with_driver(postgres_url, "psycopg"), clock=Clock(), controls=Controls())
+    with app.app_context():
+        own = app.extensions["idempotency"].state(app).engine
+        with own.connect() as conn:
+            raw = conn.connection.driver_connection
+    assert own.pool.checkedin() == 1 and not raw.closed
+    del app, conn
+    gc.collect()
+    assert own.pool.checkedin() == 0 and raw.closed
