@@ -14,10 +14,11 @@ from testapp import Controls, build_app
 def unreachable_url(kind: str, tmp_path: Path) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'missing-dir' / 'db.sqlite'}"  # cannot be opened
-    return "postgresql+psycopg2://root@127.0.0.1:1/nowhere?connect_timeout=2"  # nothing listens on port 1
+    driver = {"postgresql": "psycopg2", "postgresql-psycopg": "psycopg"}[kind]  # each raises its own errors
+    return f"postgresql+{driver}://root@127.0.0.1:1/nowhere?connect_timeout=2"  # nothing listens on port 1
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "postgresql-psycopg"])
 def test_unreachable_store_answers_503_and_the_view_never_runs(kind: str, tmp_path: Path, clock) -> None:
     controls = Controls()
     app = build_app(unreachable_url(kind, tmp_path), clock=clock, controls=controls)
