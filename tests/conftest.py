@@ -351,4 +351,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if GALERA_SKIP_REASON in str(r.longrepr)]
     if skipped:
         terminalreporter.write_sep("!", f"the MariaDB Galera cluster was SKIPPED for {len(skipped)} tests")
-        terminalreporter.write_line(f"  {str(skipped[0].longrepr[-1])}; IDEMPOTENCY_REQUIRE_GALERA=1 fails instead")
+        reason = str(skipped[0].longrepr[-1]).removeprefix("Skipped: ")
+        terminalreporter.write_line(f"  {reason}; IDEMPOTENCY_REQUIRE_GALERA=1 fails instead")

@@ -160,7 +160,7 @@ class GaleraCluster:
     def _pick_ports(self) -> None:
         taken: set[int] = set()
         for node in self.nodes:
-            ports = []
+            ports: list[int] = []
             while len(ports) < 4:
                 port = free_port()
                 if port not in taken and port + 1 not in taken:

@@ -122,6 +122,13 @@ def rig(galera_cluster: GaleraCluster, tmp_path_factory: pytest.TempPathFactory)
         rig.close()
 
 
+@pytest.fixture(autouse=True)
+def whole_cluster(rig: GaleraRig) -> Iterator[None]:
+    """Every test starts with all three nodes: one that killed a node and failed before restarting it is healed."""
+    yield
+    rig.cluster.heal()
+
+
 def race(rig: GaleraRig, path: str, key: str, *, advisory_locks: bool = True) -> list[Reply]:
     """Send ``key`` to every node at once (``PER_NODE`` requests each, released by one barrier)."""
     ports = [rig.server(node, advisory_locks=advisory_locks).port for node in rig.cluster.nodes] * PER_NODE
@@ -228,7 +235,9 @@ def test_an_atomic_request_that_fails_certification_at_commit_replays_the_winner
     )
     with app.app_context():
         engine = app.extensions["faultapp"]["db"].engine
-    claimed, winner, errors = threading.Event(), [], []
+    claimed = threading.Event()
+    winner: list[Reply] = []
+    errors: list[object] = []
 
     def on_statement(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         if statement.lstrip().upper().startswith("INSERT INTO IDEMPOTENCY_RECORDS"):
