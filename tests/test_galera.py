@@ -72,8 +72,9 @@ class GaleraRig:
             self.servers[name] = Gunicorn(env, log, workers=PER_NODE).start()
         return self.servers[name]
 
-    def post(self, node: Node, path: str, key: str, **kwargs: Any) -> Reply:
-        return send(self.server(node).port, "POST", path, key=key, body={"amount": 7}, **kwargs)
+    def post(self, node: Node, path: str, key: str, *, advisory_locks: bool = True, **kwargs: Any) -> Reply:
+        port = self.server(node, advisory_locks=advisory_locks).port
+        return send(port, "POST", path, key=key, body={"amount": 7}, **kwargs)
 
     def state(self, node: Node, key: str) -> dict[str, Any]:
         """The key's record and the effects written under it, as ``node`` has them."""
@@ -153,7 +154,9 @@ def race(rig: GaleraRig, path: str, key: str, *, advisory_locks: bool = True) ->
     return [r for r in replies if isinstance(r, Reply)]
 
 
-def assert_one_effect(rig: GaleraRig, key: str, replies: list[Reply], *, atomic: bool) -> Reply:
+def assert_one_effect(
+    rig: GaleraRig, key: str, replies: list[Reply], *, atomic: bool, advisory_locks: bool = True
+) -> Reply:
     """One original 201; every other answer a byte-identical replay or a duplicate's answer; one effect on
     every node, and the record COMPLETED with it. Returns the original."""
     originals = [r for r in replies if r.status == 201 and not r.replayed]
@@ -177,41 +180,42 @@ def assert_one_effect(rig: GaleraRig, key: str, replies: list[Reply], *, atomic:
     assert record["response_body"] == original.body
     # Whatever a loser answered, a retry now, through any node, is the replay.
     for node in rig.cluster.nodes:
-        again = rig.post(node, "/transfers" if atomic else "/payments", key)
+        again = rig.post(node, "/transfers" if atomic else "/payments", key, advisory_locks=advisory_locks)
         assert (again.status, again.replayed, again.body) == (201, True, original.body), again
     return original
+
+
+def race_rounds(rig: GaleraRig, path: str, *, atomic: bool, advisory_locks: bool = True) -> tuple[int, int]:
+    """``ROUNDS`` races of a fresh key each (:func:`race`), each checked by :func:`assert_one_effect`.
+
+    Returns how many lost races (1213) the servers' layer logged, and how many transactions the nodes aborted
+    for another node's (``wsrep_local_cert_failures`` + ``wsrep_local_bf_aborts``), during the rounds.
+    """
+    before, aborted = rig.lost_races(), rig.cluster.certification_failures()
+    answers: dict[tuple[int, bool, str | None], int] = {}
+    for n in range(ROUNDS):
+        key = f"race-{path.strip('/')}-{int(advisory_locks)}-{n}"
+        replies = race(rig, path, key, advisory_locks=advisory_locks)
+        assert_one_effect(rig, key, replies, atomic=atomic, advisory_locks=advisory_locks)
+        for r in replies:
+            answers[(r.status, r.replayed, r.problem)] = answers.get((r.status, r.replayed, r.problem), 0) + 1
+    lost, aborted = rig.lost_races() - before, rig.cluster.certification_failures() - aborted
+    print(f"{path}: answers over {ROUNDS} rounds {answers}; lost races the layer logged: {lost}; aborted: {aborted}")
+    return lost, aborted
 
 
 @pytest.mark.parametrize("advisory_locks", [True, False], ids=["advisory-locks-on", "advisory-locks-off"])
 def test_the_same_key_sent_to_every_node_at_once_runs_once(rig: GaleraRig, advisory_locks: bool) -> None:
     # IDEMPOTENCY_ADVISORY_LOCKS changes nothing on MariaDB (the layer takes no GET_LOCK: it would be node-local
     # under Galera); run both ways to show that no answer depends on it.
-    before, aborted = rig.lost_races(), rig.cluster.certification_failures()
-    answers: dict[tuple[int, bool, str | None], int] = {}
-    for n in range(ROUNDS):
-        key = f"race-{int(advisory_locks)}-{n}"
-        replies = race(rig, "/payments", key, advisory_locks=advisory_locks)
-        assert_one_effect(rig, key, replies, atomic=False)
-        for r in replies:
-            answers[(r.status, r.replayed, r.problem)] = answers.get((r.status, r.replayed, r.problem), 0) + 1
-    lost, aborted = rig.lost_races() - before, rig.cluster.certification_failures() - aborted
-    print(f"answers over {ROUNDS} rounds: {answers}; claims that lost a race (1213): {lost}; aborted: {aborted}")
-    # The nodes count the transactions they aborted for another node's (certification failures, brute-force
-    # aborts): the race between nodes was real. The layer saw some of them as 1213 (its log counts the claims').
+    _, aborted = race_rounds(rig, "/payments", atomic=False, advisory_locks=advisory_locks)
+    # The nodes aborted transactions for another node's: the race between nodes was real. The layer met some of
+    # them as 1213 (it logs the claims that lost; duplicates' event counts and outcome writes are not logged).
     assert aborted >= 1, "no node aborted a transaction for another's: the race was not real"
 
 
 def test_atomic_requests_of_one_key_on_every_node_at_once_run_once(rig: GaleraRig) -> None:
-    before, aborted = rig.lost_races(), rig.cluster.certification_failures()
-    answers: dict[tuple[int, bool, str | None], int] = {}
-    for n in range(ROUNDS):
-        key = f"atomic-race-{n}"
-        replies = race(rig, "/transfers", key)
-        assert_one_effect(rig, key, replies, atomic=True)
-        for r in replies:
-            answers[(r.status, r.replayed, r.problem)] = answers.get((r.status, r.replayed, r.problem), 0) + 1
-    lost, aborted = rig.lost_races() - before, rig.cluster.certification_failures() - aborted
-    print(f"answers over {ROUNDS} rounds: {answers}; transactions that lost a race (1213): {lost}; aborted: {aborted}")
+    lost, aborted = race_rounds(rig, "/transfers", atomic=True)
     # Two nodes both take an atomic claim (nothing locks across nodes): all but one must lose at COMMIT.
     assert aborted >= 1 and lost >= 1, "no atomic transaction lost certification: the race was not real"
 
