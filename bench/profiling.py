@@ -98,7 +98,9 @@ def profile(path: str, n: int, use_cprofile: bool, run: Any) -> None:
         profiler.enable()
         run(path, n)
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        # BENCH_PROFILE_SORT=cumulative BENCH_PROFILE_FILTER=flask_idempotent: the layer's own functions.
+        stats = pstats.Stats(profiler).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "tottime"))
+        stats.print_stats(os.environ.get("BENCH_PROFILE_FILTER", ""), 40)
         return
     from pyinstrument import Profiler
 
