@@ -144,6 +144,8 @@ def create_app() -> Flask:
     app = Flask(__name__)
     app.config["SQLALCHEMY_DATABASE_URI"] = os.environ["BENCH_DATABASE_URL"]
     app.config["SQLALCHEMY_TRACK_MODIFICATIONS"] = False
+    # bench/durability.py: the same app with leased outcomes committed asynchronously ("off").
+    app.config["IDEMPOTENCY_OUTCOME_SYNCHRONOUS_COMMIT"] = os.environ.get("BENCH_OUTCOME_SYNCHRONOUS_COMMIT") != "off"
     db.init_app(app)
     idempotency.init_app(app, db)
 

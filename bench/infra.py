@@ -98,6 +98,8 @@ class Server:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     extra: list[str] = field(default_factory=list)
+    #: Environment variables of this server only (e.g. ``BENCH_OUTCOME_SYNCHRONOUS_COMMIT``).
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def base(self) -> str:
@@ -130,7 +132,7 @@ class Server:
         ]
         self.proc = subprocess.Popen(
             cmd,
-            env=bench_env(self.db, self.run_id),
+            env={**bench_env(self.db, self.run_id), **self.env},
             cwd=BENCH_DIR,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/profiling.py                      # us per request of each route (interleaved)
     .venv/bin/python bench/profiling.py /leased              # pyinstrument tree of 2,000 first requests
-    .venv/bin/python bench/profiling.py /atomic --cprofile   # cProfile, sorted by own time
+    .venv/bin/python bench/profiling.py /atomic --cprofile   # cProfile (CPU time), sorted by own time
+    .venv/bin/python bench/profiling.py --split              # each route's CPU time by part: hooks, claim, ...
 
 Runs the bench app (bench/app.py) with Flask's test client on a throwaway PostgreSQL database, one request at
 a time, every request with a fresh key. No server and no load generator: it shows the Python side and the
@@ -34,6 +35,7 @@ def main() -> int:
     parser.add_argument("route", nargs="?", choices=ROUTES, help="profile this route (default: time all three)")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--cprofile", action="store_true", help="cProfile instead of pyinstrument")
+    parser.add_argument("--split", action="store_true", help="CPU time per request by part, every route")
     args = parser.parse_args()
     dbs = Databases()
     db = dbs.create(f"bench_profile_{uuid.uuid4().hex[:8]}")
@@ -58,7 +60,9 @@ def main() -> int:
             return (time.perf_counter() - t0) / n * 1e6
 
         try:
-            if args.route is None:
+            if args.split:
+                split(app, client, args.requests)
+            elif args.route is None:
                 for path in ROUTES:
                     run(path, 200)  # warm-up
                 times: dict[str, list[float]] = {path: [] for path in ROUTES}
@@ -88,17 +92,82 @@ def main() -> int:
     return 0
 
 
+def split(app: Any, client: Any, requests: int) -> None:
+    """This process's CPU time per request, by part: the layer's hooks (before and after the view), and inside
+    them the fingerprint, the claim and the outcome statements; the view body; and the floor's own claim and
+    outcome. CPU time leaves out the waits on the database, so other load on the machine disturbs it little."""
+    import functools
+
+    import app as bench_app
+
+    from flask_idempotent import pipeline, store
+
+    spent: dict[str, float] = {}
+
+    def timed(func: Any, part: str) -> Any:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.process_time()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                spent[part] = spent.get(part, 0.0) + time.process_time() - start
+
+        return wrapper
+
+    for owner, name, part in [
+        (store.RecordStore, "claim_new", "claim statement"),
+        (store.RecordStore, "settle", "outcome statement"),
+        (pipeline, "request_fingerprint", "fingerprint"),
+        (bench_app, "payment_body", "view body"),
+        (bench_app, "_floor_claim", "claim statement"),
+        (bench_app, "_floor_outcome", "outcome statement"),
+    ]:
+        setattr(owner, name, timed(getattr(owner, name), part))
+    for hooks, part in [(app.before_request_funcs, "before the view"), (app.after_request_funcs, "after the view")]:
+        for blueprint, funcs in hooks.items():
+            hooks[blueprint] = [timed(func, part) for func in funcs]
+    parts = ["before the view", "fingerprint", "claim statement", "view body", "after the view", "outcome statement"]
+    results: dict[str, dict[str, list[float]]] = {path: {} for path in ROUTES}
+    for path in ROUTES:  # warm-up
+        for _ in range(200):
+            client.post(path, data=BODY, headers=_headers())
+    for round_no in range(5):
+        for path in ROUTES if round_no % 2 == 0 else ROUTES[::-1]:
+            spent.clear()
+            n = requests // 5
+            start = time.process_time()
+            for _ in range(n):
+                assert client.post(path, data=BODY, headers=_headers()).status_code == 201
+            results[path].setdefault("total", []).append((time.process_time() - start) / n * 1e6)
+            for part in parts:
+                results[path].setdefault(part, []).append(spent.get(part, 0.0) / n * 1e6)
+    print("CPU us per request (this process: test client, Flask, the layer, SQLAlchemy, the driver), medians of 5")
+    print("interleaved rounds. 'before/after the view' include the fingerprint, claim and outcome lines below them.")
+    print(f"| route | total | {' | '.join(parts)} |")
+    print("|---|" + "---:|" * (len(parts) + 1))
+    for path, by_part in results.items():
+        cells = " | ".join(f"{statistics.median(by_part[part]):.0f}" for part in parts)
+        print(f"| {path} | {statistics.median(by_part['total']):.0f} | {cells} |")
+
+
+def _headers() -> dict[str, str]:
+    return {"Content-Type": "application/json", "X-Tenant": "t1", "Idempotency-Key": uuid.uuid4().hex}
+
+
 def profile(path: str, n: int, use_cprofile: bool, run: Any) -> None:
     run(path, 200)  # warm-up: compiled-statement cache, pools
     if use_cprofile:
         import cProfile
         import pstats
 
-        profiler = cProfile.Profile()
+        profiler = cProfile.Profile(time.process_time)  # CPU time: waits on the database are not counted
         profiler.enable()
         run(path, n)
         profiler.disable()
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        # BENCH_PROFILE_SORT=cumulative BENCH_PROFILE_FILTER=flask_idempotent: the layer's own functions.
+        stats = pstats.Stats(profiler).sort_stats(os.environ.get("BENCH_PROFILE_SORT", "tottime"))
+        stats.print_stats(os.environ.get("BENCH_PROFILE_FILTER", ""), 40)
         return
     from pyinstrument import Profiler
 

@@ -61,6 +61,27 @@ def main_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def drivers_table(results: dict[str, Any]) -> str:
+    """The matrix on each PostgreSQL driver, side by side (``--drivers``): req/s, x bare, x floor."""
+    drivers = results["config"].get("drivers", ["psycopg2"])
+    summaries = [results["main"]["summary"], *(results[f"main-{d}"]["summary"] for d in drivers[1:])]
+    head = " | ".join(f"{d} req/s | {d} x bare | {d} x floor" for d in drivers)
+    lines = [f"| Scenario | Variant | {head} |", "|---|---|" + "---:|---:|---:|" * len(drivers)]
+    for scenario, variants in summaries[0].items():
+        for variant in variants:
+            cells = []
+            for s in summaries:
+                e = s.get(scenario, {}).get(variant)
+                if e is None:
+                    cells.append("- | - | -")
+                else:
+                    floor = _f(e["floor_ratio"]) if "floor_ratio" in e else ""
+                    cells.append(f"{e['rps']:.0f} | {_f(e['rps_ratio'])} | {floor}")
+            title = results["main"]["titles"][scenario]
+            lines.append(f"| {title} | {LABELS.get(variant, variant)} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def correctness_table(results: dict[str, Any]) -> str:
     c = results["correctness"]
     variants = list(c["results"])
@@ -200,6 +221,14 @@ def markdown(results: dict[str, Any]) -> str:
             "## Throughput and latency (medians of interleaved rounds; ratios are medians of per-round pairs)",
             "",
             main_table(results),
+            "",
+        ]
+    drivers = results["config"].get("drivers", ["psycopg2"])
+    if "main" in results and len(drivers) > 1 and all(f"main-{d}" in results for d in drivers[1:]):
+        parts += [
+            f"## Both drivers ({', '.join(drivers)}), the same matrix in turn on one database",
+            "",
+            drivers_table(results),
             "",
         ]
     if "floor" in results:

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import infra
 import psutil
 from infra import (
     BENCH_DIR,
@@ -43,6 +44,11 @@ from infra import (
 )
 
 RESULTS = BENCH_DIR / "results"
+#: SQLAlchemy URL templates of the PostgreSQL drivers (``--drivers``); SQLAlchemy 2.1 maps postgresql:// to psycopg.
+DRIVER_URLS = {
+    "psycopg2": "postgresql+psycopg2://root@127.0.0.1:5432/{db}",
+    "psycopg": "postgresql+psycopg://root@127.0.0.1:5432/{db}",
+}
 VARIANTS = {
     "bare": "/bare",
     "leased": "/leased",
@@ -524,6 +530,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "<= 2 ms",
                 s["fresh"][v]["p99_added_ms"] <= 2,
             )
+    for name, matrix in results.items():
+        if not name.startswith("main-") or "fresh" not in matrix.get("summary", {}):
+            continue
+        driver = name.removeprefix("main-")
+        other = matrix["summary"]
+        for v in ("leased", "atomic"):
+            if "floor_ratio" in other["fresh"][v]:
+                ratio = other["fresh"][v]["floor_ratio"]
+                add(f"{v} first request throughput vs its floor ({driver})", ratio, ">= 0.95 x floor", ratio >= 0.95)
+        for v in ("leased", "atomic"):
+            if v in other.get("replay", {}):
+                ratio = other["replay"][v]["rps_ratio"]
+                add(f"{v} replay throughput ({driver})", ratio, ">= 1.2 x bare", ratio >= 1.2)
     if "replay" in s:
         for v in ("leased", "atomic"):
             add(
@@ -618,6 +637,11 @@ def main() -> int:
     parser.add_argument("--scenarios", nargs="*", choices=list(SCENARIOS), help="only these scenarios")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; quick 2)")
     parser.add_argument("--duration", type=float, default=None, help="seconds per cell (default 5; quick 2)")
+    parser.add_argument(
+        "--drivers",
+        default="psycopg2",
+        help="PostgreSQL drivers, comma-separated (psycopg2, psycopg): the matrix runs on each, the first is 'main'",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--records", type=int, default=None, help="scale table size (default 1,000,000)")
@@ -640,6 +664,10 @@ def main() -> int:
             if spec["mode"] == "dup":
                 spec["n"] = args.connections
 
+    drivers = [d.strip() for d in args.drivers.split(",") if d.strip()]
+    if unknown := set(drivers) - set(DRIVER_URLS):
+        parser.error(f"--drivers: unknown {sorted(unknown)}; known: {', '.join(DRIVER_URLS)}")
+    infra.PG_URL_TEMPLATE = DRIVER_URLS[drivers[0]]
     run_id = uuid.uuid4().hex[:8]
     args.out.mkdir(parents=True, exist_ok=True)
     dbs = Databases()
@@ -663,6 +691,7 @@ def main() -> int:
             "workers": args.workers,
             "worker_class": "sync",
             "connections": args.connections,
+            "drivers": drivers,
             "wrk_threads": 1,
             "load_generator": "wrk (Debian package) with bench/load.lua",
         },
@@ -723,6 +752,20 @@ def main() -> int:
                 return main_matrix(server, run_id, rounds, duration, args.scenarios)
 
             phase("main", matrix)
+        for driver in drivers[1:] if not args.no_matrix else []:
+
+            def matrix_on(driver: str = driver) -> dict[str, Any]:
+                infra.PG_URL_TEMPLATE = DRIVER_URLS[driver]
+                try:
+                    server = Server(main_db, run_id, workers=args.workers)
+                    servers.append(server)
+                    server.start()
+                    log(f"matrix on {driver}")
+                    return main_matrix(server, f"{run_id}-{driver}", rounds, duration, args.scenarios)
+                finally:
+                    infra.PG_URL_TEMPLATE = DRIVER_URLS[drivers[0]]
+
+            phase(f"main-{driver}", matrix_on)
         if not args.no_matrix:
 
             def floor() -> dict[str, Any]:

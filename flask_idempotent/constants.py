@@ -29,6 +29,7 @@ class ConfigKey:
     DASHBOARD_SHOW_BODIES = "IDEMPOTENCY_DASHBOARD_SHOW_BODIES"
     ADVISORY_LOCKS = "IDEMPOTENCY_ADVISORY_LOCKS"
     REPLAY_TALLY_SECONDS = "IDEMPOTENCY_REPLAY_TALLY_SECONDS"
+    OUTCOME_SYNCHRONOUS_COMMIT = "IDEMPOTENCY_OUTCOME_SYNCHRONOUS_COMMIT"
     ENABLED = "IDEMPOTENCY_ENABLED"
 
 
@@ -56,6 +57,9 @@ DEFAULTS: dict[str, object] = {
     # databases without working advisory locks (CockroachDB); correctness never rests on them.
     ConfigKey.ADVISORY_LOCKS: True,
     ConfigKey.REPLAY_TALLY_SECONDS: 60,
+    # PostgreSQL only: False commits a leased outcome without waiting for its WAL flush. A database crash can
+    # then turn a recent completion back into a stuck record (never a second effect: the claim stays durable).
+    ConfigKey.OUTCOME_SYNCHRONOUS_COMMIT: True,
     ConfigKey.ENABLED: True,
 }
 

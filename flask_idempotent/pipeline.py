@@ -675,7 +675,7 @@ def store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
         while True:
             try:
                 with state.engine.connect() as conn:
-                    stored = state.store.settle(conn, ctx.record_id, ctx.version, ctx.lease_token, values)
+                    stored = state.store.settle(conn, ctx.record_id, ctx.version, ctx.lease_token, values, leased=True)
                 break
             except sa.exc.DBAPIError as exc:
                 if lost_race(exc) and races + 1 < LOST_RACE_ATTEMPTS:

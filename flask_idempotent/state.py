@@ -161,7 +161,15 @@ class AppState:
         advisory_locks = config[ConfigKey.ADVISORY_LOCKS]
         if not isinstance(advisory_locks, bool):  # "off" from an environment variable would read as True
             raise ValueError(f"{ConfigKey.ADVISORY_LOCKS} must be True or False, not {advisory_locks!r}")
-        self.store = RecordStore(self.tables, _offset_seconds(clock_offset), advisory_locks=advisory_locks)
+        synchronous = config[ConfigKey.OUTCOME_SYNCHRONOUS_COMMIT]
+        if not isinstance(synchronous, bool):
+            raise ValueError(f"{ConfigKey.OUTCOME_SYNCHRONOUS_COMMIT} must be True or False, not {synchronous!r}")
+        self.store = RecordStore(
+            self.tables,
+            _offset_seconds(clock_offset),
+            advisory_locks=advisory_locks,
+            synchronous_outcomes=synchronous,
+        )
         self.header: str = config[ConfigKey.HEADER]
         self.protect_all = bool(config[ConfigKey.PROTECT_ALL])
         self.fingerprint_headers = tuple(config[ConfigKey.FINGERPRINT_HEADERS])

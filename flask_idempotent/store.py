@@ -157,11 +157,18 @@ class RecordStore:
     """
 
     def __init__(
-        self, tables: Tables, offset: Callable[[], float] = lambda: 0.0, *, advisory_locks: bool = True
+        self,
+        tables: Tables,
+        offset: Callable[[], float] = lambda: 0.0,
+        *,
+        advisory_locks: bool = True,
+        synchronous_outcomes: bool = True,
     ) -> None:
         self.tables = tables
         #: Whether the deciding read of an atomic claim takes an advisory lock on PostgreSQL (see ``find_and_lock``).
         self.advisory_locks = advisory_locks
+        #: ``False``: a leased outcome (``settle(..., leased=True)``) commits asynchronously on PostgreSQL.
+        self.synchronous_outcomes = synchronous_outcomes
         self.records = r = tables.records
         self.events = e = tables.events
         self.offset = offset
@@ -226,6 +233,10 @@ class RecordStore:
         }
         owner = (*at_version, r.c.lease_token == bind("_lease_token"), r.c.state == State.IN_PROGRESS.value)
         self._settle = sa.update(r).where(*owner).values(updated_at=now, version=next_version)
+        # PostgreSQL reads synchronous_commit when the transaction commits: set for this transaction only (the
+        # statement's own, on the layer's autocommit connection), it spares the outcome the wait for its WAL
+        # flush in the same round trip and leaves every other transaction of the connection synchronous.
+        self._settle_async = self._settle.where(sa.func.set_config("synchronous_commit", "off", True) == "off")
         self._checkpoint = (
             sa.update(r).where(*owner).values(updated_at=now, locked_until=_now("_lease_s"), version=next_version)
         )
@@ -375,10 +386,24 @@ class RecordStore:
 
     # Fenced writes of the lease owner ----------------------------------------------------------------------
 
-    def settle(self, conn: Executor, record_id: int, version: int, lease_token: str, values: Mapping[str, Any]) -> bool:
-        """Write the outcome; ``False`` if the lease was lost (taken over, released or marked by an operator)."""
+    def settle(
+        self,
+        conn: Executor,
+        record_id: int,
+        version: int,
+        lease_token: str,
+        values: Mapping[str, Any],
+        *,
+        leased: bool = False,
+    ) -> bool:
+        """Write the outcome; ``False`` if the lease was lost (taken over, released or marked by an operator).
+
+        ``leased``: the outcome commits on its own (never with the view's writes), so with
+        ``synchronous_outcomes`` off it may commit asynchronously on PostgreSQL.
+        """
         params = {**values, "_id": record_id, "_version": version, "_lease_token": lease_token, **self._times()}
-        return bool(conn.execute(self._settle, params).rowcount == 1)
+        asynchronous = leased and not self.synchronous_outcomes and dialect_of(conn) == "postgresql"
+        return bool(conn.execute(self._settle_async if asynchronous else self._settle, params).rowcount == 1)
 
     def checkpoint(
         self, conn: Executor, record_id: int, version: int, lease_token: str, values: Mapping[str, Any], lease: float

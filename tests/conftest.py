@@ -31,6 +31,10 @@ MariaDB: the param ``mariadb`` runs the same tests on a throwaway database of th
 when unreachable and failed instead with ``IDEMPOTENCY_REQUIRE_MARIADB=1`` (CI). ``IDEMPOTENCY_TEST_DATABASES``
 (default ``sqlite,postgresql,mariadb``) lists the families ``database_url`` runs on: ``-k mariadb`` or
 ``IDEMPOTENCY_TEST_DATABASES=mariadb`` selects MariaDB only.
+
+Galera: ``galera_cluster`` (session) starts a 3-node MariaDB Galera cluster on loopback (``tests/galera.py``)
+the first time a test asks for it, and stops it at the end of the session. Skipped loudly when ``galera-4``,
+``rsync`` or ``mariadb-server`` is missing; failed instead with ``IDEMPOTENCY_REQUIRE_GALERA=1`` (CI).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import galera
 import pytest
 import sqlalchemy as sa
 from flask import Flask
@@ -91,6 +96,7 @@ if unknown := set(PG_VARIANTS) - set(PG_VARIANT_SETUP):
     )
 MARIADB_ADMIN_URL = os.environ.get("IDEMPOTENCY_TEST_MARIADB_ADMIN_URL", "mysql+pymysql://root@127.0.0.1:3306/mysql")
 REQUIRE_MARIADB = os.environ.get("IDEMPOTENCY_REQUIRE_MARIADB") == "1"
+REQUIRE_GALERA = os.environ.get("IDEMPOTENCY_REQUIRE_GALERA") == "1"
 DATABASE_FAMILIES = {
     "sqlite": ["sqlite"],
     "postgresql": [*(PG_DRIVER_PARAMS[d] for d in PG_DRIVERS), *(f"postgresql-{v}" for v in PG_VARIANTS)],
@@ -104,6 +110,7 @@ if unknown := set(TEST_DATABASES) - set(DATABASE_FAMILIES):
 DATABASE_PARAMS = [param for family in TEST_DATABASES for param in DATABASE_FAMILIES[family]]
 PG_SKIP_REASON = "PostgreSQL not reachable"
 MARIADB_SKIP_REASON = "MariaDB not reachable"
+GALERA_SKIP_REASON = "Galera: "  # every reason galera.missing() gives starts so
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,18 @@ def mariadb_url() -> Iterator[str]:
     """A throwaway database on the MariaDB (or MySQL) server of ``IDEMPOTENCY_TEST_MARIADB_ADMIN_URL``."""
     with throwaway_database(server="mariadb") as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def galera_cluster() -> Iterator[galera.GaleraCluster]:
+    """A 3-node MariaDB Galera cluster on 127.0.0.1 (``tests/galera.py``), started once per session."""
+    reason = galera.missing()
+    if reason is not None:
+        if REQUIRE_GALERA:
+            pytest.fail(f"IDEMPOTENCY_REQUIRE_GALERA=1 but {reason}")
+        pytest.skip(reason)
+    with galera.running_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")
@@ -373,3 +392,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_sep("!", f"MariaDB was SKIPPED for {len(skipped)} tests")
         where = f"{MARIADB_SKIP_REASON} at {MARIADB_ADMIN_URL}"
         terminalreporter.write_line(f"  {where}; set IDEMPOTENCY_TEST_MARIADB_ADMIN_URL")
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if GALERA_SKIP_REASON in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_sep("!", f"the MariaDB Galera cluster was SKIPPED for {len(skipped)} tests")
+        reason = str(skipped[0].longrepr[-1]).removeprefix("Skipped: ")
+        terminalreporter.write_line(f"  {reason}; IDEMPOTENCY_REQUIRE_GALERA=1 fails instead")

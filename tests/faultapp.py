@@ -8,7 +8,9 @@
 - ``FAULTAPP_LEASE`` (seconds, default 30) and ``FAULTAPP_CONNECT_TIMEOUT`` (seconds, default 2);
 - ``FAULTAPP_ADVISORY_LOCKS``: ``0`` sets ``IDEMPOTENCY_ADVISORY_LOCKS = False`` (default ``1``);
 - ``FAULTAPP_SIGNAL_DIR``: where the app writes crash witnesses and meets held requests (see below);
-- ``FAULTAPP_VIEW_WORK_MS``: a slow query in each view, so that duplicates overlap (default 0).
+- ``FAULTAPP_VIEW_WORK_MS``: a slow query in each view, so that duplicates overlap (default 0);
+- ``FAULTAPP_LOG_LEVEL``: e.g. ``INFO`` sends the ``flask_idempotent`` logger's records of that level and above
+  to stderr (the server's log), so a test can count what the layer logs (lost races); default: Python's own.
 
 Faults are chosen per request by headers, which are not part of the request fingerprint, so a retry without
 them is the same command:
@@ -25,6 +27,7 @@ them is the same command:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -68,6 +71,13 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     env = os.environ if env is None else env
     signal_dir = Path(env["FAULTAPP_SIGNAL_DIR"]) if env.get("FAULTAPP_SIGNAL_DIR") else None
     work_seconds = float(env.get("FAULTAPP_VIEW_WORK_MS", "0")) / 1000
+    if env.get("FAULTAPP_LOG_LEVEL"):
+        layer = logging.getLogger("flask_idempotent")
+        layer.setLevel(env["FAULTAPP_LOG_LEVEL"])
+        if not layer.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("[%(process)d] %(levelname)s %(name)s: %(message)s"))
+            layer.addHandler(handler)
 
     app = Flask(__name__)
     app.config.update(

@@ -187,6 +187,9 @@ def test_overview_charts_labels_and_one_line_keys_in_the_browser(browser: Any, s
         last = created.last.bounding_box()
         assert last is not None and last["height"] > 10  # this hour's first requests, drawn
         assert page.locator('[data-fi-total="stuck"]').inner_text() == "1"
+        # The four charts and the "Stuck now" card share one row on a 1366 px screen.
+        tops = {round(box["y"]) for box in (c.bounding_box() for c in page.locator(".fi-charts > *").all()) if box}
+        assert page.locator(".fi-charts > *").count() == 5 and len(tops) == 1, tops
         bar_fill = created.last.evaluate("e => getComputedStyle(e).fill")
         assert bar_fill == "rgb(31, 42, 60)"  # styled by dashboard.css, not inline
         page.locator('[data-fi-chart="created"]').screenshot(path=str(ARTIFACTS / "dashboard-chart-created.png"))
