@@ -24,18 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from infra import BENCH_DIR, Databases, Server, log, pg_connect, run_wrk  # noqa: E402
+from infra import BENCH_DIR, Databases, Server, log, pg_connect, run_wrk, vacuum  # noqa: E402
 
 DRIVERS = {"psycopg2": "postgresql+psycopg2", "psycopg": "postgresql+psycopg"}
 RESULTS = BENCH_DIR / "results"
-
-
-def vacuum(db: str) -> None:
-    conn = pg_connect(db)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute("VACUUM ANALYZE idempotency_records, bench_payments")
-    conn.close()
 
 
 def pg_settings(db: str) -> dict[str, str]:

@@ -46,6 +46,24 @@ def pg_connect(db: str) -> Any:
     return psycopg2.connect(PG_DSN_TEMPLATE.format(db=db))
 
 
+#: What the bench app writes to: VACUUM ANALYZE'd between rounds and phases (PostgreSQL here runs with
+#: autovacuum off, so without it dead tuples pile up and plans go stale as the tables grow).
+BENCH_TABLES = "idempotency_records, idempotency_events, bench_payments"
+
+
+def vacuum(db: str, tables: str = BENCH_TABLES) -> float:
+    """``VACUUM ANALYZE`` ``tables`` of ``db``, as autovacuum would; returns the seconds it took."""
+    conn = pg_connect(db)
+    conn.autocommit = True
+    start = time.monotonic()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"VACUUM ANALYZE {tables}")
+    finally:
+        conn.close()
+    return time.monotonic() - start
+
+
 class Databases:
     """Throwaway databases, dropped (WITH FORCE) on close."""
 

@@ -32,7 +32,8 @@ def machine_line(results: dict[str, Any]) -> str:
         f"(loopback, synchronous_commit={m['postgresql_settings']['synchronous_commit']}, "
         f"shared_buffers={m['postgresql_settings']['shared_buffers']}); Redis {m['redis']}; {m['wrk']}; "
         f"gunicorn {m['gunicorn']} ({c['workers']} {c['worker_class']} workers), {c['connections']} connections, "
-        f"1 wrk thread; {c['rounds']} interleaved rounds x {c['seconds_per_cell']:g} s per cell; "
+        f"1 wrk thread; {c['rounds']} interleaved rounds x {c['seconds_per_cell']:g} s per cell, VACUUM ANALYZE "
+        "between rounds (autovacuum is off on this server); "
         f"1-min load average during the run {load} (the 2 cores were shared with other work); "
         f"flask_idempotent at {m['flask_idempotent_commit']}."
     )

@@ -41,6 +41,7 @@ from infra import (
     redis_cleanup,
     request,
     run_wrk,
+    vacuum,
 )
 
 RESULTS = BENCH_DIR / "results"
@@ -293,6 +294,7 @@ def main_matrix(server: Server, run_id: str, rounds: int, duration: float, only:
                     f"  p50 {result['p50_ms']:6.2f} ms  p99 {result['p99_ms']:6.2f} ms  load {result['load1']:.2f}"
                     f"  {result['statuses']}"
                 )
+        vacuum(server.db)  # between rounds, outside the timed cells: what autovacuum would do (it is off here)
     return {"titles": {s: SCENARIOS[s]["title"] for s in scenarios}, "runs": cells, "summary": summarize(cells)}
 
 

@@ -29,23 +29,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from infra import BENCH_DIR, Databases, Server, log, pg_connect, request, run_wrk  # noqa: E402
+from infra import BENCH_DIR, Databases, Server, log, pg_connect, request, run_wrk, vacuum  # noqa: E402
 
 DRIVERS = {"psycopg2": "postgresql+psycopg2", "psycopg": "postgresql+psycopg"}
 RESULTS = BENCH_DIR / "results"
 BODY = {"amount": 1250, "currency": "EUR", "creditor": "ACME GmbH", "reference": "invoice 2024-0042"}  # load.lua's
-TABLES = "idempotency_records, idempotency_events, bench_payments"
 
 
-def rows_and_vacuum(db: str, vacuum: bool) -> tuple[int, float]:
+def rows_and_vacuum(db: str, vacuumed: bool) -> tuple[int, float]:
+    took = vacuum(db) if vacuumed else 0.0
     conn = pg_connect(db)
-    conn.autocommit = True
-    took = 0.0
     with conn.cursor() as cur:
-        if vacuum:
-            start = time.monotonic()
-            cur.execute(f"VACUUM ANALYZE {TABLES}")
-            took = time.monotonic() - start
         cur.execute("SELECT count(*) FROM idempotency_records")
         (rows,) = cur.fetchone()
     conn.close()
