@@ -34,7 +34,7 @@ def machine_line(results: dict[str, Any]) -> str:
         f"gunicorn {m['gunicorn']} ({c['workers']} {c['worker_class']} workers), {c['connections']} connections, "
         f"1 wrk thread; {c['rounds']} interleaved rounds x {c['seconds_per_cell']:g} s per cell, VACUUM ANALYZE "
         "between rounds (autovacuum is off on this server); "
-        f"1-min load average during the run {load} (the 2 cores were shared with other work); "
+        f"1-min load average during the run {load} (wrk, gunicorn and PostgreSQL share the 2 cores); "
         f"flask_idempotent at {m['flask_idempotent_commit']}."
     )
 
