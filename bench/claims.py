@@ -21,6 +21,7 @@ the statements, not the view's transaction around them.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -50,13 +51,21 @@ def main() -> int:
     parser.add_argument("--url", default="postgresql+psycopg2://root@127.0.0.1:5432/{db}")
     parser.add_argument("--claims", type=int, default=300, help="claims per variant and round")
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument(
+        "--connect-args",
+        type=json.loads,
+        default={},
+        help="the driver's connect arguments as JSON, e.g. '{\"prepare_threshold\": null}' (psycopg 3)",
+    )
     args = parser.parse_args()
     admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     name = f"bench_claims_{uuid.uuid4().hex[:8]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:
-        engine = sa.create_engine(args.url.format(db=name), isolation_level="AUTOCOMMIT")
+        engine = sa.create_engine(
+            args.url.format(db=name), isolation_level="AUTOCOMMIT", connect_args=args.connect_args
+        )
         metadata = sa.MetaData()
         store = RecordStore(define_tables(metadata))
         metadata.create_all(engine)
@@ -114,7 +123,7 @@ def main() -> int:
                     server[variant].append((on_cpu_us(backend) - s0) / args.claims)
                     client[variant].append((time.process_time() - c0) / args.claims * 1e6)
         engine.dispose()
-        print(f"{args.url.split(':')[0]}: medians of {args.rounds} rounds, us per claim")
+        print(f"{args.url.split(':')[0]} {args.connect_args}: medians of {args.rounds} rounds, us per claim")
         print(f"{'':30} {'wall':>7} {'server CPU':>11} {'client CPU':>11}")
         for variant in variants:
             print(

@@ -109,8 +109,10 @@ def main() -> int:
     print("\n" + report)
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    (RESULTS / f"durability-{args.driver}.md").write_text(f"# Outcome commit, {stamp}\n\n{report}\n")
-    (RESULTS / f"durability-{args.driver}.json").write_text(
+    (RESULTS / f"durability-{args.driver}-{args.connections}c.md").write_text(
+        f"# Outcome commit, {stamp}\n\n{report}\n"
+    )
+    (RESULTS / f"durability-{args.driver}-{args.connections}c.json").write_text(
         json.dumps({"when": stamp, "settings": settings, "cells": cells, "ratio": ratio}, indent=1)
     )
     return 0

@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--cprofile", action="store_true", help="cProfile instead of pyinstrument")
     parser.add_argument("--split", action="store_true", help="CPU time per request by part, every route")
+    parser.add_argument("--replays", action="store_true", help="with --split: replays of one key per route")
     args = parser.parse_args()
     dbs = Databases()
     db = dbs.create(f"bench_profile_{uuid.uuid4().hex[:8]}")
@@ -61,7 +62,7 @@ def main() -> int:
 
         try:
             if args.split:
-                split(app, client, args.requests)
+                split(app, client, args.requests, replays=args.replays)
             elif args.route is None:
                 for path in ROUTES:
                     run(path, 200)  # warm-up
@@ -92,7 +93,7 @@ def main() -> int:
     return 0
 
 
-def split(app: Any, client: Any, requests: int) -> None:
+def split(app: Any, client: Any, requests: int, *, replays: bool = False) -> None:
     """This process's CPU time per request, by part: the layer's hooks (before and after the view), and inside
     them the fingerprint, the claim and the outcome statements; the view body; and the floor's own claim and
     outcome. CPU time leaves out the waits on the database, so other load on the machine disturbs it little."""
@@ -118,6 +119,7 @@ def split(app: Any, client: Any, requests: int) -> None:
     for owner, name, part in [
         (store.RecordStore, "claim_new", "claim statement"),
         (store.RecordStore, "settle", "outcome statement"),
+        (store.RecordStore, "find", "read statement"),
         (pipeline, "request_fingerprint", "fingerprint"),
         (bench_app, "payment_body", "view body"),
         (bench_app, "_floor_claim", "claim statement"),
@@ -128,17 +130,23 @@ def split(app: Any, client: Any, requests: int) -> None:
         for blueprint, funcs in hooks.items():
             hooks[blueprint] = [timed(func, part) for func in funcs]
     parts = ["before the view", "fingerprint", "claim statement", "view body", "after the view", "outcome statement"]
-    results: dict[str, dict[str, list[float]]] = {path: {} for path in ROUTES}
-    for path in ROUTES:  # warm-up
+    routes = ROUTES
+    if replays:  # the floor answers no replay: bare, leased and atomic only, each replaying one completed key
+        parts = ["before the view", "fingerprint", "claim statement", "read statement", "view body"]
+        routes = ["/bare", "/leased", "/atomic"]
+    keys = {path: uuid.uuid4().hex for path in routes}
+    results: dict[str, dict[str, list[float]]] = {path: {} for path in routes}
+    for path in routes:  # warm-up
         for _ in range(200):
-            client.post(path, data=BODY, headers=_headers())
+            client.post(path, data=BODY, headers=_headers(keys[path] if replays else None))
     for round_no in range(5):
-        for path in ROUTES if round_no % 2 == 0 else ROUTES[::-1]:
+        for path in routes if round_no % 2 == 0 else routes[::-1]:
             spent.clear()
             n = requests // 5
             start = time.process_time()
             for _ in range(n):
-                assert client.post(path, data=BODY, headers=_headers()).status_code == 201
+                response = client.post(path, data=BODY, headers=_headers(keys[path] if replays else None))
+                assert response.status_code == 201
             results[path].setdefault("total", []).append((time.process_time() - start) / n * 1e6)
             for part in parts:
                 results[path].setdefault(part, []).append(spent.get(part, 0.0) / n * 1e6)
@@ -151,8 +159,8 @@ def split(app: Any, client: Any, requests: int) -> None:
         print(f"| {path} | {statistics.median(by_part['total']):.0f} | {cells} |")
 
 
-def _headers() -> dict[str, str]:
-    return {"Content-Type": "application/json", "X-Tenant": "t1", "Idempotency-Key": uuid.uuid4().hex}
+def _headers(key: str | None = None) -> dict[str, str]:
+    return {"Content-Type": "application/json", "X-Tenant": "t1", "Idempotency-Key": key or uuid.uuid4().hex}
 
 
 def profile(path: str, n: int, use_cprofile: bool, run: Any) -> None:

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 from helpers import charges, ext, post, record
+from test_statement_budget import is_postgresql
 from testapp import Controls, build_app
 
 from flask_idempotent.state import app_state
@@ -45,11 +46,6 @@ def writes_to_records(app: Flask) -> Iterator[list[tuple[str, Any]]]:
     finally:
         for engine in engines:
             sa.event.remove(engine, "before_cursor_execute", listener)
-
-
-def is_postgresql(app: Flask) -> bool:
-    with app.app_context():
-        return bool(ext(app)["db"].engine.dialect.name == "postgresql")
 
 
 def asynchronous(statement: str, parameters: Any) -> bool:
