@@ -4,11 +4,11 @@ One connection, one request at a time, the same tables the app uses. Each "reque
 request of that variant sends, with the same commits:
 
 - bare: INSERT the payment, COMMIT (one synchronous commit);
-- leased: the read and the claim (autocommit statements), the payment and its COMMIT, the outcome
-  (autocommit): three synchronous commits, since the claim must be durable before the effect and the
-  outcome after it;
-- atomic: BEGIN, the read with the key's advisory lock, the claim, the payment, the outcome, COMMIT: one
-  commit.
+- leased: the claim (``INSERT … ON CONFLICT DO NOTHING``; the layer reads the record only when the key is
+  taken, which a first request's is not), the payment and its COMMIT, the outcome (autocommit statements):
+  three synchronous commits, since the claim must be durable before the effect and the outcome after it;
+- atomic: BEGIN, the claim (an ``INSERT … SELECT`` that also takes the key's advisory lock), the payment, the
+  outcome, COMMIT: one commit.
 
 Rounds are interleaved. The difference variant - bare is the database time the layer adds to a request
 when its Python side costs nothing; the report sets it against the bare route's time per request.
@@ -29,58 +29,16 @@ PAYMENT = (
     " VALUES (%s, %s, 1250, 'EUR', 'ACME', 'floor', now()) RETURNING id"
 )
 
-# The layer's statements as it sends them on PostgreSQL: flask_idempotent/store.py's prebuilt ``_find``,
-# ``_find_and_lock``, ``_insert["postgresql"]`` and ``_settle``, compiled with SQLAlchemy's postgresql dialect
-# and filled with the values a request's claim (machine.claim_new) and outcome (machine.outcome) bind. Every
+# The layer's statements as it sends them on PostgreSQL: flask_idempotent/store.py's prebuilt ``_claim_new``
+# (with the lock, its ``INSERT … SELECT``) and ``_settle``, compiled with SQLAlchemy's postgresql dialect and
+# filled with the values a request's claim (machine.claim_new) and outcome (machine.outcome) bind. Every
 # time is the database's clock plus the store's offset (0 outside tests), computed in the statement itself;
 # constants the layer binds as parameters (1, 'IN_PROGRESS', the JSON nulls) are written inline: psycopg2
 # interpolates parameters on the client, so the server receives the same text. Re-derive these after a change
-# to store.py, e.g. ``str(RecordStore(define_tables(sa.MetaData()))._find.compile(dialect=postgresql.dialect()))``
-# (an INSERT or UPDATE names only the columns the call binds: capture the real statements for those).
+# to store.py by capturing the statements a request sends (bench/profiling.py's app, an engine event).
 DB_NOW = "(timezone('UTC', statement_timestamp()) + make_interval(secs => %(now_s)s))"
 DB_LEASE_END = "(timezone('UTC', statement_timestamp()) + make_interval(secs => %(lease_s)s))"
 DB_EXPIRES = "(timezone('UTC', statement_timestamp()) + make_interval(secs => %(ttl_s)s))"
-# The records table's columns, in the model's order (the order the layer selects them in).
-COLUMNS = (
-    "id",
-    "scope",
-    "key",
-    "request_hash",
-    "method",
-    "path",
-    "endpoint",
-    "version",
-    "kind",
-    "summary",
-    "acknowledged_at",
-    "acknowledged_by",
-    "state",
-    "retryable",
-    "attempts",
-    "lease_token",
-    "locked_until",
-    "recovery_point",
-    "recovery_data",
-    "response_status",
-    "response_headers",
-    "response_body",
-    "resource_ref",
-    "error",
-    "event_count",
-    "created_at",
-    "updated_at",
-    "expires_at",
-)
-R = "idempotency_records"
-SEEN = (
-    ", ".join(f"{R}.{column}" for column in COLUMNS)
-    + f", {R}.state = 'IN_PROGRESS' AND ({R}.locked_until IS NULL OR {R}.locked_until <= {DB_NOW}) AS is_stuck"
-    + f", {R}.state != 'IN_PROGRESS' AND {R}.expires_at <= {DB_NOW} AS is_expired"
-    + f", {DB_NOW} AS db_now"
-)
-ON_KEY = f"FROM (SELECT 1 AS one) AS anon_1 LEFT OUTER JOIN {R} ON {R}.scope = %(scope)s AND {R}.key = %(key)s"
-FIND = f"SELECT {SEEN} {ON_KEY}"
-FIND_AND_LOCK = f"SELECT pg_try_advisory_xact_lock(%(lock)s) AS _locked, {SEEN} {ON_KEY}"
 INSERT = f"""
 INSERT INTO idempotency_records (scope, key, request_hash, method, path, endpoint, version, kind, summary,
     acknowledged_at, acknowledged_by, state, retryable, attempts, lease_token, locked_until, recovery_point,
@@ -91,6 +49,12 @@ VALUES (%(scope)s, %(key)s, %(hash)s, 'POST', '/floor', 'floor', 1, 'http', NULL
     {DB_NOW}, {DB_EXPIRES})
 ON CONFLICT (scope, key) DO NOTHING RETURNING idempotency_records.id
 """
+# Atomic mode's claim: the same row, inserted only if the key's advisory lock was granted.
+INSERT_LOCKED = INSERT.replace("VALUES (", "SELECT ", 1).replace(
+    f"{DB_EXPIRES})\nON CONFLICT",
+    f"{DB_EXPIRES}\nWHERE pg_try_advisory_xact_lock(%(lock)s)\nON CONFLICT",
+    1,
+)
 SETTLE = (
     "UPDATE idempotency_records SET version = (idempotency_records.version + 1), state = 'COMPLETED',"
     " retryable = false, locked_until = NULL, response_status = 201, response_headers = %(headers)s::JSON,"
@@ -132,11 +96,9 @@ def measure(db: str, run_id: str, rounds: int = 5, requests: int = 1000) -> dict
     a, t = auto.cursor(), tx.cursor()
     counter = 0
 
-    def claim(cur: Any, read: str, p: dict[str, Any]) -> int:
-        """The layer's read, then its claim; the new record's id."""
-        cur.execute(read, p)
-        cur.fetchall()
-        cur.execute(INSERT, p)
+    def claim(cur: Any, insert: str, p: dict[str, Any]) -> int:
+        """The layer's claim of a new key (no read: the key is not taken); the new record's id."""
+        cur.execute(insert, p)
         return int(cur.fetchone()[0])
 
     def bare() -> None:
@@ -147,7 +109,7 @@ def measure(db: str, run_id: str, rounds: int = 5, requests: int = 1000) -> dict
         nonlocal counter
         counter += 1
         p = _claim_params(run_id, counter)
-        record_id = claim(a, FIND, p)
+        record_id = claim(a, INSERT, p)
         t.execute(PAYMENT, ("floor-leased", p["key"]))
         tx.commit()
         a.execute(SETTLE, _settle_params(p, record_id))
@@ -156,7 +118,7 @@ def measure(db: str, run_id: str, rounds: int = 5, requests: int = 1000) -> dict
         nonlocal counter
         counter += 1
         p = _claim_params(run_id, counter)
-        record_id = claim(t, FIND_AND_LOCK, p)
+        record_id = claim(t, INSERT_LOCKED, p)
         t.execute(PAYMENT, ("floor-atomic", p["key"]))
         t.execute(SETTLE, _settle_params(p, record_id))
         tx.commit()
