@@ -28,9 +28,8 @@ DRIVERS = {"psycopg2": "postgresql+psycopg2", "psycopg": "postgresql+psycopg"}
 BODY = {"amount": 1250, "currency": "EUR", "creditor": "ACME GmbH", "reference": "invoice 2024-0042"}
 # The deciding read as the layer sends it (store.RecordStore._find), reduced to its access path.
 FIND = (
-    "SELECT idempotency_records.id, idempotency_records.state FROM (SELECT 1 AS one) AS anon_1"
-    " LEFT OUTER JOIN idempotency_records"
-    " ON idempotency_records.scope = $1 AND idempotency_records.key = $2"
+    "SELECT idempotency_records.id, idempotency_records.state FROM idempotency_records"
+    " WHERE idempotency_records.scope = $1 AND idempotency_records.key = $2"
 )
 
 

@@ -10,8 +10,10 @@ not twenty; each driver's numbers are therefore those of a machine shared with t
 bench/load.lua: a fresh key to /leased, a fresh key to /atomic, a replay on /leased and a keyless request to
 /optional, in turn; the table only grows. PostgreSQL here runs with autovacuum off; like autovacuum would,
 ``VACUUM ANALYZE`` of the records, events and payments tables runs after each minute of a driver, outside the
-timed minute (``--no-vacuum``: never, and the report says so). Flat means: the last three minutes' median req/s
-and p99 within the run's own minute-to-minute noise of the first three's.
+timed minute (``--no-vacuum``: never, and the report says so). After each minute, ``--control`` seconds (10) of
+the bare route on both servers at once show what the machine itself did that minute (disk stalls, a neighbour's
+load): the layer decays only if the mix falls against that control. Flat means: the last three minutes' median
+within the run's own minute-to-minute noise of the first three's, for req/s, p99 and mix/bare.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def main() -> int:
     parser.add_argument("--minute", type=float, default=60, help="seconds per reported minute (default 60)")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--no-vacuum", action="store_true")
+    parser.add_argument("--control", type=float, default=10, help="seconds of the bare route after each minute")
     args = parser.parse_args()
     drivers = args.drivers.split(",")
     run_id = uuid.uuid4().hex[:8]
@@ -98,8 +101,21 @@ def main() -> int:
                     )
                     for driver in drivers
                 }
+            with ThreadPoolExecutor(len(drivers)) as pool:
+                controls = {
+                    driver: pool.submit(
+                        run_wrk,
+                        servers[driver].port,
+                        "/bare",
+                        "none",
+                        f"{run_id}-{driver}-{minute}-bare",
+                        duration=args.control,
+                        connections=args.connections,
+                    )
+                    for driver in drivers
+                }
             for driver in drivers:
-                server, result = servers[driver], runs[driver].result()
+                server, result, bare = servers[driver], runs[driver].result(), controls[driver].result()
                 records, vacuumed = rows_and_vacuum(server.db, not args.no_vacuum)
                 bad = {k: v for k, v in result.statuses.items() if not k.startswith("2")}
                 rows[driver].append(
@@ -108,6 +124,8 @@ def main() -> int:
                         "rps": result.rps,
                         "p50_ms": result.p50_ms,
                         "p99_ms": result.p99_ms,
+                        "bare_rps": bare.rps,
+                        "vs_bare": result.rps / bare.rps if bare.rps else 0.0,
                         "non_2xx": bad,
                         "errors": {k: v for k, v in result.errors.items() if v},
                         "records": records,
@@ -116,8 +134,8 @@ def main() -> int:
                     }
                 )
                 log(
-                    f"{driver} minute {minute}: {result.rps:.0f} req/s, p99 {result.p99_ms:.1f} ms, {records} records"
-                    + (f", non-2xx {bad}" if bad else "")
+                    f"{driver} minute {minute}: {result.rps:.0f} req/s, p99 {result.p99_ms:.1f} ms,"
+                    f" bare {bare.rps:.0f} req/s, {records} records" + (f", non-2xx {bad}" if bad else "")
                 )
     finally:
         for server in servers.values():
@@ -129,20 +147,31 @@ def main() -> int:
         f"{args.minutes} x {args.minute:g} s of mixed traffic per driver, both drivers loaded at once;"
         f" {args.connections} connections, 2 sync workers; {vacuum}.",
         "",
-        "| minute | " + " | ".join(f"{d} req/s | {d} p99 ms" for d in drivers) + " | records (" + drivers[0] + ") |",
-        "|---:|" + "---:|---:|" * len(drivers) + "---:|",
+        "| minute | "
+        + " | ".join(f"{d} req/s | {d} p99 ms | {d} bare req/s | {d} mix/bare" for d in drivers)
+        + " | records ("
+        + drivers[0]
+        + ") |",
+        "|---:|" + "---:|---:|---:|---:|" * len(drivers) + "---:|",
     ]
     for i in range(args.minutes):
-        cells = " | ".join(f"{rows[d][i]['rps']:.0f} | {rows[d][i]['p99_ms']:.1f}" for d in drivers)
+        cells = " | ".join(
+            f"{rows[d][i]['rps']:.0f} | {rows[d][i]['p99_ms']:.1f} | {rows[d][i]['bare_rps']:.0f}"
+            f" | {rows[d][i]['vs_bare']:.2f}"
+            for d in drivers
+        )
         lines.append(f"| {i + 1} | {cells} | {rows[drivers[0]][i]['records']} |")
     summary: dict[str, Any] = {}
     lines.append("")
     for driver in drivers:
-        summary[driver] = {f: flatness(rows[driver], f) for f in ("rps", "p99_ms")}
-        r, p = summary[driver]["rps"], summary[driver]["p99_ms"]
+        summary[driver] = {f: flatness(rows[driver], f) for f in ("rps", "p99_ms", "bare_rps", "vs_bare")}
+        r, p, c = summary[driver]["rps"], summary[driver]["p99_ms"], summary[driver]["vs_bare"]
+        b = summary[driver]["bare_rps"]
         lines.append(
             f"- {driver}: req/s last 3 min / first 3 min = {r['last_over_first']:.3f} (minute-to-minute noise"
             f" {r['noise']:.1%}); p99 last/first = {p['last_over_first']:.3f} (noise {p['noise']:.1%});"
+            f" the bare control last/first = {b['last_over_first']:.3f}; mix/bare last/first ="
+            f" {c['last_over_first']:.3f} (noise {c['noise']:.1%});"
             f" non-2xx: {sum(sum(m['non_2xx'].values()) for m in rows[driver])}"
         )
     report = "\n".join(lines)
