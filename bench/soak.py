@@ -31,7 +31,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from infra import BENCH_DIR, Databases, Server, log, pg_connect, request, run_wrk, vacuum  # noqa: E402
+from infra import BENCH_DIR, Databases, Server, WrkResult, log, pg_connect, request, run_wrk, vacuum  # noqa: E402
 
 DRIVERS = {"psycopg2": "postgresql+psycopg2", "psycopg": "postgresql+psycopg"}
 RESULTS = BENCH_DIR / "results"
@@ -46,6 +46,26 @@ def rows_and_vacuum(db: str, vacuumed: bool) -> tuple[int, float]:
         (rows,) = cur.fetchone()
     conn.close()
     return rows, took
+
+
+def on_every_server(
+    servers: dict[str, Server], path: str, mode: str, prefix: str, duration: float, connections: int
+) -> dict[str, WrkResult]:
+    """wrk on every driver's server at once (keys prefixed by the server's run id, driver and ``prefix``)."""
+    with ThreadPoolExecutor(len(servers)) as pool:
+        runs = {
+            driver: pool.submit(
+                run_wrk,
+                server.port,
+                path,
+                mode,
+                f"{server.run_id}-{driver}-{prefix}",
+                duration=duration,
+                connections=connections,
+            )
+            for driver, server in servers.items()
+        }
+    return {driver: run.result() for driver, run in runs.items()}
 
 
 def flatness(minutes: list[dict[str, Any]], field: str) -> dict[str, float]:
@@ -88,34 +108,10 @@ def main() -> int:
                 key = f"{run_id}-{driver}-{minute}-replay"
                 status, _, _ = request(servers[driver].port, "POST", "/leased", BODY, {"Idempotency-Key": key})
                 assert status == 201, status
-            with ThreadPoolExecutor(len(drivers)) as pool:
-                runs = {
-                    driver: pool.submit(
-                        run_wrk,
-                        servers[driver].port,
-                        "/leased",
-                        "mix",
-                        f"{run_id}-{driver}-{minute}",
-                        duration=args.minute,
-                        connections=args.connections,
-                    )
-                    for driver in drivers
-                }
-            with ThreadPoolExecutor(len(drivers)) as pool:
-                controls = {
-                    driver: pool.submit(
-                        run_wrk,
-                        servers[driver].port,
-                        "/bare",
-                        "none",
-                        f"{run_id}-{driver}-{minute}-bare",
-                        duration=args.control,
-                        connections=args.connections,
-                    )
-                    for driver in drivers
-                }
+            runs = on_every_server(servers, "/leased", "mix", f"{minute}", args.minute, args.connections)
+            controls = on_every_server(servers, "/bare", "none", f"{minute}-bare", args.control, args.connections)
             for driver in drivers:
-                server, result, bare = servers[driver], runs[driver].result(), controls[driver].result()
+                server, result, bare = servers[driver], runs[driver], controls[driver]
                 records, vacuumed = rows_and_vacuum(server.db, not args.no_vacuum)
                 bad = {k: v for k, v in result.statuses.items() if not k.startswith("2")}
                 rows[driver].append(

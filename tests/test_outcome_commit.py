@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 from helpers import charges, ext, post, record
-from test_statement_budget import is_postgresql
+from test_statement_budget import is_postgresql, recorded_statements
 from testapp import Controls, build_app
 
 from flask_idempotent.state import app_state
@@ -27,25 +27,14 @@ def app_config() -> dict[str, object]:
 
 @contextmanager
 def writes_to_records(app: Flask) -> Iterator[list[tuple[str, Any]]]:
-    """(statement, parameters) of every INSERT or UPDATE of the records table, on both of the layer's engines."""
-    seen: list[tuple[str, Any]] = []
-    with app.app_context():
-        engines = {ext(app)["db"].engine, app_state(app).engine}
-
-    def listener(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
-        verb = statement.split(None, 1)[0].upper()
-        table = statement.split("(", 1)[0]
-        # SQLite: the autocommit engine is a view of the app's, so each statement arrives twice.
-        if verb in ("INSERT", "UPDATE") and "idempotency_records" in table and (statement, parameters) not in seen:
-            seen.append((statement, parameters))
-
-    for engine in engines:
-        sa.event.listen(engine, "before_cursor_execute", listener)
-    try:
-        yield seen
-    finally:
-        for engine in engines:
-            sa.event.remove(engine, "before_cursor_execute", listener)
+    """(statement, parameters) of every INSERT or UPDATE of the records table, filled in when the block ends."""
+    writes: list[tuple[str, Any]] = []
+    with recorded_statements(app) as recorded:
+        yield writes
+    for statement, parameters in recorded:
+        verb, target = statement.split(None, 1)[0].upper(), statement.split("(", 1)[0]
+        if verb in ("INSERT", "UPDATE") and "idempotency_records" in target:
+            writes.append((statement, parameters))
 
 
 def asynchronous(statement: str, parameters: Any) -> bool:

@@ -13,9 +13,9 @@ from helpers import ext, post
 
 
 @contextmanager
-def layer_statements(app: Flask) -> Iterator[list[str]]:
-    """Collect the statements that touch the extension's tables."""
-    seen: list[str] = []
+def recorded_statements(app: Flask) -> Iterator[list[tuple[str, Any]]]:
+    """Collect ``(statement, parameters)`` of what touches the extension's tables, on both of its engines."""
+    seen: list[tuple[str, Any]] = []
     with app.app_context():
         # The app's engine (atomic mode, operations) and the one leased mode's autocommit statements use.
         state = app.extensions["idempotency"].state(app)
@@ -24,10 +24,10 @@ def layer_statements(app: Flask) -> Iterator[list[str]]:
 
     cursors: list[Any] = []  # on SQLite the second engine is a view of the first: events arrive twice
 
-    def listener(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def listener(conn: Any, cursor: Any, statement: str, parameters: Any, *args: Any) -> None:
         if "idempotency_" in statement and not any(seen_cursor is cursor for seen_cursor in cursors):
             cursors.append(cursor)  # kept alive, so no later cursor reuses its identity
-            seen.append(statement.split(None, 1)[0].upper())
+            seen.append((statement, parameters))
 
     for engine in engines:
         sa.event.listen(engine, "before_cursor_execute", listener)
@@ -36,6 +36,15 @@ def layer_statements(app: Flask) -> Iterator[list[str]]:
     finally:
         for engine in engines:
             sa.event.remove(engine, "before_cursor_execute", listener)
+
+
+@contextmanager
+def layer_statements(app: Flask) -> Iterator[list[str]]:
+    """The verbs of :func:`recorded_statements`, filled in when the block ends."""
+    verbs: list[str] = []
+    with recorded_statements(app) as recorded:
+        yield verbs
+    verbs.extend(statement.split(None, 1)[0].upper() for statement, _ in recorded)
 
 
 def is_postgresql(app: Flask) -> bool:
