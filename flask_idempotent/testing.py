@@ -1,4 +1,4 @@
-"""Prove your own routes idempotent: test helpers and a pytest plugin (docs/testing.md).
+"""Prove your own routes idempotent: the test helpers of the testing kit (docs/testing.md).
 
 The layer's guarantees hold only where a route is set up right: ``@idempotent`` below the route decorator, a
 ``scope_loader`` when more than one client sends keys, ``atomic=True`` views that never commit. Each helper
@@ -12,8 +12,9 @@ drives a route through the situation it names and asserts what SPEC's HTTP table
 - :func:`store_outage`: the database is cut off for the app; protected requests answer 503, no view runs;
 - :class:`LeaseClock` (fixture ``lease_clock``): moves the database's clock as the layer sees it.
 
-The package's ``pytest11`` entry point loads this module into pytest, which provides the ``lease_clock``
-fixture; nothing else in ``flask_idempotent`` imports it (nor pytest).
+The ``lease_clock`` fixture comes from the pytest plugin ``flask_idempotent_pytest``, which the package's
+``pytest11`` entry point loads. This module does not import pytest, and nothing else in ``flask_idempotent``
+imports it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from flask import Flask, current_app, request_finished
 from flask import request as current_request
@@ -59,7 +59,6 @@ __all__ = [
     "assert_idempotent",
     "crash_after_effect",
     "duplicate_burst",
-    "lease_clock",
     "store_outage",
     "view_runs",
 ]
@@ -804,15 +803,3 @@ class LeaseClock:
         for app, original in self._installed.items():
             app_state(app).store.offset = original
         self._installed.clear()
-
-
-@pytest.fixture
-def lease_clock(request: pytest.FixtureRequest) -> Iterator[LeaseClock]:
-    """A :class:`LeaseClock`, installed on pytest-flask's ``app`` fixture when the test uses it."""
-    clock = LeaseClock()
-    if "app" in request.fixturenames:
-        app = request.getfixturevalue("app")
-        if isinstance(app, Flask) and "idempotency" in app.extensions:
-            clock.install(app)
-    yield clock
-    clock.uninstall()

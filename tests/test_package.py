@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,30 @@ def test_every_import_sits_at_the_top_of_its_module() -> None:
         name = "flask_idempotent" if path.stem == "__init__" else f"flask_idempotent.{path.stem}"
         done = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, (name, done.stderr)
+
+
+#: What a Flask app's own test suite loads anyway, and a project that merely has the package installed should not.
+HEAVY_MODULES = ("flask", "sqlalchemy", "flask_sqlalchemy", "flask_idempotent")
+
+
+def test_loading_the_pytest_plugin_imports_neither_flask_nor_sqlalchemy() -> None:
+    """The ``pytest11`` entry point loads into every pytest run of the environment: it must cost nothing there."""
+    script = (
+        "import importlib.metadata, json, sys\n"
+        "[plugin] = [e for e in importlib.metadata.entry_points(group='pytest11') if e.name == 'flask_idempotent']\n"
+        "module = plugin.load()\n"
+        f"print(json.dumps([sorted(m for m in {HEAVY_MODULES!r} if m in sys.modules), hasattr(module, 'lease_clock')]))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [[], True]
+
+
+def test_the_testing_kit_does_not_import_pytest() -> None:
+    """``flask_idempotent.testing`` is usable from any test runner; only the plugin module imports pytest."""
+    script = "import sys, flask_idempotent.testing; print('pytest' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, "False"), done.stderr
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ mistake (a template or stylesheet left out of the wheel, a folder resolved again
 
 from __future__ import annotations
 
+import email
+import email.message
 import importlib.util
 import json
 import os
@@ -69,6 +71,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
+def wheel_metadata(wheel: Path) -> tuple[email.message.Message, str, str]:
+    """The wheel's METADATA, its license text and its entry_points.txt."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        [metadata] = [n for n in names if n.endswith(".dist-info/METADATA")]
+        [license_file] = [n for n in names if ".dist-info/" in n and n.endswith("/LICENSE")]
+        [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+        return (
+            email.message_from_bytes(archive.read(metadata)),
+            archive.read(license_file).decode(),
+            archive.read(entry_points).decode(),
+        )
+
+
 def run(args: list[str], *, timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}}
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
@@ -95,6 +111,18 @@ def test_installed_wheel_renders_the_dashboard_from_its_own_templates_and_static
         "flask_idempotent/static/flask_idempotent/dashboard.css",
     }
     assert expected <= names, sorted(expected - names)
+    assert "flask_idempotent_pytest.py" in names  # the pytest11 entry point's module
+    assert [name for name in names if name.endswith("/LICENSE")], "the LICENSE file is not in the wheel"
+    assert [name for name in names if name.endswith(".gitkeep")] == []
+
+    metadata, license_text, entry_points = wheel_metadata(wheel)
+    assert license_text.startswith("BSD 3-Clause License") and "flask_idempotent developers" in license_text
+    assert "BSD-3-Clause" in (metadata.get("License-Expression") or metadata.get("License") or "")
+    # Extras are for users; the project's own test, docs and bench tools are dependency groups, not published.
+    extras = set(metadata.get_all("Provides-Extra") or [])
+    assert {"postgresql", "psycopg", "mysql", "async", "migrate", "client"} <= extras
+    assert extras & {"test", "docs", "bench"} == set(), sorted(extras)
+    assert "flask_idempotent = flask_idempotent_pytest" in entry_points
 
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
