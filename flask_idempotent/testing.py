@@ -2,13 +2,13 @@
 
 The layer's guarantees hold only where a route is set up right: ``@idempotent`` below the route decorator, a
 ``scope_loader`` when more than one client sends keys, ``atomic=True`` views that never commit. Each helper
-drives a route through the situation it names and asserts what SPEC's HTTP table promises, on the response
+drives a route through the situation it names and asserts what docs/behaviour.md's HTTP table promises, on the response
 *and* on the stored record; when it fails, the ``AssertionError`` names the set-up mistake it found.
 
 - :func:`assert_idempotent`: a retry is a byte-identical replay, another body is 422, no key is 400, the view
   ran once (optionally: the same key from another client is a separate operation);
 - :func:`duplicate_burst`: N concurrent requests with one key against a served app: one execution;
-- :func:`crash_after_effect`: the worker dies after the view's effect; the retry answers as SPEC says;
+- :func:`crash_after_effect`: the worker dies after the view's effect; the retry answers as docs/behaviour.md says;
 - :func:`store_outage`: the database is cut off for the app; protected requests answer 503, no view runs;
 - :class:`LeaseClock` (fixture ``lease_clock``): moves the database's clock as the layer sees it.
 
@@ -603,7 +603,7 @@ def crash_after_effect(
     """Kill the request right after its view ran (its effect is done, its outcome never stored) and retry.
 
     The view returns, then the request dies like a worker killed by SIGKILL: no outcome is written and no
-    transaction commits. Asserts what SPEC's HTTP table says for the route's mode:
+    transaction commits. Asserts what docs/behaviour.md's HTTP table says for the route's mode:
 
     - leased mode: the record is left IN_PROGRESS (attempts 1); a retry while the lease is live is 409
       ``in-progress`` (or 202) and does not run the view; ``clock`` is then moved past the lease and the retry

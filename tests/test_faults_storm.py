@@ -163,7 +163,7 @@ def test_retry_storm_over_worker_processes_runs_each_key_once_and_replays_byte_f
 @pytest.mark.postgresql_only
 @pytest.mark.parametrize("route", ROUTES)
 def test_simultaneous_retries_of_a_completed_key_all_replay(server: Gunicorn, route: str) -> None:
-    """SPEC: same key, same command, COMPLETED -> the stored outcome, however many retries arrive at once."""
+    """docs/behaviour.md: same key, same command, COMPLETED -> the stored outcome, however many retries at once."""
     key = f"completed-burst-{route.strip('/')}"
     original = send(server.port, "POST", route, key=key, body={"amount": 1})
     assert (original.status, original.replayed) == (201, False), original

@@ -1,4 +1,4 @@
-"""SPEC's HTTP table, row by row: the response and the record left in the database."""
+"""docs/behaviour.md's HTTP table, row by row: the response and the record left in the database."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A reference model of SPEC, and a Hypothesis state machine that drives the real extension against it.
+"""A reference model of docs/behaviour.md, and a Hypothesis state machine that drives the real extension against it.
 
 After every step the real response, the database row and the number of times each view body ran must match
 the model. A crash is modelled as a claim whose process died: the record is put IN_PROGRESS with a lease
@@ -49,7 +49,7 @@ class ModelRecord:
 
 @dataclass
 class Model:
-    """What SPEC says should happen; a few dozen lines on purpose."""
+    """What the docs say should happen; a few dozen lines on purpose."""
 
     now: datetime
     records: dict[tuple[str, str], ModelRecord] = field(default_factory=dict)
@@ -106,7 +106,7 @@ class Model:
         rec = self.records.get((scope, key))
         if rec is None:
             return False
-        # SPEC's operator table.
+        # docs/operating.md's operator table.
         if rec.state == "IN_PROGRESS" and rec.locked_until is not None and rec.locked_until > self.now:
             return False  # a live lease: nothing, not even release
         if action == "release":

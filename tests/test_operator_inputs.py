@@ -35,7 +35,7 @@ LIST_ARGS = {"page", "per_page", "kind", "record_kind", "window", "q"}
 
 
 def framed_or_cached(response: TestResponse) -> list[str]:
-    """What is missing of the headers SPEC asks for on every dashboard response."""
+    """What is missing of the headers docs/operating.md promises on every dashboard response."""
     missing = []
     if response.headers.get("X-Frame-Options") != "DENY":
         missing.append("X-Frame-Options")

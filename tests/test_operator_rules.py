@@ -1,4 +1,4 @@
-"""SPEC's operator table, the same from the Python API, the CLI and the dashboard; and the guards every
+"""docs/operating.md's operator table, the same from the Python API, the CLI and the dashboard; and the guards every
 transition rests on: versioned compare-and-set, the lease owner's fence, the database's clock.
 
 Each row of the table is tried on a record in each state, through each interface: an allowed action has its

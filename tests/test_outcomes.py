@@ -1,4 +1,4 @@
-"""SPEC's outcome table: what the view produced decides the record's state, and what a retry gets."""
+"""docs/behaviour.md's outcome table: what the view produced decides the record's state, and what a retry gets."""
 
 from __future__ import annotations
 
