@@ -212,3 +212,53 @@ def test_readme_links_reach_files_and_headings_of_the_checkout() -> None:
         if anchor:
             headings = re.findall(r"^#{1,6} (.+)$", target.read_text(), flags=re.MULTILINE)
             assert anchor in map(github_anchor, headings), f"README.md links to {link}: no such heading"
+
+
+def ci_run_dry(tmp_path: Path, **env: str) -> list[str]:
+    """``bash .ci/run --dry-run`` with every service looking down and this user root: the machine changes it names."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    down = {"pg_isready": "exit 1", "mysqladmin": "exit 1", "mysql": "exit 1", "redis-cli": "echo", "id": "echo 0"}
+    for name, script in down.items():
+        (stubs / name).write_text(f"#!/bin/sh\n{script}\n")
+    for stub in stubs.iterdir():
+        stub.chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("CI", "IDEMPOTENCY_SYSTEM_SETUP")}
+    base["PATH"] = os.pathsep.join([str(stubs), base.get("PATH", "")])
+    done = subprocess.run(
+        ["bash", str(CHECKOUT / ".ci" / "run"), "--dry-run"],
+        env=base | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout.splitlines()
+
+
+def test_ci_run_changes_the_machine_only_under_ci_or_the_opt_in(tmp_path: Path) -> None:
+    script = (CHECKOUT / ".ci" / "run").read_text()
+    assert "--dry-run" in script and "IDEMPOTENCY_SYSTEM_SETUP" in script  # (else running it would change things)
+    apt_calls = re.findall(r"apt-get (?:update|install)[^\n]*", script)
+    assert apt_calls and [call for call in apt_calls if "-qq" in call or "/dev/null" in call] == []  # output shows
+
+    def changes(lines: list[str], prefix: str) -> list[str]:
+        return [line.removeprefix(prefix) for line in lines if line.startswith(prefix)]
+
+    developer = ci_run_dry(tmp_path)
+    ci = ci_run_dry(tmp_path, CI="true")
+    opted_in = ci_run_dry(tmp_path, IDEMPOTENCY_SYSTEM_SETUP="1")
+
+    assert any("System setup is OFF" in line for line in developer)
+    assert changes(developer, "would run: ") == [] and changes(developer, "+ ") == []
+    skipped = changes(developer, "would skip (system setup off): ")
+    if not skipped:
+        pytest.skip("nothing on this machine that .ci/run could install or start")
+    # CI and the opt-in do exactly what the developer's run only names, and each command is announced first.
+    assert changes(ci, "would run: ") == changes(opted_in, "would run: ") == skipped
+    assert changes(ci, "would skip (system setup off): ") == []
+    for lines in (developer, ci):
+        for i, line in enumerate(lines):
+            if line.startswith("would ") and "apt-get update" not in line:
+                assert lines[i - 1].startswith(("about to ", "would ")), lines[i - 1 : i + 1]
