@@ -160,9 +160,11 @@ class Idempotency:
 
         ``key`` computes the key from the call's arguments; the arguments (JSON) are the command, so the same
         key with other arguments raises ``KeyReused``; the return value (JSON) is stored and returned to a
-        redelivered or repeated call. Outside an app context it pushes the context of the app it was registered
-        on. Place it below ``@celery.task``; with Celery's ``bind=True`` pass ``bind=True`` here too: the task
-        object (``self``) is then handed to the function but is neither part of the key nor of the command.
+        redelivered or repeated call, and to the first call too as JSON gives it back. Celery's own retries
+        (``self.retry()``, the task's ``autoretry_for``) leave the record retryable. Outside an app context it
+        pushes the context of the app it was registered on. Place it below ``@celery.task``; with Celery's
+        ``bind=True`` pass ``bind=True`` here too: the task object (``self``) is then handed to the function but
+        is neither part of the key nor of the command.
         """
         return task_decorator(
             self._bound,

@@ -3,9 +3,10 @@
 The same records, leases, fencing, dashboard and CLI as requests; the record's ``kind`` is ``task``. A call
 claims its (scope, key) like a request does (docs: "Tasks and other code paths"):
 
-- claimed (new, retryable failure, expired): the function runs; its JSON-serialisable return value is stored
-  and returned; an exception is a FAILED outcome (retryable for ``TransientError`` and the ``transient=``
-  types, final otherwise: the effect may have happened) and is raised again;
+- claimed (new, retryable failure, expired): the function runs; its return value is stored as JSON and
+  returned as its replays will return it (round-tripped through JSON); an exception is a FAILED outcome
+  (retryable for ``TransientError``, the ``transient=`` types and Celery's retries -- see
+  :func:`celery_retries` -- final otherwise: the effect may have happened) and is raised again;
 - COMPLETED: the stored value is returned without running anything (a redelivered Celery task, a retry);
 - FAILED final: :class:`~flask_idempotent.RequestFailed` with the stored error;
 - another call holds the lease: :class:`~flask_idempotent.RequestInProgress`, whose ``retry_after`` a Celery
@@ -20,6 +21,7 @@ import contextlib
 import functools
 import inspect
 import json
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -62,41 +64,114 @@ def command_of(name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
     return {"task": name, "arguments": dict(arguments)}
 
 
+class _Refused(TypeError):
+    """The ``TypeError`` naming a value of the result that JSON cannot encode."""
+
+
+def encode_result(value: Any, name: str) -> bytes:
+    """``value`` as the JSON a replay decodes: anything ``json.dumps`` accepts (NaN included, as for arguments),
+    else a ``TypeError`` naming the type that is not."""
+
+    def refuse(obj: Any) -> Any:
+        raise _Refused(
+            f"the result of {name} holds a {type(obj).__name__}, which is not JSON-serialisable:"
+            " an idempotent operation's result is stored as JSON"
+        )
+
+    try:
+        return json.dumps(value, default=refuse).encode()
+    except _Refused:
+        raise
+    except (TypeError, ValueError) as exc:  # a key json cannot write (a tuple), a circular reference
+        raise TypeError(f"the result of {name} is not JSON-serialisable: {exc}") from None
+
+
+def celery_retries(exc: BaseException, task: Any = None) -> bool:
+    """Whether Celery runs the task again after ``exc`` (SPEC "Beyond views"), which makes the failure transient:
+
+    - ``celery.exceptions.Retry`` (what ``self.retry()`` raises);
+    - any exception that Celery's ``Task.retry`` itself raised: once ``max_retries`` is spent it raises the
+      ``exc=`` it was given or ``MaxRetriesExceededError`` (Celery gave up: the record stays FAILED retryable,
+      for an operator or a later call to run again);
+    - an instance of the task's ``autoretry_for`` that is not in its ``dont_autoretry_for``.
+
+    ``task`` is the Celery task (``self`` under ``bind=True``); without it, ``celery.current_task``: the task the
+    worker is running, whose ``autoretry_for`` decides what happens to an exception leaving the function. Celery
+    is never imported here: when it is not loaded, no exception can be Celery's.
+    """
+    exceptions = sys.modules.get("celery.exceptions")
+    if exceptions is None:
+        return False
+    if isinstance(exc, exceptions.Retry) or _raised_by_celery_retry(exc):
+        return True
+    if task is None:
+        task = _current_celery_task()
+    autoretry = tuple(getattr(task, "autoretry_for", None) or ())
+    dont = (exceptions.Ignore, *(getattr(task, "dont_autoretry_for", None) or ()))
+    return isinstance(exc, autoretry) and not isinstance(exc, dont)
+
+
+def _raised_by_celery_retry(exc: BaseException) -> bool:
+    module = sys.modules.get("celery.app.task")
+    if module is None:
+        return False
+    code = module.Task.retry.__code__
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _current_celery_task() -> Any:
+    celery = sys.modules.get("celery")
+    return None if celery is None else celery.current_task._get_current_object()
+
+
 class Operation:
     """What ``idempotency.once(...)`` gives the block: ``done``, ``result`` and :meth:`complete`.
 
     ``done`` is true when the operation already completed under this key (then ``result`` is its stored value
     and the block must not repeat the effect). Otherwise the block owns the key: it does the work and calls
-    ``complete(value)`` with a JSON-serialisable result. Leaving the block without ``complete`` completes with
-    ``None``; leaving it with an exception stores a FAILED outcome and lets the exception through.
+    ``complete(value)`` with a JSON-serialisable result; ``result`` is then that value round-tripped through
+    JSON, as every replay returns it. Leaving the block without ``complete`` completes with ``None``; leaving it
+    with an exception stores a FAILED outcome and lets the exception through.
     """
 
-    def __init__(self, ctx: RequestContext | None, *, done: bool = False, result: Any = None) -> None:
+    def __init__(self, ctx: RequestContext | None, *, done: bool = False, result: Any = None, task: Any = None) -> None:
         self._ctx = ctx
+        self._task = task
         self.done = done
         self.result = result
 
     def complete(self, value: Any = None) -> None:
-        """Store ``value`` (JSON) as the outcome: later calls with this key get it as ``result``."""
-        if self.done:
-            raise RuntimeError("this operation is already complete")
-        try:
-            body = json.dumps(value, allow_nan=False).encode()
-        except (TypeError, ValueError):
-            raise TypeError(f"the result is a {type(value).__name__}, which is not JSON-serialisable") from None
-        assert self._ctx is not None
-        self._ctx.settled = True
-        store_outcome(
-            self._ctx,
-            outcome(State.COMPLETED, False, status=200, headers=_JSON, body=body, resource_ref=None, error=None),
-        )
-        self.done, self.result = True, value
+        """Store ``value`` (JSON) as the outcome: later calls with this key get it as ``result``.
 
-    def _fail(self, exc: BaseException) -> None:
+        A value that JSON cannot encode is a ``TypeError`` naming its type, and a FAILED final outcome: the
+        work is done, but its result cannot be kept, so running it again is an operator's decision."""
+        ctx = self._ctx
+        if self.done or ctx is None or ctx.settled:
+            raise RuntimeError("this operation already has its outcome")
+        try:
+            body = encode_result(value, ctx.command.path)
+        except TypeError as exc:
+            self._fail(exc, retryable=False)
+            raise
+        ctx.settled = True
+        store_outcome(
+            ctx, outcome(State.COMPLETED, False, status=200, headers=_JSON, body=body, resource_ref=None, error=None)
+        )
+        self.done, self.result = True, json.loads(body)
+
+    def _fail(self, exc: BaseException, *, retryable: bool | None = None) -> None:
+        """Store the FAILED outcome of ``exc``: retryable as classified (SPEC's transient types and Celery's
+        retries) unless ``retryable`` says."""
         ctx = self._ctx
         assert ctx is not None
         ctx.settled = True
-        retryable = classify_exception(exc, ctx.options.transient, atomic=False)
+        if retryable is None:
+            retryable = classify_exception(exc, ctx.options.transient, atomic=False) or celery_retries(exc, self._task)
         values = outcome(
             State.FAILED, retryable, status=500, headers=_JSON, body=None, resource_ref=None, error=describe_error(exc)
         )
@@ -115,8 +190,10 @@ def run_once(
     ttl: float | None = None,
     transient: tuple[type[BaseException], ...] = (),
     summary: str | None = None,
+    task: Any = None,
 ) -> Iterator[Operation]:
-    """Claim ``(scope, key)`` for ``command`` and yield the :class:`Operation` (see the module docstring)."""
+    """Claim ``(scope, key)`` for ``command`` and yield the :class:`Operation` (see the module docstring).
+    ``task``: the Celery task running it, when known (else :func:`celery_retries` asks Celery)."""
     if not isinstance(scope, str) or len(scope) > 255:
         raise ValueError("the scope must be a str of at most 255 characters")
     options = state.resolve(RouteOptions(atomic=False, wait=0, lease=lease, ttl=ttl, transient=transient))
@@ -140,7 +217,7 @@ def run_once(
         assert row is not None or decision is Decision.IN_PROGRESS
         yield _answer(ctx, decision, row)
         return
-    operation = Operation(ctx)
+    operation = Operation(ctx, task=task)
     try:
         yield operation
     except BaseException as exc:
@@ -219,13 +296,13 @@ def task_decorator(
                     lease=lease,
                     ttl=ttl,
                     transient=transient,
+                    task=passed[0] if bind else None,
                 ) as operation,
             ):
                 if operation.done:
                     return operation.result
-                result = func(*passed, *args, **kwargs)
-                operation.complete(result)
-                return result
+                operation.complete(func(*passed, *args, **kwargs))
+                return operation.result  # as JSON gives it back: what every replay returns
 
         return call
 

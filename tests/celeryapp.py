@@ -24,6 +24,10 @@ reaches their point first; the arguments (the idempotency command) stay the same
   stays IN_PROGRESS and the message is neither acknowledged nor rejected;
 - ``<order_id>.kill-after-completion``: SIGKILL the worker after the outcome is stored, before the task returns
   (so before the late acknowledgement): the record is COMPLETED, the message is delivered again.
+
+Celery's own retries: ``retry_charge`` (``bind=True``, ``raise self.retry(...)``) and ``auto_charge``
+(``autoretry_for=(ProviderBusy,)``), both with ``max_retries=2`` and no countdown, charge through a provider that is
+busy for the first ``busy`` runs of an order (counted in ``celery_runs``, one row per run of the function).
 """
 
 from __future__ import annotations
@@ -57,6 +61,17 @@ class CeleryApp:
     db: SQLAlchemy
     charge: Any  # the Celery task
     charge_once: Any  # the idempotent function it runs
+    retry_charge: Any  # the Celery tasks retried by Celery: raise self.retry(...), autoretry_for
+    auto_charge: Any
+
+
+class ProviderBusy(Exception):
+    """The provider could not take the charge now: nothing happened, a retry may succeed."""
+
+
+MAX_RETRIES = 2
+RETRY_TASK_NAME = "celeryapp.retry_charge"
+AUTO_TASK_NAME = "celeryapp.auto_charge"
 
 
 def take_fault(signal_dir: Path | None, order_id: int, fault: str) -> bool:
@@ -110,6 +125,26 @@ def create(env: Mapping[str, str] | None = None) -> CeleryApp:
         amount: Mapped[int]
         pid: Mapped[int]
         task_id: Mapped[str] = mapped_column(sa.String(64))
+
+    class Run(db.Model):  # type: ignore[name-defined,misc]
+        """One row per run of a retried task's function, committed before the provider answers."""
+
+        __tablename__ = "celery_runs"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        order_id: Mapped[int] = mapped_column(index=True)
+        task: Mapped[str] = mapped_column(sa.String(64))
+        retries: Mapped[int]  # Celery's count of the retries before this run
+
+    def busy_provider(order_id: int, amount: int, busy: int) -> dict[str, Any]:
+        """Record the run; ProviderBusy for the first ``busy`` runs of the order, then one charge."""
+        db.session.add(Run(order_id=order_id, task=current_task.name, retries=current_task.request.retries))
+        db.session.commit()
+        if db.session.scalar(sa.select(sa.func.count()).where(Run.order_id == order_id)) <= busy:
+            raise ProviderBusy(f"order {order_id}: the provider is busy")
+        row = Charge(order_id=order_id, amount=amount, pid=os.getpid(), task_id=current_task.request.id or "")
+        db.session.add(row)
+        db.session.commit()
+        return {"charge": row.id, "order_id": order_id, "amount": amount}
 
     db.init_app(flask_app)
     clock = file_clock(env["CELERYAPP_CLOCK_FILE"]) if env.get("CELERYAPP_CLOCK_FILE") else None
@@ -167,13 +202,43 @@ def create(env: Mapping[str, str] | None = None) -> CeleryApp:
             kill_self()  # the outcome is stored; the message is not acknowledged yet
         return result
 
+    # The documented bind=True set-up: Celery hands the task to the function as ``self``, and so does the layer.
+    @celery.task(bind=True, acks_late=True, max_retries=MAX_RETRIES, name=RETRY_TASK_NAME)
+    @idempotency.task(
+        key=lambda order_id, amount, busy: f"charge:{order_id}", scope="billing", bind=True, name=RETRY_TASK_NAME
+    )
+    def retry_charge(self: Any, order_id: int, amount: int, busy: int) -> dict[str, Any]:
+        try:
+            return busy_provider(order_id, amount, busy)
+        except ProviderBusy as exc:
+            raise self.retry(exc=exc, countdown=0) from exc
+
+    @celery.task(
+        autoretry_for=(ProviderBusy,),
+        retry_kwargs={"countdown": 0},
+        acks_late=True,
+        max_retries=MAX_RETRIES,
+        name=AUTO_TASK_NAME,
+    )
+    @idempotency.task(key=lambda order_id, amount, busy: f"charge:{order_id}", scope="billing", name=AUTO_TASK_NAME)
+    def auto_charge(order_id: int, amount: int, busy: int) -> dict[str, Any]:
+        return busy_provider(order_id, amount, busy)
+
     if signal_dir is not None:
 
         @worker_ready.connect(weak=False)
         def announce(sender: Any = None, **kwargs: Any) -> None:
             (signal_dir / f"ready.{os.getpid()}").touch()
 
-    return CeleryApp(flask_app=flask_app, celery=celery, db=db, charge=charge, charge_once=charge_once)
+    return CeleryApp(
+        flask_app=flask_app,
+        celery=celery,
+        db=db,
+        charge=charge,
+        charge_once=charge_once,
+        retry_charge=retry_charge,
+        auto_charge=auto_charge,
+    )
 
 
 _built: list[CeleryApp] = []

@@ -13,6 +13,9 @@ results from the result backend and the records and charges from PostgreSQL.
   operator decides with the CLI: ``mark-retryable`` (the next delivery runs it again: a second charge, attempt 2)
   or ``mark-failed`` (the next delivery fails with ``RequestFailed``, no charge).
 - A worker killed after the outcome, before the acknowledgement: the redelivered task returns the stored value.
+- Celery's own retries (``raise self.retry(...)`` under ``bind=True``, ``autoretry_for``) are transient: each
+  retry runs the function again (attempts + 1); when Celery gives up (``max_retries``) the record stays FAILED
+  retryable, and the task sent again runs it.
 
 Needs PostgreSQL and Redis (``IDEMPOTENCY_TEST_REDIS_URL``, default ``redis://127.0.0.1:6379/15``). Each test
 starts from an empty broker and result backend of its own: every Redis key it uses has a fresh prefix (kombu's and
@@ -234,6 +237,14 @@ class Rig:
                 {"o": order_id},
             )
             return [dict(r._mapping) for r in rows]
+
+    def runs(self, order_id: int) -> list[tuple[str, int]]:
+        """The runs of a retried task's function for the order: (task name, Celery's retries before it)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT task, retries FROM celery_runs WHERE order_id = :o ORDER BY id"), {"o": order_id}
+            )
+            return [(r.task, r.retries) for r in rows]
 
     def events(self, record_id: int, kind: str | None = None) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -457,3 +468,59 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+RETRIED_BY = {"self.retry": "retry_charge", "autoretry_for": "auto_charge"}  # how Celery is asked to retry
+
+
+@pytest.mark.parametrize("how", list(RETRIED_BY))
+def test_celery_retries_run_the_task_again_until_it_succeeds(rig: Rig, how: str) -> None:
+    order = 5
+    task = getattr(rig.app, RETRIED_BY[how])
+    rig.worker("w1")
+    sent = task.delay(order, 800, 2)  # the provider is busy for the first two runs
+    value = rig.result(sent)
+    assert sent.state == "SUCCESS"
+    assert rig.runs(order) == [(task.name, 0), (task.name, 1), (task.name, 2)]  # ran three times: two retries
+    charges = rig.charges(order)
+    assert len(charges) == 1 and charges[0]["task_id"] == sent.id  # one effect
+    assert value == {"charge": charges[0]["id"], "order_id": order, "amount": 800}
+    record = rig.record(order)
+    assert record is not None and (record["kind"], record["path"]) == ("task", task.name)
+    assert (record["state"], record["retryable"], record["attempts"], record["value"]) == ("COMPLETED", False, 3, value)
+
+    replay = task.delay(order, 800, 2)  # the same task sent again: the stored value, nothing runs
+    assert rig.result(replay) == value and replay.state == "SUCCESS"
+    assert len(rig.runs(order)) == 3 and rig.charges(order) == charges and rig.record(order) == record
+
+
+@pytest.mark.parametrize("how", list(RETRIED_BY))
+def test_when_celery_gives_up_the_record_stays_failed_retryable(rig: Rig, how: str) -> None:
+    order = 6
+    task = getattr(rig.app, RETRIED_BY[how])
+    rig.worker("w1")
+    sent = task.delay(order, 900, 3)  # busy for three runs: max_retries=2 gives up after the third
+    assert type(rig.result(sent)).__name__ == "ProviderBusy"
+    assert sent.state == "FAILURE"
+    assert rig.runs(order) == [(task.name, 0), (task.name, 1), (task.name, 2)]
+    assert rig.charges(order) == []
+    record = rig.record(order)
+    assert record is not None
+    assert (record["state"], record["retryable"], record["attempts"], record["value"]) == ("FAILED", True, 3, None)
+
+    # What an operator sees: a retryable failure (nothing awaits a decision), as the dashboard's list shows it.
+    listed = rig.cli("failed", "--which", "retryable", "--kind", "task")
+    assert [(r["id"], r["state"], r["retryable"]) for r in listed["items"]] == [(record["id"], "FAILED", True)]
+    assert rig.cli("failed", "--which", "awaiting")["items"] == []
+    shown = rig.cli("show", SCOPE, f"charge:{order}")
+    assert (shown["state"], shown["retryable"], shown["attempts"]) == ("FAILED", True, 3)
+
+    # The task sent again (the provider answers now) runs the function again: attempt 4, one charge.
+    again = task.delay(order, 900, 3)
+    value = rig.result(again)
+    assert again.state == "SUCCESS"
+    charges = rig.charges(order)
+    assert len(charges) == 1 and value == {"charge": charges[0]["id"], "order_id": order, "amount": 900}
+    after = rig.record(order)
+    assert after is not None
+    assert (after["state"], after["retryable"], after["attempts"], after["value"]) == ("COMPLETED", False, 4, value)

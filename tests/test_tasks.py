@@ -234,3 +234,160 @@ def test_the_errors_keep_their_message_when_pickled() -> None:
 
     error = pickle.loads(pickle.dumps(RecordStuck("the charge of order 7 stopped without an outcome")))
     assert isinstance(error, RecordStuck) and "order 7" in str(error) and error.code == 409
+
+
+class ProviderBusy(Exception):
+    """The provider cannot take the charge now: nothing happened."""
+
+
+def busy_for(runs: list[int], times: int, provider: Provider, order_id: int, amount: int) -> dict[str, Any]:
+    """The provider, busy for the first ``times`` runs (each run is counted in ``runs``)."""
+    runs.append(order_id)
+    if len(runs) <= times:
+        raise ProviderBusy(f"busy (run {len(runs)})")
+    return provider.charge(order_id, amount)
+
+
+def celery_task(app: Flask, provider: Provider, how: str, busy: int) -> tuple[Any, list[int]]:
+    """A real Celery task retried by Celery (``raise self.retry`` or ``autoretry_for``), max_retries=2, that runs
+    in-process with ``task.apply()`` (Celery runs its retries eagerly there, through the same ``Task.retry``)."""
+    celery = pytest.importorskip("celery")
+    celery_app = celery.Celery("test_tasks", set_as_current=False)
+    idempotency = ext(app)["idempotency"]
+    runs: list[int] = []
+    if how == "self.retry":
+
+        @celery_app.task(bind=True, max_retries=2, name="charge")
+        @idempotency.task(key=lambda order_id, amount: f"charge:{order_id}", scope="billing", bind=True, name="charge")
+        def retried(self: Any, order_id: int, amount: int) -> dict[str, Any]:
+            try:
+                return busy_for(runs, busy, provider, order_id, amount)
+            except ProviderBusy as exc:
+                raise self.retry(exc=exc, countdown=0) from exc
+
+        return retried, runs
+
+    @celery_app.task(autoretry_for=(ProviderBusy,), max_retries=2, retry_kwargs={"countdown": 0}, name="charge")
+    @idempotency.task(key=lambda order_id, amount: f"charge:{order_id}", scope="billing", name="charge")
+    def autoretried(order_id: int, amount: int) -> dict[str, Any]:
+        return busy_for(runs, busy, provider, order_id, amount)
+
+    return autoretried, runs
+
+
+@pytest.mark.parametrize("how", ["self.retry", "autoretry_for"])
+def test_celery_retries_run_the_task_again_until_it_succeeds(app: Flask, provider: Provider, how: str) -> None:
+    task, runs = celery_task(app, provider, how, busy=2)
+    result = task.apply(args=(7, 1000))
+    assert (result.state, result.result) == ("SUCCESS", {"charge": "ch_7", "amount": 1000})
+    assert runs == [7, 7, 7] and provider.charges == [(7, 1000)]  # three runs, one effect
+    row = record(app, "charge:7", "billing")
+    assert (row["kind"], row["state"], row["retryable"], row["attempts"]) == ("task", "COMPLETED", False, 3)
+    assert task.apply(args=(7, 1000)).result == result.result and runs == [7, 7, 7]  # sent again: the stored value
+
+
+@pytest.mark.parametrize("how", ["self.retry", "autoretry_for"])
+def test_when_celery_gives_up_the_record_stays_failed_retryable(app: Flask, provider: Provider, how: str) -> None:
+    task, runs = celery_task(app, provider, how, busy=3)
+    result = task.apply(args=(7, 1000))
+    assert result.state == "FAILURE" and isinstance(result.result, ProviderBusy)
+    assert runs == [7, 7, 7] and provider.charges == []
+    row = record(app, "charge:7", "billing")
+    assert (row["state"], row["retryable"], row["attempts"]) == ("FAILED", True, 3)
+    with app.app_context():
+        assert [r["key"] for r in ops.list_failed(True, kind="task").items] == ["charge:7"]
+        assert ops.list_failed(False, awaiting=True).items == []  # nothing awaits an operator's decision
+    again = task.apply(args=(7, 1000))  # sent again once the provider answers: it runs
+    assert (again.state, again.result) == ("SUCCESS", {"charge": "ch_7", "amount": 1000})
+    row = record(app, "charge:7", "billing")
+    assert (row["state"], row["attempts"]) == ("COMPLETED", 4) and provider.charges == [(7, 1000)]
+
+
+def test_a_retry_raised_by_hand_is_transient_and_other_exceptions_are_not(app: Flask, provider: Provider) -> None:
+    exceptions = pytest.importorskip("celery.exceptions")
+    idempotency = ext(app)["idempotency"]
+    fail: list[BaseException] = [exceptions.Retry("later"), RuntimeError("card declined")]
+
+    @idempotency.task(key=lambda order_id: f"hand:{order_id}")
+    def charge_by_hand(order_id: int) -> dict[str, Any]:
+        raise fail.pop(0)
+
+    with pytest.raises(exceptions.Retry):
+        charge_by_hand(1)
+    assert (record(app, "hand:1")["state"], record(app, "hand:1")["retryable"]) == ("FAILED", True)
+    with pytest.raises(RuntimeError):  # no Celery task, no autoretry_for: final, as without Celery
+        charge_by_hand(1)
+    row = record(app, "hand:1")
+    assert (row["state"], row["retryable"], row["attempts"]) == ("FAILED", False, 2)
+
+
+def test_a_result_is_returned_as_its_replays_return_it(app: Flask, provider: Provider) -> None:
+    idempotency = ext(app)["idempotency"]
+
+    @idempotency.task(key=lambda order_id: f"shape:{order_id}")
+    def shaped(order_id: int) -> dict[Any, Any]:
+        provider.charge(order_id, 1)
+        return {7: "seven", "pair": (1, 2), "big": 1469956200427438080, "limit": float("inf")}
+
+    first, replay = shaped(1), shaped(1)
+    assert first == replay == {"7": "seven", "pair": [1, 2], "big": 1469956200427438080, "limit": float("inf")}
+    assert provider.charges == [(1, 1)]
+    with idempotency.once("shapes", "s1", command={}) as op:
+        op.complete({1: (2, 3)})
+        assert op.result == {"1": [2, 3]}
+    with idempotency.once("shapes", "s1", command={}) as again:
+        assert again.done and again.result == {"1": [2, 3]}
+
+
+def test_a_result_json_cannot_encode_is_a_type_error_and_a_final_failure(app: Flask, provider: Provider) -> None:
+    idempotency = ext(app)["idempotency"]
+
+    @idempotency.task(key=lambda order_id: f"dec:{order_id}")
+    def decimal_result(order_id: int) -> dict[str, Any]:
+        provider.charge(order_id, 1)
+        return {"amount": Decimal("1.5")}
+
+    with pytest.raises(TypeError, match="result of .*decimal_result holds a Decimal, which is not JSON"):
+        decimal_result(1)
+    row = record(app, "dec:1")
+    assert (row["state"], row["retryable"], row["attempts"]) == ("FAILED", False, 1)  # the effect happened
+    assert "Decimal" in row["error"]
+    with pytest.raises(RequestFailed, match="Decimal"):
+        decimal_result(1)  # never run again: an operator decides
+    assert provider.charges == [(1, 1)]
+
+    for key, value, named in [("set", {1, 2}, "holds a set"), ("tuple-key", {(1, 2): 3}, "not tuple")]:
+        with pytest.raises(TypeError, match=named), idempotency.once("results", key, command={}) as op:
+            op.complete(value)
+        row = record(app, key, "results")
+        assert (row["state"], row["retryable"]) == ("FAILED", False)
+
+
+def test_a_result_json_cannot_encode_stays_final_under_autoretry_for_exception(app: Flask, provider: Provider) -> None:
+    celery = pytest.importorskip("celery")
+    celery_app = celery.Celery("test_tasks", set_as_current=False)
+    idempotency = ext(app)["idempotency"]
+
+    @celery_app.task(autoretry_for=(Exception,), max_retries=2, retry_kwargs={"countdown": 0}, name="decimal")
+    @idempotency.task(key=lambda order_id: f"dec:{order_id}", name="decimal")
+    def decimal_task(order_id: int) -> dict[str, Any]:
+        provider.charge(order_id, 1)
+        return {"amount": Decimal("1.5")}
+
+    result = decimal_task.apply(args=(1,))  # Celery retries the TypeError: its retries get RequestFailed
+    assert result.state == "FAILURE" and isinstance(result.result, RequestFailed)
+    assert provider.charges == [(1, 1)]
+    row = record(app, "dec:1")
+    assert (row["state"], row["retryable"], row["attempts"]) == ("FAILED", False, 1)
+
+
+def test_celery_is_never_imported_by_the_layer() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, flask_idempotent; from flask_idempotent.tasks import celery_retries;"
+        " assert not celery_retries(RuntimeError('x')); assert 'celery' not in sys.modules, 'celery imported'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
