@@ -164,8 +164,9 @@ def create_transfer() -> ResponseReturnValue:
     """Move money between two ledger accounts of this database.
 
     Atomic mode: the claim, both balance updates, the transfer row and the outcome commit in one transaction,
-    which the layer commits after the view returns. The view never commits. Every check runs before the first
-    write, because a 4xx answer is an outcome too (COMPLETED, committed with whatever the view wrote).
+    which the layer commits after the view returns. The view never commits. A 4xx answer is an outcome too
+    (COMPLETED, replayed), but its writes are rolled back and the record is stored alone: so the balance check
+    may come after the debit, as a ledger's own rule often does, and a refused transfer leaves no trace.
     """
     user = require_user()
     data = _body()
@@ -188,15 +189,17 @@ def create_transfer() -> ResponseReturnValue:
         abort_problem(404, "unknown-account", "Unknown account", f"There is no account {target_id}.")
     if source.currency != target.currency:
         abort_problem(422, "currency-mismatch", "Currency mismatch", "Both accounts must have the same currency.")
-    if source.balance < amount:
+    source.balance -= amount
+    target.balance += amount
+    db.session.flush()
+    if source.balance < 0:
+        # After the writes: the layer rolls back what a 4xx wrote (no commit_4xx=True here), balances included.
         abort_problem(
             422,
             "insufficient-funds",
             "Insufficient funds",
-            f"Account {source.id} holds {source.balance}, not {amount}.",
+            f"Account {source.id} holds {source.balance + amount}, not {amount}.",
         )
-    source.balance -= amount
-    target.balance += amount
     transfer = Transfer(
         user_id=user.id,
         from_account_id=source.id,

@@ -12,6 +12,7 @@ class ConfigKey:
     HEADER = "IDEMPOTENCY_HEADER"
     REQUIRED = "IDEMPOTENCY_REQUIRED"
     ATOMIC = "IDEMPOTENCY_ATOMIC"
+    ATOMIC_COMMIT_4XX = "IDEMPOTENCY_ATOMIC_COMMIT_4XX"
     TTL = "IDEMPOTENCY_TTL"
     LEASE = "IDEMPOTENCY_LEASE"
     WAIT = "IDEMPOTENCY_WAIT"
@@ -38,6 +39,8 @@ DEFAULTS: dict[str, object] = {
     ConfigKey.HEADER: "Idempotency-Key",
     ConfigKey.REQUIRED: True,
     ConfigKey.ATOMIC: False,
+    # Atomic mode: a 4xx outcome rolls the view's writes back (the record is stored alone) unless this is True.
+    ConfigKey.ATOMIC_COMMIT_4XX: False,
     ConfigKey.TTL: timedelta(hours=24),
     ConfigKey.LEASE: timedelta(seconds=60),
     ConfigKey.WAIT: 0.0,

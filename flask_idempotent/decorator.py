@@ -58,6 +58,7 @@ class RouteOptions:
     scope: str | None = None
     describe: Callable[[], str | None] | None = None
     runbook: str | None = None
+    commit_4xx: bool | None = None
 
     def __post_init__(self) -> None:
         if self.key is not None and not callable(self.key):
@@ -66,6 +67,8 @@ class RouteOptions:
             raise ValueError("idempotent(scope=...) must be a string of at most 255 characters")
         if self.describe is not None and not callable(self.describe):
             raise TypeError("idempotent(describe=...) takes a callable returning a short summary")
+        if self.commit_4xx is not None and not isinstance(self.commit_4xx, bool):
+            raise TypeError("idempotent(commit_4xx=...) must be True or False")
         if self.in_progress_status not in (None, 409, 202):
             raise ValueError("idempotent(in_progress_status=...) must be 409 or 202")
         if self.on_stale not in (None, "hold", "takeover"):
@@ -103,6 +106,7 @@ def idempotent(
     scope: str | None = None,
     describe: Callable[[], str | None] | None = None,
     runbook: str | None = None,
+    commit_4xx: bool | None = None,
 ) -> Callable[[F], F]: ...
 
 
@@ -125,6 +129,7 @@ def idempotent(
     scope: str | None = None,
     describe: Callable[[], str | None] | None = None,
     runbook: str | None = None,
+    commit_4xx: bool | None = None,
 ) -> F | Callable[[F], F]:
     """Protect a view: unsafe requests to it need an ``Idempotency-Key`` and run at most once per command.
 
@@ -138,8 +143,17 @@ def idempotent(
     a fixed scope for the route (``"stripe"``) instead of the ``scope_loader``'s. ``describe=`` returns a
     short, PII-free summary of the command for operators (``"10.00 EUR to ACME"``), stored with the record;
     ``runbook=`` is operator guidance for the route's stuck records (text or URL).
+
+    Atomic mode (``atomic=True``): the view's ``db.session`` writes commit with a 2xx or 3xx outcome only; a 4xx
+    (COMPLETED, replayed) rolls them back and stores the record alone, unless ``commit_4xx=True`` (config
+    ``IDEMPOTENCY_ATOMIC_COMMIT_4XX``) keeps them, for routes that record what they refused (a declined payment
+    with its 402).
+
     See the docs' "Behaviour" table for the responses it causes.
     """
+    if commit_4xx and atomic is False:
+        # A leased view commits its own writes: there is nothing for the layer to keep or roll back.
+        raise ValueError("idempotent(commit_4xx=True) applies to atomic mode only: it has no meaning with atomic=False")
     options = RouteOptions(
         required=required,
         atomic=atomic,
@@ -156,6 +170,7 @@ def idempotent(
         scope=scope,
         describe=describe,
         runbook=runbook,
+        commit_4xx=commit_4xx,
     )
 
     def decorate(f: F) -> F:

@@ -193,6 +193,17 @@ def classify_exception(exc: BaseException, transient: tuple[type[BaseException],
     return atomic or isinstance(exc, transient)
 
 
+def keeps_view_writes(state: State, status: int, *, commit_4xx: bool) -> bool:
+    """Atomic mode: whether the view's ``db.session`` writes commit with this outcome (docs: "Modes").
+
+    A 2xx or 3xx keeps them. Every FAILED outcome rolls them back, so a retry never applies them twice. A 4xx is
+    COMPLETED (replayed) yet rolls them back too: the same view without the layer would have left nothing behind
+    (Flask-SQLAlchemy never commits for it), so a debit followed by 422 must not stay. ``commit_4xx`` (a declined
+    payment recorded with its 402) keeps them.
+    """
+    return state is State.COMPLETED and (status < 400 or commit_4xx)
+
+
 def outcome(
     state: State,
     retryable: bool,

@@ -53,6 +53,7 @@ from .machine import (
     classify_exception,
     classify_status,
     decide,
+    keeps_view_writes,
     outcome,
 )
 from .state import AppState, Resolved, app_state
@@ -635,8 +636,10 @@ def _settle(
         resource_ref=ctx.resource_ref if has_resource else None,
         error=error,
     )
+    if response.is_streamed and ctx.atomic:
+        return _settle_atomic_stream(ctx, response, values, keeps_body)
     declared = response.content_length
-    if response.is_streamed and not ctx.atomic and (declared is None or declared > app.max_response_bytes):
+    if response.is_streamed and (declared is None or declared > app.max_response_bytes):
         # Stored while it is sent, never buffered whole: the outcome is written when the stream ends. (A stream
         # that declares a length within the limit, like an error page or a small file, is simply read.)
         source, chunks = response.response, response.iter_encoded()  # taken now: response.response is replaced
@@ -644,7 +647,7 @@ def _settle(
         return response
     if keeps_body:
         if response.direct_passthrough:
-            response.direct_passthrough = False  # buffer it (atomic mode only: it commits with the outcome)
+            response.direct_passthrough = False  # buffer it: it declared a length within the limit
         body = response.get_data()
         if len(body) <= app.max_response_bytes:
             values["response_body"] = body
@@ -729,9 +732,7 @@ def _stored_while_sent(
         broken = exc
         raise
     finally:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
+        _close_stream(source)
         if broken is not None:
             values.update(
                 state=State.FAILED.value,
@@ -748,7 +749,7 @@ def _stored_while_sent(
 def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str, Any]) -> BaseResponse:
     state = ctx.state
     session = state.db.session
-    if values["state"] == State.COMPLETED.value:
+    if keeps_view_writes(State(values["state"]), values["response_status"], commit_4xx=ctx.options.commit_4xx):
         try:
             assert ctx.record_id is not None and ctx.lease_token is not None
             if not state.store.settle(session.connection(), ctx.record_id, ctx.version, ctx.lease_token, values):
@@ -765,7 +766,7 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
                 response_body=None,
                 response_status=500,
             )
-            _store_atomic_failure(ctx, values)
+            _store_record_alone(ctx, values)
             return InternalServerError().get_response()
         except sa.exc.SQLAlchemyError as exc:
             _rollback_quietly(state)
@@ -777,7 +778,7 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
                 # record a retryable failure in a transaction of its own, for the dashboard.
                 values.update(state=State.FAILED.value, retryable=True, response_body=None, response_status=500)
                 values["error"] = f"the commit was refused: {_db_error(exc)}"
-                _store_atomic_failure(ctx, values)
+                _store_record_alone(ctx, values)
                 return CommitFailed(  # type: ignore[return-value]
                     "The database refused to commit this request's changes (for example a uniqueness rule), so"
                     " nothing of it was saved. Retrying the same request will fail the same way."
@@ -789,11 +790,90 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
             ).get_response()
         _after_settle(ctx, True, values)
         return response
-    # Any FAILED outcome: the view's writes are rolled back, so a retry can never apply them twice.
+    # Any FAILED outcome: the view's writes are rolled back, so a retry can never apply them twice. A 4xx
+    # (COMPLETED, without commit_4xx): rolled back too, as without the layer; its record is stored alone.
     _rollback_quietly(state)
-    values["retryable"] = True
-    _store_atomic_failure(ctx, values)
+    if values["state"] == State.FAILED.value:
+        values["retryable"] = True
+    _store_record_alone(ctx, values)
     return response
+
+
+def _settle_atomic_stream(
+    ctx: RequestContext, response: BaseResponse, values: dict[str, Any], keeps_body: bool
+) -> BaseResponse:
+    """Atomic mode, a streamed body: hold it only up to ``IDEMPOTENCY_MAX_RESPONSE_BYTES``, then commit.
+
+    A stream that ends within the limit commits with its body (a replay gives it back); a longer one commits as
+    not stored (replays answer 500 ``response-not-stored``) and is sent as the held part, then the rest as it
+    comes: never buffered whole. A stream that breaks before the commit is a FAILED (retryable) outcome: nothing
+    was sent and nothing is kept, and its exception propagates. Once committed, the outcome stands: a stream
+    that breaks later (or a client that leaves) cannot undo writes already committed, so the record stays
+    COMPLETED (see :func:`_sent_after_commit`).
+    """
+    limit = ctx.state.max_response_bytes
+    source, chunks = response.response, response.iter_encoded()  # taken now: response.response is replaced
+    held: list[bytes] = []
+    size = 0
+    ended = False
+    try:
+        for chunk in chunks:
+            held.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                break
+        else:
+            ended = True
+    except Exception as exc:
+        # Nothing was sent yet. The failure is stored, then the exception goes on to Flask's own handling (the
+        # app's 500 handler, got_request_exception), as a view's exception would.
+        _close_stream(source)
+        _rollback_quietly(ctx.state)
+        values.update(
+            state=State.FAILED.value, retryable=True, response_status=500, response_body=None, error=describe_error(exc)
+        )
+        _store_record_alone(ctx, values)
+        raise
+    if not ended:
+        values["error"] = values["error"] or _too_large(size)
+    elif keeps_body:
+        values["response_body"] = b"".join(held)
+    answer = _settle_atomic(ctx, response, values)
+    if ended or answer is not response:
+        _close_stream(source)  # read to its end, or not sent at all (the commit failed: the answer says so)
+        response.response = held
+        return answer
+    response.response = _sent_after_commit(ctx, source, held, chunks)
+    return response
+
+
+def _sent_after_commit(ctx: RequestContext, source: Any, held: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
+    """An atomic stream past the limit, after its commit: the held part, then the remaining chunks.
+
+    Its outcome is already committed, COMPLETED without a body: if the stream breaks now (or the client leaves),
+    the view's writes stay committed, so the record is not made FAILED (a retry must not run it again); the client
+    saw a cut response, and its retry is answered 500 ``response-not-stored`` with the original's headers.
+    """
+    try:
+        yield b"".join(held)
+        held.clear()
+        yield from rest
+    except Exception as exc:
+        logger.warning(
+            "the stream of atomic record %s (%r) broke after its commit (%s); it stays COMPLETED, not stored",
+            ctx.record_id,
+            ctx.command.key,
+            describe_error(exc),
+        )
+        raise
+    finally:
+        _close_stream(source)
+
+
+def _close_stream(source: Any) -> None:
+    close = getattr(source, "close", None)
+    if close is not None:
+        close()
 
 
 def _atomic_lost_race(ctx: RequestContext, exc: BaseException) -> BaseResponse:
@@ -818,8 +898,8 @@ def _atomic_lost_race(ctx: RequestContext, exc: BaseException) -> BaseResponse:
         return problem.get_response()  # type: ignore[return-value]
 
 
-def _store_atomic_failure(ctx: RequestContext, values: dict[str, Any]) -> None:
-    """After the rollback, record the FAILED (retryable) outcome in a transaction of its own.
+def _store_record_alone(ctx: RequestContext, values: dict[str, Any]) -> None:
+    """After the rollback, record the outcome (a FAILED retryable one, or a 4xx) in a transaction of its own.
 
     The rollback undid the claim too, so the claim is made again (against the row as it was before it, by its
     version) and settled with the outcome, both in one transaction.
@@ -844,7 +924,7 @@ def _store_atomic_failure(ctx: RequestContext, values: dict[str, Any]) -> None:
     try:
         record_id, version, stored = retry_lost_race(write)
     except sa.exc.SQLAlchemyError as exc:
-        logger.warning("could not store the failure of atomic record %s: %s", ctx.command.key, _db_error(exc))
+        logger.warning("could not store the outcome of atomic record %s: %s", ctx.command.key, _db_error(exc))
         return
     if stored:
         ctx.record_id, ctx.version = record_id, version + 1

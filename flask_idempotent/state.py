@@ -52,6 +52,8 @@ class Resolved:
     scope: str | None = None
     describe: Callable[[], str | None] | None = None
     runbook: str | None = None
+    #: Atomic mode: a 4xx outcome commits the view's writes too (else they are rolled back).
+    commit_4xx: bool = False
 
 
 @dataclass
@@ -161,6 +163,9 @@ class AppState:
         advisory_locks = config[ConfigKey.ADVISORY_LOCKS]
         if not isinstance(advisory_locks, bool):  # "off" from an environment variable would read as True
             raise ValueError(f"{ConfigKey.ADVISORY_LOCKS} must be True or False, not {advisory_locks!r}")
+        commit_4xx = config[ConfigKey.ATOMIC_COMMIT_4XX]
+        if not isinstance(commit_4xx, bool):
+            raise ValueError(f"{ConfigKey.ATOMIC_COMMIT_4XX} must be True or False, not {commit_4xx!r}")
         synchronous = config[ConfigKey.OUTCOME_SYNCHRONOUS_COMMIT]
         if not isinstance(synchronous, bool):
             raise ValueError(f"{ConfigKey.OUTCOME_SYNCHRONOUS_COMMIT} must be True or False, not {synchronous!r}")
@@ -188,6 +193,7 @@ class AppState:
             wait=seconds(ConfigKey.WAIT, config[ConfigKey.WAIT]),
             in_progress_status=int(config[ConfigKey.IN_PROGRESS_STATUS]),
             on_stale=str(config[ConfigKey.ON_STALE]),  # type: ignore[arg-type]
+            commit_4xx=commit_4xx,
         )  # RouteOptions validates the values
         self.engine_options: dict[str, Any] = dict(config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
         self._resolved: dict[RouteOptions, Resolved] = {}
@@ -221,6 +227,7 @@ class AppState:
                 scope=route.scope,
                 describe=route.describe,
                 runbook=route.runbook,
+                commit_4xx=pick("commit_4xx"),
             )
             self._resolved[route] = resolved
         return resolved

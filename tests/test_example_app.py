@@ -449,9 +449,11 @@ def test_transfer_beyond_the_balance_changes_nothing_and_its_answer_is_kept(exam
 
     assert refused.status_code == 422 and problem_code(refused) == "insufficient-funds"
     assert balances(example) == before and rows(example, "transfers") == []
-    assert record(example, "transfer-3")["state"] == "COMPLETED"  # a 4xx is an answer: replayed from now on
+    rec = record(example, "transfer-3")
+    assert (rec["state"], rec["response_status"]) == ("COMPLETED", 422)  # an answer: replayed from now on
     again = transfer(client, "transfer-3", before[ALICE_SAVINGS] + 1, source=ALICE_SAVINGS)
     assert again.status_code == 422 and again.headers["Idempotent-Replayed"] == "true"
+    assert again.data == refused.data and balances(example) == before  # the view debited first: rolled back
 
 
 # Scope and authentication -----------------------------------------------------------------------------------

@@ -235,6 +235,58 @@ def test_a_chunked_body_over_the_limit_is_refused_while_read_without_holding_it(
         assert charges(app) == 1
 
 
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
+def test_an_atomic_streamed_export_is_sent_through_without_holding_it(
+    app: Flask, database_url: str, tmp_path: Path
+) -> None:
+    """300 MiB streamed by an atomic view: held only up to the response limit before the commit, then streamed
+    through. The worker's RSS stays flat; the record is COMPLETED without a body; the client got every byte."""
+    from inputapp import EXPORT_CHUNK
+
+    total = 300
+    with gunicorn(database_url, tmp_path) as server:
+        pid = server.worker_pid
+        reset_peak_rss(pid)
+        before = rss_kib(pid, "VmRSS")
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        try:
+            conn.request(
+                "POST",
+                "/export",
+                body=json.dumps({"mib": total}),
+                headers={"Idempotency-Key": "export-1", "Content-Type": "application/json"},
+            )
+            response = conn.getresponse()
+            assert response.status == 200
+            received, digest = 0, hashlib.sha256()
+            while piece := response.read(MiB):
+                received += len(piece)
+                digest.update(piece)
+        finally:
+            conn.close()
+        growth_mib = (rss_kib(pid, "VmHWM") - before) / 1024
+        expected = hashlib.sha256()
+        for _ in range(total):
+            expected.update(EXPORT_CHUNK)
+        assert received == total * MiB and digest.hexdigest() == expected.hexdigest()
+        assert growth_mib < 50, f"the worker's RSS grew by {growth_mib:.0f} MiB streaming {total} MiB"
+        assert server.worker_pids() == {pid}
+
+        [row] = records(app)
+        assert (row["state"], row["response_status"], row["response_body"]) == ("COMPLETED", 200, None)
+        assert charges(app, "export") == 1  # the view's write committed with the outcome
+        replay = exchange(
+            server.port,
+            *fixed(
+                "/export",
+                [("Idempotency-Key", "export-1"), ("Content-Type", "application/json")],
+                json.dumps({"mib": total}).encode(),
+            ),
+        )
+        assert replay.status == 500 and replay.problem == "response-not-stored" and replay.replayed
+        assert charges(app, "export") == 1
+
+
 def test_a_chunked_multipart_upload_over_the_limit_is_refused_before_the_view(
     app: Flask, database_url: str, tmp_path: Path
 ) -> None:

@@ -182,6 +182,24 @@ def test_assert_idempotent_passes_on_a_correct_route_and_the_effect_happens_once
     assert view_runs(kit_app, path.strip("/")) == 2
 
 
+def test_assert_idempotent_proves_an_atomic_route_whose_answer_is_a_4xx(kit_app: Flask) -> None:
+    db = kit_app.extensions["kit-test"]["db"]
+    effects_table = db.metadata.tables["effects"]
+
+    @kit_app.post("/refused")
+    @idempotent(atomic=True)
+    def refused() -> Any:
+        db.session.execute(effects_table.insert().values(route="refused", amount=request.get_json()["amount"]))
+        return jsonify(error="over the limit"), 422
+
+    check = assert_idempotent(kit_app.test_client(), "POST", "/refused", json={"amount": 5}, headers=ALICE)
+
+    assert check.first.status_code == 422 and check.replay.headers["Idempotent-Replayed"] == "true"
+    assert (check.record["state"], check.record["response_status"]) == ("COMPLETED", 422)
+    assert effects(kit_app, "refused") == 0  # atomic mode rolled back what the 4xx wrote; the record stands alone
+    assert view_runs(kit_app, "refused") == 1
+
+
 def test_assert_idempotent_names_a_decorator_above_the_route(make: Any) -> None:
     app = make(misplaced=True)
     with pytest.raises(AssertionError, match=r"@idempotent is placed above the route decorator on above"):
