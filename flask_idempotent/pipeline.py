@@ -108,7 +108,8 @@ def _request_key(state: AppState, options: Resolved) -> str | None:
     if options.key is not None:
         found = current_app.ensure_sync(options.key)()
         if found is not None and not isinstance(found, str):
-            raise TypeError(f"idempotent(key=...) returned a {type(found).__name__}; it must return a str or None")
+            # Checked like the header: the value often comes from the client's body (``{"id": 12345}``).
+            raise InvalidKey(f"The request's idempotency key is a {type(found).__name__}, not a string.")
         lines, where = ([] if found is None else [found]), "The request's idempotency key"
     else:
         lines, where = request.headers.getlist(state.header), state.header
