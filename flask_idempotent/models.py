@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
+from sqlalchemy.ext.compiler import compiles
 
 SCHEMA_VERSION = 2
 
@@ -30,10 +31,32 @@ _Time = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 _Body = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 
 
+def no_pad_collation(dialect: sa.Dialect) -> str:
+    """The MySQL-family collation that compares byte for byte, trailing spaces included (NO PAD).
+
+    ``utf8mb4_bin`` is PAD SPACE: it would make the scopes ``"tenant-7 "`` and ``"tenant-7"`` one. MariaDB names
+    its NO PAD binary collation ``utf8mb4_nopad_bin``; MySQL 8.0.17+ ``utf8mb4_0900_bin``. A ``mysql://`` URL
+    reaching MariaDB is told apart once connected (DDL always runs on a connection).
+    """
+    return "utf8mb4_nopad_bin" if dialect.is_mariadb else "utf8mb4_0900_bin"  # type: ignore[attr-defined]
+
+
+class ExactName(mysql.VARCHAR):
+    """A scope or key column on MySQL and MariaDB: ``VARCHAR(n)`` in :func:`no_pad_collation`."""
+
+    cache_ok = True
+
+
+@compiles(ExactName, "mysql")
+@compiles(ExactName, "mariadb")
+def _compile_exact_name(type_: ExactName, compiler: Any, **kw: Any) -> str:
+    return f"VARCHAR({type_.length}) COLLATE {no_pad_collation(compiler.dialect)}"
+
+
 def _name(length: int) -> sa.types.TypeEngine[str]:
     """A scope or key: compared byte for byte (the servers' default collations ignore case and accents, which
-    would make ``Key-1`` and ``key-1`` one key)."""
-    return sa.String(length).with_variant(mysql.VARCHAR(length, collation="utf8mb4_bin"), "mysql", "mariadb")
+    would make ``Key-1`` and ``key-1`` one key, and ``utf8mb4_bin`` ignores trailing spaces)."""
+    return sa.String(length).with_variant(ExactName(length), "mysql", "mariadb")
 
 
 def v2_columns() -> list[sa.Column[Any]]:

@@ -87,11 +87,53 @@ def test_upgrade_from_an_empty_database_creates_the_app_and_extension_tables(emp
             current = MigrationContext.configure(conn).get_current_heads()
 
     assert table_names(empty) == APP_TABLES | EXTENSION_TABLES | {"alembic_version"}
-    assert current == ("0003",)
+    assert current == ("0004",)
     with empty.app_context():
         inspector = sa.inspect(example_app.db.engine)
         unique = {tuple(c["column_names"]) for c in inspector.get_unique_constraints(RECORDS_TABLE)}
         assert ("scope", "key") in unique  # the constraint correctness rests on
+
+
+@pytest.mark.parametrize("database_url", ["mariadb"], indirect=True)
+def test_revision_0004_gives_pad_space_scopes_and_keys_the_no_pad_collation(empty: Flask) -> None:
+    with empty.app_context():
+        flask_migrate.upgrade(revision="0003")
+        with example_app.db.engine.begin() as conn:  # what 0003 of the releases before this one left
+            for table in (RECORDS_TABLE, EVENTS_TABLE):
+                for column in ("scope", "key"):
+                    conn.execute(
+                        sa.text(f"ALTER TABLE {table} MODIFY `{column}` VARCHAR(255) NOT NULL COLLATE utf8mb4_bin")
+                    )
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {RECORDS_TABLE} (scope, `key`, request_hash, method, path, state, retryable,"
+                    " attempts, event_count, created_at, updated_at, expires_at) VALUES ('tenant-7', 'k-1', 'v1:x',"
+                    " 'POST', '/payments', 'COMPLETED', 0, 1, 0, NOW(6), NOW(6), NOW(6) + INTERVAL 1 DAY)"
+                )
+            )
+    changes = [(change[0][0], change[0][3]) for change in autogenerate_diff(empty)]  # it sees the collation
+    assert sorted(changes) == [("modify_type", "key")] * 2 + [("modify_type", "scope")] * 2
+    with empty.app_context():
+        flask_migrate.upgrade()
+        with example_app.db.engine.begin() as conn:
+            collations = conn.execute(
+                sa.text(
+                    "SELECT DISTINCT collation_name FROM information_schema.columns WHERE table_schema = DATABASE()"
+                    " AND table_name LIKE 'idempotency%' AND column_name IN ('scope', 'key')"
+                )
+            ).scalars()
+            assert list(collations) == ["utf8mb4_nopad_bin"]
+            # The record written before the upgrade keeps its scope; a padded scope is another one now.
+            conn.execute(
+                sa.text(
+                    f"INSERT INTO {RECORDS_TABLE} (scope, `key`, request_hash, method, path, state, retryable,"
+                    " attempts, event_count, created_at, updated_at, expires_at) VALUES ('tenant-7 ', 'k-1', 'v1:x',"
+                    " 'POST', '/payments', 'COMPLETED', 0, 1, 0, NOW(6), NOW(6), NOW(6) + INTERVAL 1 DAY)"
+                )
+            )
+            scopes = conn.execute(sa.text(f"SELECT scope FROM {RECORDS_TABLE} ORDER BY id")).scalars()
+            assert list(scopes) == ["tenant-7", "tenant-7 "]
+    assert autogenerate_diff(empty) == []
 
 
 def test_autogenerate_after_upgrade_finds_nothing_to_change(upgraded: Flask) -> None:
@@ -149,7 +191,12 @@ def test_the_migrations_match_the_extensions_schema_version() -> None:
     # (0001 and 0002 are released and never edited). This test fails first, as a reminder.
     revisions = sorted(p.stem for p in (Path(MIGRATIONS_DIR) / "versions").glob("*.py"))
     assert SCHEMA_VERSION == 2, "a new schema version needs a new revision here"
-    assert revisions == ["0001_initial", "0002_idempotency_schema_2", "0003_mysql_column_types"], revisions
+    assert revisions == [
+        "0001_initial",
+        "0002_idempotency_schema_2",
+        "0003_mysql_column_types",
+        "0004_mysql_no_pad_collation",
+    ], revisions
     text = (Path(MIGRATIONS_DIR) / "versions" / "0001_initial.py").read_text()
     assert f"'{RECORDS_TABLE}'" in text or f'"{RECORDS_TABLE}"' in text
     assert "render_as_batch" not in text  # batch mode comes from env.py's configure args, not from the revision
