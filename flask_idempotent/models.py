@@ -31,6 +31,57 @@ _Time = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 _Body = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 
 
+def storable_text(text: str, length: int | None = None) -> str:
+    """``text`` in a form every store holds, cut to ``length`` characters (docs: "The record", stored text).
+
+    A client can put any character in a path (``%00``), a ``describe=`` summary or an error message. PostgreSQL's
+    text cannot hold NUL, and no store's UTF-8 can hold a lone surrogate (``"\\ud800"`` in a JSON body): those
+    are stored escaped, in Python's spelling (NUL as the four characters ``\\x00``, a surrogate as
+    ``\\udXXX``), the same on every store. Every other character is stored as it is, control characters
+    included (the CLI and the dashboard escape them when they show them). The escape is one-way: stored text is
+    for people, and nothing compares it (commands compare by their hash, records by scope and key).
+    """
+    if "\x00" not in text and (text.isascii() or _encodes(text)):
+        return text if length is None else text[:length]
+    pieces = [_ESCAPES.get(ch) or (f"\\u{ord(ch):04x}" if "\ud800" <= ch <= "\udfff" else ch) for ch in text]
+    if length is not None:
+        total = 0
+        for count, piece in enumerate(pieces):
+            total += len(piece)
+            if total > length:  # cut before the piece that does not fit: never half an escape
+                pieces = pieces[:count]
+                break
+    return "".join(pieces)
+
+
+_ESCAPES = {"\x00": "\\x00"}
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class StoredText(sa.types.TypeDecorator[str]):
+    """``Text`` the layer writes client-influenced text to: bound values pass :func:`storable_text`."""
+
+    impl: type[sa.String] = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: sa.Dialect) -> str | None:
+        return None if value is None else storable_text(value, getattr(self.impl_instance, "length", None))
+
+
+class StoredString(StoredText):
+    """``String(length)`` like :class:`StoredText`: the stored form is cut to the column's length."""
+
+    impl = sa.String
+    cache_ok = True
+
+
 def no_pad_collation(dialect: sa.Dialect) -> str:
     """The MySQL-family collation that compares byte for byte, trailing spaces included (NO PAD).
 
@@ -69,9 +120,9 @@ def v2_columns() -> list[sa.Column[Any]]:
         # +1 on every write of the record: every change is a compare-and-set on (id, version).
         sa.Column("version", sa.Integer(), nullable=False, server_default=sa.text("1")),
         sa.Column("kind", sa.String(16), nullable=False, server_default="http"),
-        sa.Column("summary", sa.String(255), nullable=True),
+        sa.Column("summary", StoredString(255), nullable=True),
         sa.Column("acknowledged_at", _Time, nullable=True),
-        sa.Column("acknowledged_by", sa.String(255), nullable=True),
+        sa.Column("acknowledged_by", StoredString(255), nullable=True),
     ]
 
 
@@ -95,8 +146,8 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Column("key", _name(255), nullable=False),
         sa.Column("request_hash", sa.String(80), nullable=False),
         sa.Column("method", sa.String(16), nullable=False),
-        sa.Column("path", sa.Text(), nullable=False),
-        sa.Column("endpoint", sa.String(255), nullable=True),
+        sa.Column("path", StoredText(), nullable=False),
+        sa.Column("endpoint", StoredString(255), nullable=True),
         *v2_columns(),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("retryable", sa.Boolean(), nullable=False, default=False),
@@ -109,7 +160,7 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Column("response_headers", sa.JSON(), nullable=True),
         sa.Column("response_body", _Body, nullable=True),
         sa.Column("resource_ref", sa.JSON(), nullable=True),
-        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("error", StoredText(), nullable=True),
         # Events stored or suppressed for this record: the cap on events a client can cause reads it.
         sa.Column("event_count", sa.Integer(), nullable=False, default=0),
         sa.Column("created_at", _Time, nullable=False),
@@ -134,7 +185,7 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Column("scope", _name(255), nullable=False),
         sa.Column("key", _name(255), nullable=False),
         sa.Column("kind", sa.String(32), nullable=False),
-        sa.Column("actor", sa.String(255), nullable=True),
+        sa.Column("actor", StoredString(255), nullable=True),
         sa.Column("detail", sa.JSON(), nullable=True),
         sa.Column("created_at", _Time, nullable=False),
         sa.Index("ix_idempotency_events_record_id", "record_id", "id"),

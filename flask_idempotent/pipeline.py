@@ -55,6 +55,7 @@ from .machine import (
     decide,
     outcome,
 )
+from .models import storable_text
 from .state import AppState, Resolved, app_state
 from .store import LOST_RACE_ATTEMPTS, Executor, dialect_of, lost_race, pause_after_lost_race, retry_lost_race
 
@@ -162,6 +163,9 @@ def _load_scope(state: AppState) -> str:
     if len(scope) > 255:
         logger.error("the scope_loader returned a scope longer than 255 characters")
         raise ScopeError("The app's idempotency set-up is wrong: the scope is longer than 255 characters.")
+    if storable_text(scope) != scope:  # scopes compare byte for byte: an escaped one could meet another's
+        logger.error("the scope_loader returned a scope with a NUL or a lone surrogate, which no store can hold")
+        raise ScopeError("The app's idempotency set-up is wrong: the scope holds a NUL or a lone surrogate.")
     return scope
 
 

@@ -30,6 +30,7 @@ from .errors import KeyReused, RecordStuck, RequestFailed, RequestInProgress
 from .fingerprint import hash_command
 from .keys import KeyFormatError, parse_key
 from .machine import Command, Decision, classify_exception, outcome
+from .models import storable_text
 from .pipeline import claim_once, client_event, describe_error, store_outcome
 from .state import AppState
 
@@ -117,8 +118,8 @@ def run_once(
     summary: str | None = None,
 ) -> Iterator[Operation]:
     """Claim ``(scope, key)`` for ``command`` and yield the :class:`Operation` (see the module docstring)."""
-    if not isinstance(scope, str) or len(scope) > 255:
-        raise ValueError("the scope must be a str of at most 255 characters")
+    if not isinstance(scope, str) or len(scope) > 255 or storable_text(scope) != scope:
+        raise ValueError("the scope must be a str of at most 255 characters, without NUL or lone surrogates")
     options = state.resolve(RouteOptions(atomic=False, wait=0, lease=lease, ttl=ttl, transient=transient))
     ctx = RequestContext(
         state=state,

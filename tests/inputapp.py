@@ -5,7 +5,8 @@ Configured from the environment: ``INPUTAPP_DATABASE_URL`` (required; SQLite or 
 row to ``charges``, which the test reads from its own process. Besides testapp's routes:
 
 - ``GET /health``: the worker's pid, for :meth:`procs.Gunicorn.wait_ready`;
-- ``POST /echo`` (idempotent): the length and sha256 of the body the view reads with ``request.get_data()``.
+- ``POST /echo`` (idempotent): the length and sha256 of the body the view reads with ``request.get_data()``;
+- ``POST /notes/<name>`` (idempotent, ``describe=`` the body's ``summary``): the name, for stored-text tests.
 """
 
 from __future__ import annotations
@@ -39,5 +40,12 @@ def create_app() -> Flask:
         ext["db"].session.add(ext["Charge"](amount=len(data), route="echo"))
         ext["db"].session.commit()
         return jsonify(length=len(data), sha256=hashlib.sha256(data).hexdigest()), 201
+
+    @app.post("/notes/<name>")
+    @idempotent(describe=lambda: (request.get_json(silent=True) or {}).get("summary"))
+    def note(name: str) -> Any:
+        ext["db"].session.add(ext["Charge"](amount=len(name), route="notes"))
+        ext["db"].session.commit()
+        return jsonify(name=name), 201
 
     return app
