@@ -10,6 +10,7 @@ Schema version 2 (version 1 plus ``version``, ``kind``, ``summary``, ``acknowled
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,49 +66,39 @@ def _encodes(text: str) -> bool:
     return True
 
 
-class StoredText(sa.types.TypeDecorator[str]):
-    """``Text`` the layer writes client-influenced text to: bound values pass :func:`storable_text`."""
-
-    impl: type[sa.String] = sa.Text
-    cache_ok = True
-
-    def process_bind_param(self, value: str | None, dialect: sa.Dialect) -> str | None:
-        return None if value is None else storable_text(value, getattr(self.impl_instance, "length", None))
-
-
-class StoredString(StoredText):
-    """``String(length)`` like :class:`StoredText`: the stored form is cut to the column's length."""
-
-    impl = sa.String
-    cache_ok = True
+#: The models' NO PAD binary collation of scopes and keys, in MariaDB's name (MySQL's: :data:`MYSQL_NO_PAD`).
+NO_PAD = "utf8mb4_nopad_bin"
+MYSQL_NO_PAD = "utf8mb4_0900_bin"
 
 
 def no_pad_collation(dialect: sa.Dialect) -> str:
     """The MySQL-family collation that compares byte for byte, trailing spaces included (NO PAD).
 
     ``utf8mb4_bin`` is PAD SPACE: it would make the scopes ``"tenant-7 "`` and ``"tenant-7"`` one. MariaDB names
-    its NO PAD binary collation ``utf8mb4_nopad_bin``; MySQL 8.0.17+ ``utf8mb4_0900_bin``. A ``mysql://`` URL
-    reaching MariaDB is told apart once connected (DDL always runs on a connection).
+    its NO PAD binary collation ``utf8mb4_nopad_bin``; MySQL 8.0.17+ ``utf8mb4_0900_bin``.
     """
-    return "utf8mb4_nopad_bin" if dialect.is_mariadb else "utf8mb4_0900_bin"  # type: ignore[attr-defined]
+    return NO_PAD if dialect.is_mariadb else MYSQL_NO_PAD  # type: ignore[attr-defined]
 
 
-class ExactName(mysql.VARCHAR):
-    """A scope or key column on MySQL and MariaDB: ``VARCHAR(n)`` in :func:`no_pad_collation`."""
+@compiles(mysql.VARCHAR, "mysql")
+def _no_pad_by_server(type_: mysql.VARCHAR, compiler: Any, **kw: Any) -> str:
+    """``VARCHAR ... COLLATE utf8mb4_nopad_bin`` as the connected server names that collation.
 
-    cache_ok = True
-
-
-@compiles(ExactName, "mysql")
-@compiles(ExactName, "mariadb")
-def _compile_exact_name(type_: ExactName, compiler: Any, **kw: Any) -> str:
-    return f"VARCHAR({type_.length}) COLLATE {no_pad_collation(compiler.dialect)}"
+    The models say ``utf8mb4_nopad_bin`` (plain SQLAlchemy types, so that a revision Alembic generates from them
+    needs no import of this package); a ``mysql://`` URL may reach MariaDB or MySQL, and only the connection
+    tells which (DDL always runs on one). On MySQL, which has no collation of that name, it is spelt
+    ``utf8mb4_0900_bin``; every other VARCHAR compiles as SQLAlchemy compiles it.
+    """
+    if type_.collation == NO_PAD and not compiler.dialect.is_mariadb:
+        type_ = copy.copy(type_)
+        type_.collation = MYSQL_NO_PAD
+    return compiler.visit_VARCHAR(type_, **kw)  # type: ignore[no-any-return]
 
 
 def _name(length: int) -> sa.types.TypeEngine[str]:
     """A scope or key: compared byte for byte (the servers' default collations ignore case and accents, which
     would make ``Key-1`` and ``key-1`` one key, and ``utf8mb4_bin`` ignores trailing spaces)."""
-    return sa.String(length).with_variant(ExactName(length), "mysql", "mariadb")
+    return sa.String(length).with_variant(mysql.VARCHAR(length, collation=NO_PAD), "mysql", "mariadb")
 
 
 def v2_columns() -> list[sa.Column[Any]]:
@@ -120,9 +111,9 @@ def v2_columns() -> list[sa.Column[Any]]:
         # +1 on every write of the record: every change is a compare-and-set on (id, version).
         sa.Column("version", sa.Integer(), nullable=False, server_default=sa.text("1")),
         sa.Column("kind", sa.String(16), nullable=False, server_default="http"),
-        sa.Column("summary", StoredString(255), nullable=True),
+        sa.Column("summary", sa.String(255), nullable=True),
         sa.Column("acknowledged_at", _Time, nullable=True),
-        sa.Column("acknowledged_by", StoredString(255), nullable=True),
+        sa.Column("acknowledged_by", sa.String(255), nullable=True),
     ]
 
 
@@ -146,8 +137,8 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Column("key", _name(255), nullable=False),
         sa.Column("request_hash", sa.String(80), nullable=False),
         sa.Column("method", sa.String(16), nullable=False),
-        sa.Column("path", StoredText(), nullable=False),
-        sa.Column("endpoint", StoredString(255), nullable=True),
+        sa.Column("path", sa.Text(), nullable=False),
+        sa.Column("endpoint", sa.String(255), nullable=True),
         *v2_columns(),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("retryable", sa.Boolean(), nullable=False, default=False),
@@ -160,7 +151,7 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Column("response_headers", sa.JSON(), nullable=True),
         sa.Column("response_body", _Body, nullable=True),
         sa.Column("resource_ref", sa.JSON(), nullable=True),
-        sa.Column("error", StoredText(), nullable=True),
+        sa.Column("error", sa.Text(), nullable=True),
         # Events stored or suppressed for this record: the cap on events a client can cause reads it.
         sa.Column("event_count", sa.Integer(), nullable=False, default=0),
         sa.Column("created_at", _Time, nullable=False),
@@ -185,7 +176,7 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Column("scope", _name(255), nullable=False),
         sa.Column("key", _name(255), nullable=False),
         sa.Column("kind", sa.String(32), nullable=False),
-        sa.Column("actor", StoredString(255), nullable=True),
+        sa.Column("actor", sa.String(255), nullable=True),
         sa.Column("detail", sa.JSON(), nullable=True),
         sa.Column("created_at", _Time, nullable=False),
         sa.Index("ix_idempotency_events_record_id", "record_id", "id"),

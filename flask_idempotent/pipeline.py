@@ -137,7 +137,7 @@ def _describe_command(options: Resolved) -> str | None:
     except Exception:
         logger.exception("idempotent(describe=...) raised; the record is stored without a summary")
         return None
-    return None if summary is None else str(summary)[:255]
+    return None if summary is None else storable_text(str(summary), 255)
 
 
 def _load_scope(state: AppState) -> str:
@@ -202,7 +202,7 @@ def before_request() -> ResponseReturnValue | None:
             key=key,
             request_hash=hash_command(command),
             method=request.method,
-            path=request.path,
+            path=storable_text(request.path),  # ``%00`` in a path variable is NUL: see storable_text
             endpoint=request.endpoint,
             summary=_describe_command(options),
         ),
@@ -881,7 +881,7 @@ def describe_error(exc: BaseException | None) -> str | None:
     if isinstance(exc, SystemExit):
         # What gunicorn's worker timeout (and other servers' aborts) raise inside the request.
         return f"the worker was stopped mid-request by its server (e.g. a worker timeout): SystemExit({exc})"
-    return f"{type(exc).__name__}: {exc}"[:2000]
+    return storable_text(f"{type(exc).__name__}: {exc}", 2000)  # a message may quote what a client sent
 
 
 def _db_error(exc: BaseException) -> str:

@@ -66,7 +66,7 @@ def test_a_nul_in_a_path_variable_is_stored_escaped_and_the_request_replays(app:
     [row] = records(app)
     assert (row["path"], row["state"]) == ("/notes/a\\x00b", "COMPLETED")
     [event] = events(app, "conflict")
-    assert event["detail"]["path"] == "/notes/a\x00c"  # JSON holds it as it is (spelt \u0000) on every store
+    assert event["detail"]["path"] == "/notes/a\\x00c"  # the event's path reads like the record's
 
 
 def test_a_summary_with_nul_and_lone_surrogates_is_stored_escaped(app: Flask, client: FlaskClient) -> None:
