@@ -123,7 +123,7 @@ def _request_key(state: AppState, options: Resolved) -> str | None:
             )
         return None
     try:
-        return parse_key(lines)
+        return parse_key(lines, header=options.key is None)
     except KeyFormatError as exc:
         raise InvalidKey(f"{where}: {exc}.") from None
 

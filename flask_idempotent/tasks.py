@@ -44,7 +44,7 @@ def checked_key(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{where} must give the key as a str, got {type(value).__name__}")
     try:
-        return parse_key([value])
+        return parse_key([value], header=False)
     except KeyFormatError as exc:
         raise ValueError(f"{where} gave an unusable key: {exc}") from None
 

@@ -234,3 +234,15 @@ def test_the_errors_keep_their_message_when_pickled() -> None:
 
     error = pickle.loads(pickle.dumps(RecordStuck("the charge of order 7 stopped without an outcome")))
     assert isinstance(error, RecordStuck) and "order 7" in str(error) and error.code == 409
+
+
+def test_a_task_key_with_trailing_whitespace_is_refused_not_trimmed(app: Flask, provider: Provider) -> None:
+    idempotency = ext(app)["idempotency"]
+
+    @idempotency.task(key=lambda order_id: f"charge:{order_id}")
+    def charge(order_id: str) -> None:
+        provider.charge(1, 1)
+
+    with pytest.raises(ValueError, match="unusable key"):
+        charge("7 ")  # would otherwise share "charge:7"'s record
+    assert provider.charges == [] and records(app) == []

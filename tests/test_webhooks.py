@@ -118,6 +118,7 @@ def test_a_webhook_without_a_usable_id_is_400(
         (b'{"id": {"value": "evt_1"}}', "invalid-key"),
         (b'{"id": true}', "invalid-key"),
         (b'{"id": "evt 1"}', "invalid-key"),
+        (b'{"id": "evt_1 "}', "invalid-key"),  # not "evt_1": an id is the sender's, whitespace and all
         (b'{"id": null}', "missing-key"),
     ],
 )
