@@ -392,7 +392,8 @@ _action(
 @cli.command("upgrade-schema")
 @json_option
 def upgrade_schema_command(as_json: bool) -> None:
-    """Add the columns of the current schema version to existing tables (apps without migrations)."""
+    """Add the columns of the current schema version to existing tables (apps without migrations); on MariaDB
+    and MySQL, give scopes and keys the NO PAD binary collation."""
     added = upgrade_schema(app_state().db.engine)
     _emit(
         {"added": added},

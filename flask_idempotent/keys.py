@@ -43,11 +43,12 @@ def _unquote_sf_string(value: str) -> str:
     return "".join(out)
 
 
-def parse_key(values: list[str]) -> str:
+def parse_key(values: list[str], *, header: bool = True) -> str:
     """Return the key carried by the header lines ``values`` (all lines with the header's name).
 
     Raises :class:`KeyFormatError` for two or more lines (given apart, or joined by the server with a comma),
-    an empty or over-long key, characters outside 0x21-0x7E, a comma, or a broken sf-string.
+    an empty or over-long key, characters outside 0x21-0x7E, a comma, or a broken sf-string. ``header=False``
+    (a ``key=`` callable's value): no whitespace around it is dropped, so ``"k "`` is refused, never ``"k"``.
     """
     if len(values) != 1:
         raise KeyFormatError("the key header must appear exactly once")
@@ -56,7 +57,7 @@ def parse_key(values: list[str]) -> str:
         # content of an sf-string obeys the bare key's rule, so ``"a,b"`` is refused too.
         raise KeyFormatError(_COMMA)
     # Optional whitespace around a field value is not part of it (RFC 9110 section 5.5).
-    value = values[0].strip(" \t")
+    value = values[0].strip(" \t") if header else values[0]
     if value.startswith('"'):
         value = _unquote_sf_string(value)
     if not value:

@@ -11,18 +11,20 @@ Version 1 → 2 adds ``version``, ``kind``, ``summary``, ``acknowledged_at`` and
 defaults; nothing else changes, so records written by version 1 replay, conflict and show as stuck as before.
 
 MySQL and MariaDB: :func:`mysql_column_types` gives tables that a migration written before MySQL was supported
-created there the column types the models now carry for it (no schema version of its own: elsewhere nothing
-changes).
+created there the column types the models now carry for it, and :func:`mysql_no_pad_collation` scopes and keys
+compared byte for byte where an older release created them ``utf8mb4_bin`` (no schema version of their own:
+elsewhere nothing changes). ``upgrade_schema`` does the latter too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.schema import CreateColumn
 
-from .models import RECORDS_TABLE, define_tables, v2_columns
+from .models import RECORDS_TABLE, define_tables, no_pad_collation, v2_columns
 
 #: SQLAlchemy's names for a MySQL or MariaDB server.
 _MYSQL_DIALECTS = ("mysql", "mariadb")
@@ -49,13 +51,34 @@ def mysql_column_types(op: Any) -> None:
     those columns to ``DATETIME(6)``, ``LONGBLOB`` and ``utf8mb4_bin``; on any other database it does nothing.
     Run it before the tables hold records: rows that differ only in case would collide on the unique index.
     """
+    _modify_to_model(op, lambda column: isinstance(column.type, (sa.DateTime, sa.LargeBinary)) or _is_name(column))
+
+
+def mysql_no_pad_collation(op: Any) -> None:
+    """Call from an Alembic revision's ``upgrade()``: on MySQL and MariaDB, scopes and keys compared byte for byte.
+
+    Tables created before this release hold ``scope`` and ``key`` in ``utf8mb4_bin``, which ignores trailing
+    spaces (PAD SPACE): the scopes ``"tenant-7 "`` and ``"tenant-7"`` were one. This modifies them, in both
+    tables, to the NO PAD binary collation (:func:`~flask_idempotent.models.no_pad_collation`: MariaDB's
+    ``utf8mb4_nopad_bin``, MySQL 8's ``utf8mb4_0900_bin``). Safe on a table in use: rows unique under the old
+    collation are unique under the new one. On any other database it does nothing.
+    """
+    _modify_to_model(op, _is_name)
+
+
+def _is_name(column: sa.Column[Any]) -> bool:
+    return column.name in ("scope", "key")
+
+
+def _modify_to_model(op: Any, which: Callable[[sa.Column[Any]], bool]) -> None:
+    """On MySQL and MariaDB, restate the columns ``which`` picks with the models' types (elsewhere: nothing)."""
     dialect = op.get_bind().dialect
     if dialect.name not in _MYSQL_DIALECTS:
         return
     tables = define_tables(sa.MetaData())
     for table in (tables.records, tables.events):
         for column in table.c:
-            if isinstance(column.type, (sa.DateTime, sa.LargeBinary)) or column.name in ("scope", "key"):
+            if which(column):
                 # The model's type: Alembic compiles its MySQL variant. MODIFY restates the whole column.
                 op.alter_column(table.name, column.name, type_=column.type, existing_nullable=column.nullable)
 
@@ -64,7 +87,9 @@ def upgrade_schema(engine: sa.Engine) -> list[str]:
     """Bring the records table of ``engine``'s database to the current schema; return the columns added.
 
     For apps without migrations (``create_all``). Each missing column of a later version is added with
-    ``ALTER TABLE ... ADD COLUMN`` in one transaction; a table already current is left alone.
+    ``ALTER TABLE ... ADD COLUMN`` in one transaction; a table already current is left alone. On MySQL and
+    MariaDB, scopes and keys in another collation get the NO PAD binary one (as :func:`mysql_no_pad_collation`),
+    listed as ``table.column COLLATE name``.
     """
     with engine.begin() as conn:
         inspector = sa.inspect(conn)
@@ -80,4 +105,23 @@ def upgrade_schema(engine: sa.Engine) -> list[str]:
             table = conn.dialect.identifier_preparer.quote(RECORDS_TABLE)
             conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {ddl}"))
             added.append(column.name)
+        if conn.dialect.name in _MYSQL_DIALECTS:
+            added += _no_pad_names(conn)
     return added
+
+
+def _no_pad_names(conn: sa.Connection) -> list[str]:
+    """``ALTER TABLE ... MODIFY`` each scope and key column not yet in the NO PAD binary collation."""
+    wanted = no_pad_collation(conn.dialect)
+    quote = conn.dialect.identifier_preparer.quote
+    changed = []
+    tables = define_tables(sa.MetaData())
+    for table in (tables.records, tables.events):
+        present = {c["name"]: c for c in sa.inspect(conn).get_columns(table.name)}
+        for column in filter(_is_name, table.c):
+            if getattr(present[column.name]["type"], "collation", None) == wanted:
+                continue
+            ddl = column.type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {quote(table.name)} MODIFY {quote(column.name)} {ddl} NOT NULL"))
+            changed.append(f"{table.name}.{column.name} COLLATE {wanted}")
+    return changed

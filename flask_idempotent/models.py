@@ -10,11 +10,13 @@ Schema version 2 (version 1 plus ``version``, ``kind``, ``summary``, ``acknowled
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
+from sqlalchemy.ext.compiler import compiles
 
 SCHEMA_VERSION = 2
 
@@ -30,10 +32,73 @@ _Time = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 _Body = sa.LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb")
 
 
+def storable_text(text: str, length: int | None = None) -> str:
+    """``text`` in a form every store holds, cut to ``length`` characters (docs: "The record", stored text).
+
+    A client can put any character in a path (``%00``), a ``describe=`` summary or an error message. PostgreSQL's
+    text cannot hold NUL, and no store's UTF-8 can hold a lone surrogate (``"\\ud800"`` in a JSON body): those
+    are stored escaped, in Python's spelling (NUL as the four characters ``\\x00``, a surrogate as
+    ``\\udXXX``), the same on every store. Every other character is stored as it is, control characters
+    included (the CLI and the dashboard escape them when they show them). The escape is one-way: stored text is
+    for people, and nothing compares it (commands compare by their hash, records by scope and key).
+    """
+    if "\x00" not in text and (text.isascii() or _encodes(text)):
+        return text if length is None else text[:length]
+    pieces = [_ESCAPES.get(ch) or (f"\\u{ord(ch):04x}" if "\ud800" <= ch <= "\udfff" else ch) for ch in text]
+    if length is not None:
+        total = 0
+        for count, piece in enumerate(pieces):
+            total += len(piece)
+            if total > length:  # cut before the piece that does not fit: never half an escape
+                pieces = pieces[:count]
+                break
+    return "".join(pieces)
+
+
+_ESCAPES = {"\x00": "\\x00"}
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+#: The models' NO PAD binary collation of scopes and keys, in MariaDB's name (MySQL's: :data:`MYSQL_NO_PAD`).
+NO_PAD = "utf8mb4_nopad_bin"
+MYSQL_NO_PAD = "utf8mb4_0900_bin"
+
+
+def no_pad_collation(dialect: sa.Dialect) -> str:
+    """The MySQL-family collation that compares byte for byte, trailing spaces included (NO PAD).
+
+    ``utf8mb4_bin`` is PAD SPACE: it would make the scopes ``"tenant-7 "`` and ``"tenant-7"`` one. MariaDB names
+    its NO PAD binary collation ``utf8mb4_nopad_bin``; MySQL 8.0.17+ ``utf8mb4_0900_bin``.
+    """
+    return NO_PAD if dialect.is_mariadb else MYSQL_NO_PAD  # type: ignore[attr-defined]
+
+
+@compiles(mysql.VARCHAR, "mysql")
+def _no_pad_by_server(type_: mysql.VARCHAR, compiler: Any, **kw: Any) -> str:
+    """``VARCHAR ... COLLATE utf8mb4_nopad_bin`` as the connected server names that collation.
+
+    The models say ``utf8mb4_nopad_bin`` (plain SQLAlchemy types, so that a revision Alembic generates from them
+    needs no import of this package); a ``mysql://`` URL may reach MariaDB or MySQL, and only the connection
+    tells which (DDL always runs on one). On MySQL, which has no collation of that name, it is spelt
+    ``utf8mb4_0900_bin``; every other VARCHAR compiles as SQLAlchemy compiles it.
+    """
+    if type_.collation == NO_PAD and not compiler.dialect.is_mariadb:
+        type_ = copy.copy(type_)
+        type_.collation = MYSQL_NO_PAD
+    return compiler.visit_VARCHAR(type_, **kw)  # type: ignore[no-any-return]
+
+
 def _name(length: int) -> sa.types.TypeEngine[str]:
     """A scope or key: compared byte for byte (the servers' default collations ignore case and accents, which
-    would make ``Key-1`` and ``key-1`` one key)."""
-    return sa.String(length).with_variant(mysql.VARCHAR(length, collation="utf8mb4_bin"), "mysql", "mariadb")
+    would make ``Key-1`` and ``key-1`` one key, and ``utf8mb4_bin`` ignores trailing spaces)."""
+    return sa.String(length).with_variant(mysql.VARCHAR(length, collation=NO_PAD), "mysql", "mariadb")
 
 
 def v2_columns() -> list[sa.Column[Any]]:

@@ -68,6 +68,7 @@ _RESOURCE_GONE = _Problem(errors.ResourceGone, replayed=True)
 _FAILED = _Problem(errors.RequestFailed)
 _NOT_STORED = _Problem(errors.ResponseNotStored, replayed=True)
 _COMMIT_FAILED = _Problem(errors.CommitFailed)
+_COMMIT_CONFLICT = _Problem(errors.CommitConflict, retry_after=True)
 _SCOPE_ERROR = _Problem(errors.ScopeError)
 
 
@@ -89,6 +90,7 @@ def _problems(options: Resolved) -> Iterator[tuple[int, _Problem]]:
     yield 500, _NOT_STORED
     if options.atomic:
         yield 500, _COMMIT_FAILED
+        yield 503, _COMMIT_CONFLICT
     if options.scope is None:
         yield 500, _SCOPE_ERROR
 

@@ -24,6 +24,7 @@ from . import signals
 from .context import RecordView
 from .decorator import options_of
 from .machine import Action, TransitionError, operator_transition
+from .models import storable_text
 from .state import AppState, app_state
 from .store import COUNT_LIMIT, LOST_RACE_ATTEMPTS, lost_race, retry_lost_race
 
@@ -352,7 +353,8 @@ def act(action: Action | str, record_id: int, *, actor: str, version: int | None
     try:
         # An action that lost a race (SERIALIZABLE, a deadlock) changed nothing; run again, it reads the record
         # afresh and still compares the version the operator saw.
-        result = retry_lost_race(lambda: _act_once(action, record_id, actor, version))
+        stored = storable_text(actor, 255)  # acknowledged_by and the event's actor hold any name (docs: The record)
+        result = retry_lost_race(lambda: _act_once(action, record_id, stored, version))
     except sa.exc.DBAPIError as exc:
         if not lost_race(exc):
             raise

@@ -56,6 +56,7 @@ from .machine import (
     keeps_view_writes,
     outcome,
 )
+from .models import storable_text
 from .state import AppState, Resolved, app_state
 from .store import LOST_RACE_ATTEMPTS, Executor, dialect_of, lost_race, pause_after_lost_race, retry_lost_race
 
@@ -109,7 +110,8 @@ def _request_key(state: AppState, options: Resolved) -> str | None:
     if options.key is not None:
         found = current_app.ensure_sync(options.key)()
         if found is not None and not isinstance(found, str):
-            raise TypeError(f"idempotent(key=...) returned a {type(found).__name__}; it must return a str or None")
+            # Checked like the header: the value often comes from the client's body (``{"id": 12345}``).
+            raise InvalidKey(f"The request's idempotency key is a {type(found).__name__}, not a string.")
         lines, where = ([] if found is None else [found]), "The request's idempotency key"
     else:
         lines, where = request.headers.getlist(state.header), state.header
@@ -122,7 +124,7 @@ def _request_key(state: AppState, options: Resolved) -> str | None:
             )
         return None
     try:
-        return parse_key(lines)
+        return parse_key(lines, header=options.key is None)
     except KeyFormatError as exc:
         raise InvalidKey(f"{where}: {exc}.") from None
 
@@ -136,7 +138,7 @@ def _describe_command(options: Resolved) -> str | None:
     except Exception:
         logger.exception("idempotent(describe=...) raised; the record is stored without a summary")
         return None
-    return None if summary is None else str(summary)[:255]
+    return None if summary is None else storable_text(str(summary), 255)
 
 
 def _load_scope(state: AppState) -> str:
@@ -162,6 +164,9 @@ def _load_scope(state: AppState) -> str:
     if len(scope) > 255:
         logger.error("the scope_loader returned a scope longer than 255 characters")
         raise ScopeError("The app's idempotency set-up is wrong: the scope is longer than 255 characters.")
+    if storable_text(scope) != scope:  # scopes compare byte for byte: an escaped one could meet another's
+        logger.error("the scope_loader returned a scope with a NUL or a lone surrogate, which no store can hold")
+        raise ScopeError("The app's idempotency set-up is wrong: the scope holds a NUL or a lone surrogate.")
     return scope
 
 
@@ -198,7 +203,7 @@ def before_request() -> ResponseReturnValue | None:
             key=key,
             request_hash=hash_command(command),
             method=request.method,
-            path=request.path,
+            path=storable_text(request.path),  # ``%00`` in a path variable is NUL: see storable_text
             endpoint=request.endpoint,
             summary=_describe_command(options),
         ),
@@ -956,7 +961,7 @@ def describe_error(exc: BaseException | None) -> str | None:
     if isinstance(exc, SystemExit):
         # What gunicorn's worker timeout (and other servers' aborts) raise inside the request.
         return f"the worker was stopped mid-request by its server (e.g. a worker timeout): SystemExit({exc})"
-    return f"{type(exc).__name__}: {exc}"[:2000]
+    return storable_text(f"{type(exc).__name__}: {exc}", 2000)  # a message may quote what a client sent
 
 
 def _db_error(exc: BaseException) -> str:

@@ -32,6 +32,7 @@ from .errors import KeyReused, RecordStuck, RequestFailed, RequestInProgress
 from .fingerprint import hash_command
 from .keys import KeyFormatError, parse_key
 from .machine import Command, Decision, classify_exception, outcome
+from .models import storable_text
 from .pipeline import claim_once, client_event, describe_error, store_outcome
 from .state import AppState
 
@@ -45,7 +46,7 @@ def checked_key(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{where} must give the key as a str, got {type(value).__name__}")
     try:
-        return parse_key([value])
+        return parse_key([value], header=False)
     except KeyFormatError as exc:
         raise ValueError(f"{where} gave an unusable key: {exc}") from None
 
@@ -194,8 +195,8 @@ def run_once(
 ) -> Iterator[Operation]:
     """Claim ``(scope, key)`` for ``command`` and yield the :class:`Operation` (see the module docstring).
     ``task``: the Celery task running it, when known (else :func:`celery_retries` asks Celery)."""
-    if not isinstance(scope, str) or len(scope) > 255:
-        raise ValueError("the scope must be a str of at most 255 characters")
+    if not isinstance(scope, str) or len(scope) > 255 or storable_text(scope) != scope:
+        raise ValueError("the scope must be a str of at most 255 characters, without NUL or lone surrogates")
     options = state.resolve(RouteOptions(atomic=False, wait=0, lease=lease, ttl=ttl, transient=transient))
     ctx = RequestContext(
         state=state,

@@ -8,6 +8,7 @@ row to ``charges``, which the test reads from its own process. Besides testapp's
 - ``POST /echo`` (idempotent): the length and sha256 of the body the view reads with ``request.get_data()``;
 - ``POST /export`` (idempotent, atomic): writes a charge row, then streams ``{"mib": n}`` MiB of
   :data:`EXPORT_CHUNK` repeats (one bytes object, so the view itself holds 1 MiB).
+- ``POST /notes/<name>`` (idempotent, ``describe=`` the body's ``summary``): the name, for stored-text tests.
 """
 
 from __future__ import annotations
@@ -57,5 +58,11 @@ def create_app() -> Flask:
                 yield EXPORT_CHUNK
 
         return Response(chunks(), 200, mimetype="text/csv")
+    @app.post("/notes/<name>")
+    @idempotent(describe=lambda: (request.get_json(silent=True) or {}).get("summary"))
+    def note(name: str) -> Any:
+        ext["db"].session.add(ext["Charge"](amount=len(name), route="notes"))
+        ext["db"].session.commit()
+        return jsonify(name=name), 201
 
     return app

@@ -108,3 +108,12 @@ def test_header_name_is_configurable(app: Flask, client: FlaskClient) -> None:
     response = client.post("/payments", headers={"X-Request-Key": "k"}, json={"amount": 2})
     assert response.status_code == 201
     assert [r["key"] for r in records(app)] == ["k"]
+
+
+def test_a_key_from_a_callable_keeps_its_whitespace_and_is_refused_for_it() -> None:
+    # A header's optional whitespace is not part of its value (RFC 9110); a key= callable's value is all key.
+    assert parse_key([" k\t"]) == "k"
+    for value in (" k", "k ", "k\t"):
+        with pytest.raises(KeyFormatError, match="visible ASCII"):
+            parse_key([value], header=False)
+    assert parse_key(['"k"'], header=False) == "k"

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from concurrency import Background
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import charges, ext, in_app, post, problem_code, record, records
+from helpers import charges, events, ext, in_app, post, problem_code, record, records
 from procs import TcpProxy, poll
 from testapp import Controls, build_app
 
@@ -34,6 +34,62 @@ def test_keys_differing_only_in_case_are_two_keys(app: Flask, client: FlaskClien
     second = post(client, "/payments", key="order-1", json={"amount": 7})
     assert second.status_code == 201 and "Idempotent-Replayed" not in second.headers
     assert sorted(r["key"] for r in records(app)) == ["Order-1", "order-1"]
+    assert charges(app) == 2
+
+
+def name_collations(app: Flask) -> dict[str, str]:
+    """``table.column`` -> collation of the scope and key columns of both tables."""
+    with app.app_context(), ext(app)["db"].engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT table_name, column_name, collation_name FROM information_schema.columns"
+                " WHERE table_schema = DATABASE() AND table_name LIKE 'idempotency%'"
+                " AND column_name IN ('scope', 'key')"
+            )
+        ).all()
+    return {f"{table}.{column}": collation for table, column, collation in rows}
+
+
+def make_names_pad_space(app: Flask) -> None:
+    """Scopes and keys in ``utf8mb4_bin``, as every release before the NO PAD collation created them."""
+    with app.app_context(), ext(app)["db"].engine.begin() as conn:
+        for table in ("idempotency_records", "idempotency_events"):
+            for column in ("scope", "key"):
+                conn.execute(
+                    sa.text(f"ALTER TABLE {table} MODIFY `{column}` VARCHAR(255) NOT NULL COLLATE utf8mb4_bin")
+                )
+
+
+def test_scopes_differing_only_by_trailing_spaces_are_two_scopes(app: Flask, client: FlaskClient) -> None:
+    # utf8mb4_bin is PAD SPACE: "tenant-7 " would get tenant-7's stored response, marked replayed.
+    assert post(client, "/payments", user="tenant-7", json={"amount": 5}).status_code == 201
+    padded = post(client, "/payments", user="tenant-7 ", json={"amount": 5})
+    assert padded.status_code == 201 and "Idempotent-Replayed" not in padded.headers
+    reused = post(client, "/payments", user="tenant-7 ", json={"amount": 6})
+    assert reused.status_code == 422 and problem_code(reused) == "key-reused"
+    assert sorted((r["scope"], r["key"]) for r in records(app)) == [("tenant-7", "k-1"), ("tenant-7 ", "k-1")]
+    assert [e["scope"] for e in events(app, "conflict")] == ["tenant-7 "]
+    assert charges(app) == 2
+    assert set(name_collations(app).values()) == {"utf8mb4_nopad_bin"}
+
+
+def test_upgrade_schema_gives_pad_space_scopes_and_keys_the_no_pad_collation(app: Flask, client: FlaskClient) -> None:
+    make_names_pad_space(app)
+    assert post(client, "/payments", user="tenant-7", json={"amount": 5}).status_code == 201
+    before = post(client, "/payments", user="tenant-7 ", json={"amount": 5})
+    assert before.headers["Idempotent-Replayed"] == "true"  # the old collation: another tenant's response
+
+    result = app.test_cli_runner().invoke(args=["idempotency", "upgrade-schema"])
+    assert result.exit_code == 0, result.output
+    assert "idempotency_records.scope COLLATE utf8mb4_nopad_bin" in result.output
+    assert set(name_collations(app).values()) == {"utf8mb4_nopad_bin"}
+    again = app.test_cli_runner().invoke(args=["idempotency", "upgrade-schema", "--json"])
+    assert again.exit_code == 0 and '"added": []' in again.output
+
+    after = post(client, "/payments", user="tenant-7 ", json={"amount": 5})
+    assert after.status_code == 201 and "Idempotent-Replayed" not in after.headers
+    assert post(client, "/payments", user="tenant-7", json={"amount": 5}).headers["Idempotent-Replayed"] == "true"
+    assert sorted(r["scope"] for r in records(app)) == ["tenant-7", "tenant-7 "]
     assert charges(app) == 2
 
 
@@ -240,7 +296,7 @@ def test_a_mariadb_url_gets_the_same_column_types_and_behaviour(database_url: st
                 )
             ).scalar_one()
         assert types["created_at"] == "datetime(6)" and types["response_body"] == "longblob"
-        assert collation == "utf8mb4_bin"
+        assert collation == "utf8mb4_nopad_bin"
     finally:
         with app.app_context():
             db.drop_all()

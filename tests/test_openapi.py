@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from openapi_spec_validator.validation.exceptions import OpenAPIValidationError
 from testapp import Controls, build_app
 
 from example_app import create_app
-from flask_idempotent import Idempotency, idempotent
+from flask_idempotent import Idempotency, errors, idempotent
 from flask_idempotent.keys import KeyFormatError, parse_key
 from flask_idempotent.openapi import merge
 
@@ -91,6 +92,35 @@ def test_route_options_shape_each_operation(fragment: dict[str, Any]) -> None:
     phases = paths["/phases"]["post"]  # on_stale="takeover", lease=30: a stale key is taken over, never "stuck"
     assert phases["x-idempotency"]["lease"] == 30
     assert problem_types(fragment, phases, 409) == urn("in-progress")
+
+
+def test_an_atomic_route_documents_the_commit_conflict_a_retry_resolves(fragment: dict[str, Any]) -> None:
+    transfers = fragment["paths"]["/transfers"]["post"]
+    assert problem_types(fragment, transfers, 503) == urn("store-unavailable", "transient-error", "commit-conflict")
+    assert transfers["responses"]["503"]["headers"] == {
+        "Retry-After": {"$ref": "#/components/headers/IdempotencyRetryAfter"}
+    }
+    assert "commit-conflict" not in str(fragment["paths"]["/payments"]["post"]["responses"])  # leased: never
+
+
+def _problem_classes(cls: type[errors.IdempotencyError]) -> Iterator[type[errors.IdempotencyError]]:
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _problem_classes(sub)
+
+
+def test_every_problem_code_the_package_defines_is_documented_by_some_route(fragment: dict[str, Any]) -> None:
+    defined = {
+        cls.problem_code for cls in _problem_classes(errors.IdempotencyError) if cls.__module__ == errors.__name__
+    }
+    assert {"commit-conflict", "scope-error", "resource-gone"} <= defined  # the walk finds the classes
+    documented = {
+        schema["properties"]["type"]["const"]
+        for name, schema in fragment["components"]["schemas"].items()
+        if name != "IdempotencyProblem"
+    }
+    # The test app has a route for every option that adds a problem (atomic, replay=, required=False, takeover).
+    assert documented == urn(*defined)
 
 
 def test_flask_rules_become_path_templates_with_typed_parameters(fragment: dict[str, Any]) -> None:

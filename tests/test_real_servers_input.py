@@ -1,4 +1,5 @@
-"""What real servers hand the app: repeated header lines joined with a comma, chunked bodies of any size.
+"""What real servers hand the app: repeated header lines joined with a comma, chunked bodies of any size, and
+characters no store holds as they are (``%00`` in a path, NUL and lone surrogates in a summary).
 
 Requests are written byte for byte on raw sockets to gunicorn (sync worker, serving ``inputapp``) and to
 Werkzeug's own server (in a thread), both on 127.0.0.1, on SQLite and on PostgreSQL. Nothing sleeps to wait for an
@@ -179,6 +180,25 @@ def test_two_key_header_lines_are_refused_by_a_real_server(app: Flask, server_po
     assert again.status == 201 and again.replayed and again.body == first.body
     assert charges(app) == 1
     assert [(r["key"], r["state"]) for r in records(app)] == [("a", "COMPLETED")]
+
+
+# Item: stored text ---------------------------------------------------------------------------------------------
+
+
+def test_a_nul_in_the_path_and_the_summary_is_stored_escaped_behind_gunicorn(
+    app: Flask, database_url: str, tmp_path: Path
+) -> None:
+    """``%00`` reaches the app as NUL (PostgreSQL's text cannot hold it), a JSON ``\\ud800`` as a lone surrogate."""
+    body = b'{"summary": "10 EUR \\u0000 to \\ud800ACME"}'
+    headers = [("Content-Type", "application/json"), ("Idempotency-Key", "n-1")]
+    with gunicorn(database_url, tmp_path) as server:
+        first = exchange(server.port, *fixed("/notes/a%00b", headers, body))
+        again = exchange(server.port, *fixed("/notes/a%00b", headers, body))
+    assert first.status == 201 and first.json() == {"name": "a\x00b"} and not first.replayed
+    assert again.status == 201 and again.replayed and again.body == first.body
+    assert charges(app, "notes") == 1
+    [row] = records(app)
+    assert (row["path"], row["summary"], row["state"]) == ("/notes/a\\x00b", "10 EUR \\x00 to \\ud800ACME", "COMPLETED")
 
 
 # Item: the body limit -----------------------------------------------------------------------------------------

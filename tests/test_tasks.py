@@ -391,3 +391,13 @@ def test_celery_is_never_imported_by_the_layer() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+def test_a_task_key_with_trailing_whitespace_is_refused_not_trimmed(app: Flask, provider: Provider) -> None:
+    idempotency = ext(app)["idempotency"]
+
+    @idempotency.task(key=lambda order_id: f"charge:{order_id}")
+    def charge(order_id: str) -> None:
+        provider.charge(1, 1)
+
+    with pytest.raises(ValueError, match="unusable key"):
+        charge("7 ")  # would otherwise share "charge:7"'s record
+    assert provider.charges == [] and records(app) == []

@@ -110,6 +110,27 @@ def test_a_webhook_without_a_usable_id_is_400(
     assert records(app) == [] and ext(app)["controls"].runs["github"] == 0
 
 
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (b'{"id": 12345}', "invalid-key"),
+        (b'{"id": ["evt_1", "evt_2"]}', "invalid-key"),
+        (b'{"id": {"value": "evt_1"}}', "invalid-key"),
+        (b'{"id": true}', "invalid-key"),
+        (b'{"id": "evt 1"}', "invalid-key"),
+        (b'{"id": "evt_1 "}', "invalid-key"),  # not "evt_1": an id is the sender's, whitespace and all
+        (b'{"id": null}', "missing-key"),
+    ],
+)
+def test_a_key_callable_returning_anything_but_a_valid_string_is_400_like_the_header(
+    app: Flask, client: FlaskClient, body: bytes, code: str
+) -> None:
+    add_webhooks(app)  # the documented example: key=lambda: (request.get_json(silent=True) or {}).get("id")
+    response = deliver(client, "/webhooks/stripe", body)
+    assert response.status_code == 400 and problem_code(response) == code
+    assert records(app) == [] and ext(app)["controls"].runs["stripe"] == 0
+
+
 def test_route_options_are_checked_when_the_view_is_decorated() -> None:
     with pytest.raises(TypeError, match="key="):
         idempotent(key="X-Delivery")  # type: ignore[arg-type]
