@@ -25,6 +25,7 @@ from flask.cli import AppGroup
 from flask.helpers import get_debug_flag
 
 from . import operations as ops
+from .display import event_words, iso_time, json_text, visible
 from .errors import SchemaVersionError
 from .migrations import upgrade_schema
 from .state import app_state
@@ -125,7 +126,7 @@ def _report(ctx: click.Context, code: str, message: str, status: int) -> NoRetur
     if "--json" in given:
         click.echo(json.dumps({"error": {"code": code, "message": message}}, sort_keys=True))
     else:
-        click.echo(f"Error: {message}", err=True)
+        click.echo(f"Error: {visible(message)}", err=True)
     raise click.exceptions.Exit(status)
 
 
@@ -170,7 +171,7 @@ per_page_option = click.option(
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, (datetime, date)):
-        return value.isoformat()
+        return iso_time(value)  # stored times are UTC: say so (ISO 8601 with Z)
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     raise TypeError(f"cannot serialize {type(value).__name__}")
@@ -191,18 +192,69 @@ def _age(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _when(value: datetime | None) -> str:
+    """A stored time (UTC) to the second, with its zone: ``2026-12-08T01:24:18Z``."""
+    return "-" if value is None else iso_time(value.replace(microsecond=0))
+
+
+def _quoted(value: Any) -> str:
+    """A key or scope: quoted (it may hold spaces), every control character escaped."""
+    return f'"{visible(value)}"'
+
+
+def _scope(item: dict[str, Any]) -> str:
+    if item["scope"] == "":
+        return "scope (global)"
+    label = item.get("scope_label")
+    return f"scope {_quoted(item['scope'])}" + (f" ({visible(label)})" if label else "")
+
+
+def _labelled(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each item with ``scope_label``: the app's name for its scope (``@idempotency.scope_label``), or None."""
+    cache: dict[str, str | None] = {}
+    for item in items:
+        item["scope_label"] = ops.scope_label(item["scope"], cache)
+    return items
+
+
+def _record_line(r: dict[str, Any]) -> str:
+    state = r["state"]
+    if r.get("stuck"):
+        state = f"stuck for {_age(r.get('stuck_for_seconds'))}"
+    elif state == "FAILED":
+        state = "FAILED retryable" if r["retryable"] else "FAILED final"
+    what = f"task {visible(r['path'])}" if r.get("kind") == "task" else f"{r['method']} {visible(r['path'])}"
+    parts = [f"{r['id']:>8}  {state}", what]
+    if r.get("summary"):
+        parts.append(f"summary: {visible(r['summary'])}")
+    parts += [_scope(r), f"key {_quoted(r['key'])}", f"attempts {r['attempts']}"]
+    if r.get("recovery_point"):
+        parts.append(f"recovery point {visible(r['recovery_point'])}")
+    if r["state"] == "FAILED" and r.get("response_status") is not None:
+        parts.append(f"status {r['response_status']}")
+    if r.get("acknowledged_by"):
+        parts.append(f"acknowledged by {visible(r['acknowledged_by'])}")
+    return "  ".join(parts)
+
+
 def _print_records(items: list[dict[str, Any]]) -> None:
     if not items:
         click.echo("(none)")
     for r in items:
-        stuck = f" stuck {_age(r.get('stuck_for_seconds'))}" if r.get("stuck") else ""
-        retry = " retryable" if r["state"] == "FAILED" and r["retryable"] else ""
-        what = f"task {r['path']}" if r.get("kind") == "task" else f"{r['method']} {r['path']}"
-        summary = f"  ({r['summary']})" if r.get("summary") else ""
-        click.echo(
-            f"{r['id']:>8}  {r['state']:<11}{retry}{stuck}  attempts={r['attempts']}  "
-            f"scope={r['scope']!r} key={r['key']!r}  {what}{summary}"
-        )
+        click.echo(_record_line(r))
+
+
+def _value(value: Any) -> str:
+    """A field of ``show`` as text: no Python reprs (``None`` is ``-``, JSON as JSON, times in UTC with Z)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return iso_time(value)
+    if isinstance(value, (dict, list, tuple)):
+        return json_text(value)
+    return visible(value)
 
 
 @cli.command("stats")
@@ -229,22 +281,12 @@ def stats_command(as_json: bool) -> None:
 def stuck_command(page: int, per_page: int, kind: str | None, as_json: bool) -> None:
     """IN_PROGRESS records whose lease expired: their outcome is unknown until an operator decides."""
     result = ops.list_stuck(page, per_page, kind=kind)
-    _emit(
-        {
-            "items": result.items,
-            "total": result.total,
-            "total_capped": result.total_capped,
-            "page": result.page,
-            "per_page": result.per_page,
-        },
-        as_json,
-        lambda d: _print_records(d["items"]),
-    )
+    _emit(_page_data(result), as_json, lambda d: _print_records(d["items"]))
 
 
 def _page_data(result: ops.Page) -> dict[str, Any]:
     return {
-        "items": result.items,
+        "items": _labelled(result.items),
         "total": result.total,
         "total_capped": result.total_capped,
         "page": result.page,
@@ -288,14 +330,17 @@ def conflicts_command(hours: int | None, page: int, per_page: int, as_json: bool
             click.echo("(none)")
         for ev in d["items"]:
             original = ev["record"]
-            first = (
-                "released" if original is None else f"{original['method']} {original['path']} (record {original['id']})"
-            )
             detail = ev["detail"] or {}
-            click.echo(
-                f"{ev['created_at']:%Y-%m-%d %H:%M:%S} UTC  scope={ev['scope']!r} key={ev['key']!r}  first: {first}"
-                f"  then: {detail.get('method')} {detail.get('path')}"
-            )
+            if original is None:
+                first = "first: (record released or purged)"
+            else:
+                first = f"first: record {original['id']} {original['method']} {visible(original['path'])}"
+                if original.get("summary"):
+                    first += f" summary: {visible(original['summary'])}"
+            then = f"then: {visible(detail.get('method') or '?')} {visible(detail.get('path') or '?')}"
+            if detail.get("summary"):
+                then += f" summary: {visible(detail['summary'])}"
+            click.echo(f"{_when(ev['created_at'])}  {_scope(ev)}  key {_quoted(ev['key'])}  {first}  {then}")
 
     _emit(_page_data(result), as_json, human)
 
@@ -326,13 +371,24 @@ def show_command(target: tuple[str, ...], body: bool, as_json: bool) -> None:
     else:
         raise click.UsageError("give a record ID, or SCOPE and KEY")
 
+    record["scope_label"] = ops.scope_label(record["scope"])
+
     def human(r: dict[str, Any]) -> None:
         for name, value in r.items():
-            if name != "events":
-                click.echo(f"{name:<22}{value}")
-        click.echo("events:")
+            if name in ("events", "scope_label", "event_count", "runbook"):
+                continue
+            shown = _scope(r).removeprefix("scope ") if name == "scope" else _value(value)
+            click.echo(f"{name:<22}{shown}")
+        click.echo(f"{'runbook':<22}{_value(r.get('runbook'))}")
+        click.echo(
+            f"{'client_events':<22}{r['event_count']} (conflicts and hits clients caused, counted for the"
+            " per-record cap; operator actions and takeovers are listed below, not counted)"
+        )
+        click.echo(f"events ({len(r['events'])}, newest first):" if r["events"] else "events: none")
         for ev in r["events"]:
-            click.echo(f"  {ev['created_at']}  {ev['kind']:<16} actor={ev['actor']} {ev['detail']}")
+            actor = f" by {visible(ev['actor'])}" if ev["actor"] else ""
+            detail = f"  {json_text(ev['detail'])}" if ev["detail"] else ""
+            click.echo(f"  {_when(ev['created_at'])}  {event_words(ev['kind'])}{actor}{detail}")
 
     _emit(record, as_json, human)
 
@@ -365,8 +421,8 @@ def _action(action: ops.Action, help_text: str) -> None:
             if refused:
                 raise ops.TransitionError(refused)
             click.confirm(
-                f"Release record {record_id} (key {seen['key']!r}, {seen['state']})? The next request with its key"
-                " runs as new",
+                f"Release record {record_id} (key {_quoted(seen['key'])}, {seen['state']})? The next request"
+                " with its key runs as new",
                 abort=True,
                 err=True,
             )
@@ -375,7 +431,9 @@ def _action(action: ops.Action, help_text: str) -> None:
         _emit(
             record,
             as_json,
-            lambda r: click.echo(f"record {r['id']}: {action.value} done (state {r['state']}, version {r['version']})"),
+            lambda r: click.echo(
+                ops.done_message(action, r) + ("" if release else f" (now at version {r['version']})")
+            ),
         )
 
 

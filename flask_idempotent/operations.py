@@ -11,6 +11,7 @@ fails with :class:`RecordChanged`; and it writes an event with the actor in the 
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,9 +24,12 @@ from flask import current_app
 from . import signals
 from .context import RecordView
 from .decorator import options_of
-from .machine import Action, TransitionError, operator_transition
+from .display import visible
+from .machine import Action, TransitionError, lease_holder, operator_transition
 from .state import AppState, app_state
 from .store import COUNT_LIMIT, LOST_RACE_ATTEMPTS, lost_race, retry_lost_race
+
+logger = logging.getLogger("flask_idempotent")
 
 __all__ = [
     "COUNT_LIMIT",
@@ -44,10 +48,12 @@ __all__ = [
     "list_stuck",
     "mark_failed",
     "mark_retryable",
+    "done_message",
     "now",
     "purge",
     "refusal",
     "release",
+    "scope_label",
     "search",
     "show",
     "stats",
@@ -133,7 +139,8 @@ def record_dict(row: Any, *, body_limit: int | None = 0) -> dict[str, Any]:
     """
     data = dict(row._mapping)
     body = data.pop("response_body", None)
-    data.pop("lease_token", None)  # a capability of the owning request; never shown
+    # The token is a capability of the owning request, never shown; the process it names is.
+    data["lease_holder"] = lease_holder(data.pop("lease_token", None))
     data.pop("is_expired", None)
     now = data.pop("db_now", None)
     data["response_body_size"] = None if body is None else len(body)
@@ -162,6 +169,47 @@ def _page(query: Any, where: Any, page: Any, per_page: Any) -> Page:
 
 
 # Reading ----------------------------------------------------------------------------------------------------
+
+#: Problems with the app's callbacks already logged (each is logged once per process, not on every page).
+_WARNED: set[str] = set()
+
+
+def warn_once(what: str, message: str, *args: Any, exc_info: bool = False) -> None:
+    """Log a warning about the app's callbacks once per process (``what`` names the problem)."""
+    if what not in _WARNED:
+        _WARNED.add(what)
+        logger.warning(message, *args, exc_info=exc_info)
+
+
+def scope_label(scope: str, cache: dict[str, str | None] | None = None) -> str | None:
+    """The app's ``scope_label`` for ``scope`` ("alice" for "1"), or ``None``: no callback, no label, the label
+    is the scope itself, or a callback that raised or returned something other than a ``str`` (logged once;
+    the dashboard and the CLI show the scope). ``cache`` keeps the answers of one page or command."""
+    label_of = app_state().callbacks.scope_label
+    if label_of is None or scope == "":
+        return None
+    if cache is not None and scope in cache:
+        return cache[scope]
+    label: str | None = None
+    try:
+        value = label_of(scope)
+    except Exception:
+        warn_once("scope_label raised", "scope_label(%r) raised; operators see raw scopes", scope, exc_info=True)
+    else:
+        if isinstance(value, str):
+            label = value.strip() or None
+        elif value is not None:
+            warn_once(
+                "scope_label type",
+                "scope_label(%r) returned %s, not a str; operators see raw scopes",
+                scope,
+                type(value).__name__,
+            )
+    if label == scope:
+        label = None  # nothing to add
+    if cache is not None:
+        cache[scope] = label
+    return label
 
 
 def stats() -> dict[str, Any]:
@@ -337,6 +385,19 @@ def refusal(action: Action | str, record: dict[str, Any]) -> str | None:
 
 # Actions ----------------------------------------------------------------------------------------------------
 
+#: What an applied action did, in words: the dashboard's message and the CLI's line.
+DONE = {
+    Action.MARK_RETRYABLE: "is now retryable: the next retry runs it again",
+    Action.MARK_FAILED: "is now failed for good: retries get the failure",
+    Action.ACKNOWLEDGE: "is acknowledged: it stays failed, decided",
+    Action.RELEASE: "was released: the key is free again",
+}
+
+
+def done_message(action: Action | str, record: dict[str, Any]) -> str:
+    """``Record 11 (key "k") is now retryable: ...`` for an applied ``action`` (control characters escaped)."""
+    return f'Record {record["id"]} (key "{visible(record["key"])}") {DONE[Action(action)]}.'
+
 
 def act(action: Action | str, record_id: int, *, actor: str, version: int | None = None) -> dict[str, Any]:
     """Apply an operator ``action`` to record ``record_id`` as ``actor`` (docs: "Operating it", the operator table).
@@ -404,9 +465,22 @@ def _act_once(action: Action, record_id: int, actor: str, version: int | None) -
                 "retryable": row.retryable,
                 "attempts": row.attempts,
                 "version": row.version,
+                "recovery_point": row.recovery_point,
+                "lease_holder": lease_holder(row.lease_token),
             },
         )
         after = None if transition.delete else store.get(conn, record_id)
+    logger.info(
+        "record %s (key %r, scope %r): %s by %s (it was %s%s, version %s)",
+        row.id,
+        row.key,
+        row.scope,
+        action.value,
+        actor,
+        row.state,
+        " retryable" if row.state == "FAILED" and row.retryable else "",
+        row.version,
+    )
     return record_dict(after if after is not None else row)
 
 
