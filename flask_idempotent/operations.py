@@ -307,6 +307,7 @@ def activity(hours: int = 24, limit: int = ACTIVITY_LIMIT) -> dict[str, Any]:
     the same on every database; a series that hit the limit is ``capped`` (its oldest bars are too low).
     """
     state = _state()
+    state.replays.write_due(now_or_never=True)  # this process's own replays first (others write within a minute)
     with state.db.engine.connect() as conn:
         now = state.store.now(conn)
         start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
