@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import sqlalchemy as sa
@@ -393,21 +393,161 @@ def show_command(target: tuple[str, ...], body: bool, as_json: bool) -> None:
     _emit(record, as_json, human)
 
 
+if TYPE_CHECKING:  # click 8.2+ types ParamType by its value; older versions cannot subscript it at runtime
+    _DurationBase = click.ParamType[timedelta]
+else:
+    _DurationBase = click.ParamType
+
+
+class Duration(_DurationBase):
+    """``90s``, ``10m``, ``2h``, ``3d`` or a number of seconds, as a ``timedelta`` (at most 10 years)."""
+
+    name = "duration"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = re.fullmatch(r"([0-9]{1,9})([smhd]?)", str(value).strip())
+        if not match:
+            self.fail(f"{value!r} is not a duration such as 90s, 10m, 2h or 3d", param, ctx)
+        seconds = int(match.group(1)) * self._UNITS[match.group(2) or "s"]
+        if seconds > 10 * 366 * 86400:
+            self.fail("at most 10 years", param, ctx)
+        return timedelta(seconds=seconds)
+
+
+_BULK_DEFAULT_LIMIT = 100
+
+
+def _bulk(
+    action: ops.Action,
+    *,
+    which: str,
+    endpoint: str | None,
+    recovery_point: str | None,
+    older_than: timedelta | None,
+    limit: int,
+    dry_run: bool,
+    yes: bool,
+    actor: str,
+    as_json: bool,
+) -> None:
+    """An action on every record a filter selects, each under the operator rules; refused ones are reported."""
+    selected = ops.select_records(
+        which, endpoint=endpoint, recovery_point=recovery_point, older_than=older_than, limit=limit
+    )
+    if action is ops.Action.RELEASE and selected and not (yes or dry_run):
+        click.confirm(
+            f"Release {len(selected)} record(s)? The next request with each key runs as new", abort=True, err=True
+        )
+    results = ops.act_many(action, selected, actor=actor, dry_run=dry_run)
+    counts = {outcome: sum(r["outcome"] == outcome for r in results) for outcome in ("done", "would", "refused")}
+    data = {
+        "action": action.value,
+        "dry_run": dry_run,
+        "matched": len(selected),
+        "limit_reached": len(selected) == limit,
+        "results": results,
+    }
+
+    def human(d: dict[str, Any]) -> None:
+        if not d["results"]:
+            click.echo("no record matches")
+        for r in d["results"]:
+            named = f"Record {r['id']} (key {_quoted(r['key'])})"
+            if r["outcome"] == "done":
+                click.echo(r["message"])  # "Record 11 (key "k") is now retryable: ..."
+            elif r["outcome"] == "would":
+                click.echo(f"{named} {r['message']}")
+            else:
+                click.echo(f"{named}: {visible(r['message'])}")
+        others = len(d["results"]) - counts["done"] - counts["would"] - counts["refused"]
+        summary = (
+            f"dry run: {counts['would']} would change, {counts['refused']} refused"
+            if dry_run
+            else f"{counts['done']} done, {counts['refused']} refused, {others} changed or gone since listed"
+        )
+        more = f"; stopped at --limit {limit}: run again for more" if d["limit_reached"] else ""
+        click.echo(f"{summary} (of {d['matched']} matched{more})")
+
+    _emit(data, as_json, human)
+    if any(r["outcome"] not in ("done", "would") for r in results):
+        raise click.exceptions.Exit(1)  # the results are printed; the status says not everything was applied
+
+
 def _action(action: ops.Action, help_text: str) -> None:
     release = action is ops.Action.RELEASE
 
     @cli.command(action.value, help=help_text)
-    @click.argument("record_id", type=int)
+    @click.argument("record_id", type=int, required=False)
     @click.option(
         "--expect-version",
         type=int,
         default=None,
         help="Act only if the record is still at this version (the one you looked at); else exit 1.",
     )
+    @click.option(
+        "--where",
+        "which",
+        type=click.Choice(ops.BULK_LISTS),
+        default=None,
+        help="Instead of one RECORD_ID: act on the records of this list (with the filters below).",
+    )
+    @click.option("--endpoint", default=None, help="With --where: only records of this endpoint.")
+    @click.option("--recovery-point", default=None, help="With --where: only records at this recovery point.")
+    @click.option(
+        "--older-than",
+        type=Duration(),
+        default=None,
+        help="With --where: only records last changed more than this long ago (90s, 10m, 2h, 3d).",
+    )
+    @click.option(
+        "--limit",
+        type=click.IntRange(1, ops.MAX_BULK),
+        default=_BULK_DEFAULT_LIMIT,
+        show_default=True,
+        help="With --where: act on at most this many records.",
+    )
+    @click.option("--dry-run", is_flag=True, help="With --where: show what would happen; change nothing.")
     @click.option("--yes", is_flag=True, help="Release without asking (release only).", hidden=not release)
     @actor_option
     @json_option
-    def command(record_id: int, expect_version: int | None, yes: bool, actor: str, as_json: bool) -> None:
+    def command(
+        record_id: int | None,
+        expect_version: int | None,
+        which: str | None,
+        endpoint: str | None,
+        recovery_point: str | None,
+        older_than: timedelta | None,
+        limit: int,
+        dry_run: bool,
+        yes: bool,
+        actor: str,
+        as_json: bool,
+    ) -> None:
+        filtered = endpoint is not None or recovery_point is not None or older_than is not None or dry_run
+        if record_id is None:
+            if which is None:
+                raise click.UsageError("give a RECORD_ID, or --where LIST (with --endpoint, --recovery-point,"
+                                       " --older-than, --dry-run) to act on many")  # fmt: skip
+            if expect_version is not None:
+                raise click.UsageError("--expect-version is for one RECORD_ID; --where acts on the versions it lists")
+            _bulk(
+                action,
+                which=which,
+                endpoint=endpoint,
+                recovery_point=recovery_point,
+                older_than=older_than,
+                limit=limit,
+                dry_run=dry_run,
+                yes=yes,
+                actor=actor,
+                as_json=as_json,
+            )
+            return
+        if which is not None or filtered:
+            raise click.UsageError("give either a RECORD_ID or --where with its filters, not both")
         if release and not yes:
             # The rule first (a live lease is refused without a question), then the question, then the
             # release of exactly the version the operator was asked about.

@@ -41,6 +41,7 @@ __all__ = [
     "TransitionError",
     "acknowledge",
     "act",
+    "act_many",
     "activity",
     "get",
     "list_conflicts",
@@ -55,6 +56,7 @@ __all__ = [
     "release",
     "scope_label",
     "search",
+    "select_records",
     "show",
     "stats",
 ]
@@ -509,6 +511,87 @@ def release(record_id: int, *, actor: str, version: int | None = None) -> dict[s
     Refused while the record is IN_PROGRESS with a live lease: its owner may still be running.
     """
     return act(Action.RELEASE, record_id, actor=actor, version=version)
+
+
+# Bulk actions -----------------------------------------------------------------------------------------------
+
+#: The lists a bulk action selects from (``which``): stuck records, and FAILED ones as :func:`list_failed` has them.
+BULK_LISTS = ("stuck", "failed", "awaiting", "final", "retryable")
+#: A bulk action acts on at most this many records per call (the CLI's ``--limit``).
+MAX_BULK = 1000
+
+
+def select_records(
+    which: str,
+    *,
+    endpoint: str | None = None,
+    recovery_point: str | None = None,
+    older_than: timedelta | None = None,
+    kind: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """The records a bulk action would act on: those of the list ``which`` (:data:`BULK_LISTS`, in that list's
+    order) of ``endpoint``, at ``recovery_point``, last changed more than ``older_than`` ago by the database's
+    clock; at most ``limit`` (1..:data:`MAX_BULK`)."""
+    if which not in BULK_LISTS:
+        raise ValueError(f"which must be one of {', '.join(BULK_LISTS)}, got {which!r}")
+    if not 1 <= limit <= MAX_BULK:
+        raise ValueError(f"limit must be 1..{MAX_BULK}")
+    if older_than is not None and older_than < timedelta(0):
+        raise ValueError("older_than must not be negative")
+    state = _state()
+    store = state.store
+    if which == "stuck":
+        query, _ = store.stuck_query(_kind(kind))
+    else:
+        retryable = {"failed": None, "awaiting": False, "final": False, "retryable": True}[which]
+        query, _ = store.failed_query(retryable, which == "awaiting", _kind(kind))
+    with state.db.engine.connect() as conn:
+        cutoff = None if older_than is None else store.now(conn) - older_than
+        query = store.narrow(query, endpoint=endpoint, recovery_point=recovery_point, changed_before=cutoff)
+        rows = store.page(conn, query, limit, 0)
+    return [record_dict(row) for row in rows]
+
+
+#: What a dry run says an allowed action would do.
+WOULD = {
+    Action.MARK_RETRYABLE: "would be marked retryable",
+    Action.MARK_FAILED: "would be marked failed (final)",
+    Action.ACKNOWLEDGE: "would be acknowledged",
+    Action.RELEASE: "would be released",
+}
+
+
+def act_many(
+    action: Action | str, records: Sequence[dict[str, Any]], *, actor: str, dry_run: bool = False
+) -> list[dict[str, Any]]:
+    """Apply ``action`` to each of ``records`` (as :func:`select_records` read them) under the operator rules,
+    one record at a time, each a compare-and-set on the version read: a record that changed since is not acted
+    on. Returns one result per record: ``id``, ``key``, ``outcome`` (``done``; ``refused`` with the rule;
+    ``changed``; ``not-found``; with ``dry_run`` ``would`` or ``refused``, and nothing changes) and ``message``.
+    """
+    action = Action(action)
+    results = []
+    for seen in records:
+        result: dict[str, Any] = {"id": seen["id"], "key": seen["key"], "version": seen["version"]}
+        refused = refusal(action, seen)
+        if refused:
+            result.update(outcome="refused", message=refused)
+        elif dry_run:
+            result.update(outcome="would", message=WOULD[action])
+        else:
+            try:
+                after = act(action, seen["id"], actor=actor, version=seen["version"])
+            except TransitionError as exc:
+                result.update(outcome="refused", message=str(exc))
+            except RecordChanged as exc:
+                result.update(outcome="changed", message=str(exc))
+            except RecordNotFound as exc:
+                result.update(outcome="not-found", message=str(exc))
+            else:
+                result.update(outcome="done", message=done_message(action, after), version=after["version"])
+        results.append(result)
+    return results
 
 
 #: Seconds :func:`purge` rests between batches by default, leaving the database to the request path.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -308,3 +309,70 @@ def test_a_takeover_is_logged_and_its_event_names_both_holders(
         "WARNING",
         f"record {first['id']} (key 'r-1', scope ''): attempt 2 takes over the expired lease of {holder}",
     ) in [(r.levelname, r.getMessage()) for r in caplog.records]
+
+
+# 28.8: bulk actions by filter --------------------------------------------------------------------------------
+
+
+def test_a_bulk_action_selects_by_endpoint_recovery_point_and_age_and_dry_run_changes_nothing(
+    app: Flask, clock: Any
+) -> None:
+    a = insert_stuck(app, clock, "a", recovery_point="provider-charged")
+    b = insert_stuck(app, clock, "b", recovery_point="provider-charged")
+    other_point = insert_stuck(app, clock, "c", recovery_point="started")
+    other_endpoint = insert_stuck(app, clock, "d", recovery_point="provider-charged", endpoint="refund")
+    before = records(app)
+    args = ["--where", "stuck", "--endpoint", "create_payment", "--recovery-point", "provider-charged"]
+    dry = cli(app, "mark-retryable", *args, "--older-than", "10m", "--dry-run")
+    assert dry.exit_code == 0, dry.stdout + dry.stderr
+    assert dry.stdout.splitlines() == [
+        f'Record {a} (key "a") would be marked retryable',
+        f'Record {b} (key "b") would be marked retryable',
+        "dry run: 2 would change, 0 refused (of 2 matched)",
+    ]
+    assert records(app) == before and events(app) == []  # a dry run changes nothing
+    too_young = json.loads(cli(app, "mark-retryable", *args, "--older-than", "1h", "--json").stdout)
+    assert (too_young["matched"], too_young["results"]) == (0, [])  # changed 12 min ago: not older than 1 h
+    done = cli(app, "mark-retryable", *args, "--actor", "oncall", "--json")
+    assert done.exit_code == 0, done.stdout
+    assert [(r["id"], r["outcome"]) for r in json.loads(done.stdout)["results"]] == [(a, "done"), (b, "done")]
+    after = {r["id"]: (r["state"], r["retryable"]) for r in records(app)}
+    assert after == {
+        a: ("FAILED", True),
+        b: ("FAILED", True),
+        other_point: ("IN_PROGRESS", False),
+        other_endpoint: ("IN_PROGRESS", False),
+    }
+    assert [(e["record_id"], e["actor"]) for e in events(app, "mark_retryable")] == [(a, "oncall"), (b, "oncall")]
+
+
+def test_a_bulk_action_applies_the_operator_rules_per_record_and_reports_the_refused(app: Flask, clock: Any) -> None:
+    final = insert(app, clock, "final")
+    retryable = insert(app, clock, "retryable", retryable=True, updated_at=clock.now - timedelta(minutes=1))
+    result = cli(app, "mark-failed", "--where", "failed", "--actor", "oncall")
+    assert result.exit_code == 1  # not everything was applied
+    lines = result.stdout.splitlines()
+    assert f'Record {retryable} (key "retryable") is now failed for good: retries get the failure.' in lines
+    assert any(
+        line.startswith(f'Record {final} (key "final"): mark-failed refused: it is already failed for good')
+        for line in lines
+    ), lines
+    assert lines[-1] == "1 done, 1 refused, 0 changed or gone since listed (of 2 matched)"
+    rows = {r["id"]: (r["retryable"], r["version"]) for r in records(app)}
+    assert rows == {final: (False, 1), retryable: (False, 2)}  # the refused one untouched
+    assert [e["record_id"] for e in events(app)] == [retryable]
+
+
+def test_a_bulk_release_asks_once_and_needs_a_list(app: Flask, clock: Any) -> None:
+    insert(app, clock, "f1")
+    insert(app, clock, "f2")
+    declined = cli(app, "release", "--where", "final", input="n\n")
+    assert declined.exit_code == 1 and "Release 2 record(s)?" in declined.stderr and len(records(app)) == 2
+    accepted = cli(app, "release", "--where", "final", input="y\n")
+    assert accepted.exit_code == 0 and records(app) == [] and len(events(app, "release")) == 2
+    usage = cli(app, "release")
+    assert usage.exit_code == 2 and "give a RECORD_ID, or --where LIST" in usage.stderr
+    both = cli(app, "release", "1", "--where", "final")
+    assert both.exit_code == 2 and "not both" in both.stderr
+    bad_age = cli(app, "mark-retryable", "--where", "stuck", "--older-than", "soon")
+    assert bad_age.exit_code == 2 and "is not a duration" in bad_age.stderr
