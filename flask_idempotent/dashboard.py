@@ -453,6 +453,7 @@ def timeline(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "actor": ev.get("actor"),
             }
         )
+    entries += _retries(record)
     if record.get("stuck") and record.get("locked_until") is not None:
         entries.append(
             {
@@ -464,7 +465,8 @@ def timeline(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "actor": None,
             }
         )
-    entries.sort(key=lambda entry: entry["at"] or datetime.min)
+    # Oldest first; an entry without a time goes last (before "now"); a retry after the event that allowed it.
+    entries.sort(key=lambda entry: (entry["at"] or datetime.max, entry["kind"] == "retry"))
     now = [f"attempt {record.get('attempts')}"]
     if record.get("lease_holder"):
         now.append(f"claimed by {visible(record['lease_holder'])}")
@@ -483,6 +485,51 @@ def timeline(record: dict[str, Any]) -> list[dict[str, Any]]:
         }
     )
     return entries
+
+
+def _retries(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The attempts after the first that no event tells of: a retry is one read and one claim, with no event of
+    its own. One right after the operator's *mark retryable* that allowed it (the attempt that action counted
+    plus one); the others (retries of retryable failures) as one entry, their times not recorded."""
+    attempts = int(record.get("attempts") or 1)
+    events = record.get("events") or []
+    told = {
+        ev["detail"]["attempt"]
+        for ev in events
+        if ev.get("kind") == "takeover" and isinstance(ev.get("detail"), dict) and "attempt" in ev["detail"]
+    }
+    added: list[dict[str, Any]] = []
+    for ev in events:
+        detail = ev.get("detail") or {}
+        if ev.get("kind") != "mark_retryable" or not isinstance(detail.get("attempts"), int):
+            continue
+        attempt = detail["attempts"] + 1
+        if attempt <= attempts and attempt not in told:
+            told.add(attempt)
+            added.append(
+                {
+                    "kind": "retry",
+                    "title": f"attempt {attempt}: the client's retry ran it again",
+                    "note": "after the operator's mark retryable (its time is not recorded)",
+                    "at": ev.get("created_at"),
+                    "count": 1,
+                    "actor": None,
+                }
+            )
+    others = [n for n in range(2, attempts + 1) if n not in told]
+    if others:
+        which = f"attempt {others[0]}" if len(others) == 1 else f"attempts {', '.join(map(str, others))}"
+        added.append(
+            {
+                "kind": "retry",
+                "title": f"{which}: retries of a retryable failure",
+                "note": "their times are not recorded",
+                "at": None,
+                "count": 1,
+                "actor": None,
+            }
+        )
+    return added
 
 
 def _state_words(record: dict[str, Any]) -> str:

@@ -227,6 +227,11 @@ def test_the_record_page_names_the_lease_holder_and_tells_the_story(
     after = get(client, f"/records/{row['id']}")
     assert "retry allowed" in after and "fi-badge-final" not in after and "fi-badge-retryable" not in after
     assert f"lease held by {holder}" in after and "Marked retryable" in after
+    assert post(client, "/payments", key="stuck-1", json={"amount": 1}).status_code == 201  # the retry: attempt 2
+    story = get(client, f"/records/{row['id']}")
+    kinds = re.findall(r'data-fi-event="([a-z_]+)"', story)
+    assert kinds == ["claim", "mark_retryable", "retry", "now"]  # no longer stuck: the expiry is the action's
+    assert "Attempt 2: the client&#39;s retry ran it again" in story and record(app, "stuck-1")["attempts"] == 2
 
 
 def test_a_final_failure_has_acknowledge_as_its_primary_button(app: Flask, client: FlaskClient, clock: Any) -> None:
