@@ -377,7 +377,12 @@ def show_command(target: tuple[str, ...], body: bool, as_json: bool) -> None:
         for name, value in r.items():
             if name in ("events", "scope_label", "event_count", "runbook"):
                 continue
-            shown = _scope(r).removeprefix("scope ") if name == "scope" else _value(value)
+            if name == "scope":
+                shown = _scope(r).removeprefix("scope ")
+            elif name == "stuck_for_seconds" and value is not None:
+                shown = f"{value:.0f} ({_age(value)})"
+            else:
+                shown = _value(value)
             click.echo(f"{name:<22}{shown}")
         click.echo(f"{'runbook':<22}{_value(r.get('runbook'))}")
         click.echo(
