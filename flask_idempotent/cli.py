@@ -232,6 +232,9 @@ def _record_line(r: dict[str, Any]) -> str:
         parts.append(f"recovery point {visible(r['recovery_point'])}")
     if r["state"] == "FAILED" and r.get("response_status") is not None:
         parts.append(f"status {r['response_status']}")
+    if r["state"] == "FAILED" and r.get("error"):
+        error = visible(r["error"])
+        parts.append(f"error: {error[:59]}…" if len(error) > 60 else f"error: {error}")
     if r.get("acknowledged_by"):
         parts.append(f"acknowledged by {visible(r['acknowledged_by'])}")
     return "  ".join(parts)

@@ -76,6 +76,7 @@ def test_cli_text_output_escapes_control_characters_a_client_sent(app: Flask, cl
         assert raw_in(result.stdout) == [], (name, result.stdout)
         assert "\\x1b]0;pwned\\x07" in result.stdout, (name, result.stdout)  # visible, not dropped
     assert 'key "k\\x1b[2J"' in outputs["failed"].stdout and 'scope "s\\x07"' in outputs["failed"].stdout
+    assert "status 500  error: RuntimeError: boom" in outputs["failed"].stdout
     assert "recovery point at\\x1b[1A" in outputs["stuck"].stdout
     # Stored faithfully: the escaping is the display's, the rows keep what the client sent.
     assert {r["key"]: r["path"] for r in records(app)} == {
