@@ -382,3 +382,15 @@ def test_a_bulk_release_asks_once_and_needs_a_list(app: Flask, clock: Any) -> No
     assert both.exit_code == 2 and "not both" in both.stderr
     bad_age = cli(app, "mark-retryable", "--where", "stuck", "--older-than", "soon")
     assert bad_age.exit_code == 2 and "is not a duration" in bad_age.stderr
+
+
+def test_a_lease_token_names_its_holder_within_the_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flask_idempotent import machine
+
+    monkeypatch.setattr(machine.socket, "gethostname", lambda: "payments-api-" + "x" * 80)
+    token = machine.new_lease_token()
+    assert len(token) == machine.LEASE_TOKEN_MAX  # idempotency_records.lease_token is VARCHAR(64)
+    secret, _, holder = token.partition("@")
+    assert len(secret) == 22 and holder.startswith("payments-api-x") and holder.endswith(f":{machine.os.getpid()}")
+    assert machine.lease_holder(token) == holder
+    assert machine.lease_holder("a" * 32) is None and machine.lease_holder(None) is None  # older tokens name nobody
