@@ -83,11 +83,7 @@ def configure(app: Flask, overrides: Mapping[str, Any] | None) -> None:
     if not config.get("OPERATOR_PASSWORD"):
         if app.debug:
             config["OPERATOR_PASSWORD"] = DEV_OPERATOR_PASSWORD
-            app.logger.warning(
-                "Operator login for the dashboard: %s / %s (the development default; set OPERATOR_PASSWORD).",
-                config["OPERATOR_USERNAME"],
-                DEV_OPERATOR_PASSWORD,
-            )
+            _announce_dev_login(app)
         elif not app.testing:
             raise ConfigurationError(
                 "OPERATOR_PASSWORD is not set: the dashboard can release and re-run payments, so production mode"
@@ -96,3 +92,19 @@ def configure(app: Flask, overrides: Mapping[str, Any] | None) -> None:
     config.setdefault("PROVIDER_SIMULATION", development)
     if config["SESSION_COOKIE_SECURE"] is None:
         config["SESSION_COOKIE_SECURE"] = not development  # production is served over HTTPS
+
+
+def _announce_dev_login(app: Flask) -> None:
+    """Say the development login once, with the first request the app serves: not on every ``flask`` command
+    (``flask idempotency stuck`` has no dashboard to log in to, and its stderr is for its own errors)."""
+    said: list[bool] = []
+
+    @app.before_request
+    def announce() -> None:
+        if not said:
+            said.append(True)
+            app.logger.warning(
+                "Operator login for the dashboard: %s / %s (the development default; set OPERATOR_PASSWORD).",
+                app.config["OPERATOR_USERNAME"],
+                DEV_OPERATOR_PASSWORD,
+            )

@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Callable
 from datetime import date, datetime, timedelta
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import sqlalchemy as sa
@@ -25,6 +25,7 @@ from flask.cli import AppGroup
 from flask.helpers import get_debug_flag
 
 from . import operations as ops
+from .display import event_words, iso_time, json_text, visible
 from .errors import SchemaVersionError
 from .migrations import upgrade_schema
 from .state import app_state
@@ -125,7 +126,7 @@ def _report(ctx: click.Context, code: str, message: str, status: int) -> NoRetur
     if "--json" in given:
         click.echo(json.dumps({"error": {"code": code, "message": message}}, sort_keys=True))
     else:
-        click.echo(f"Error: {message}", err=True)
+        click.echo(f"Error: {visible(message)}", err=True)
     raise click.exceptions.Exit(status)
 
 
@@ -170,7 +171,7 @@ per_page_option = click.option(
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, (datetime, date)):
-        return value.isoformat()
+        return iso_time(value)  # stored times are UTC: say so (ISO 8601 with Z)
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     raise TypeError(f"cannot serialize {type(value).__name__}")
@@ -191,18 +192,72 @@ def _age(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _when(value: datetime | None) -> str:
+    """A stored time (UTC) to the second, with its zone: ``2026-12-08T01:24:18Z``."""
+    return "-" if value is None else iso_time(value.replace(microsecond=0))
+
+
+def _quoted(value: Any) -> str:
+    """A key or scope: quoted (it may hold spaces), every control character escaped."""
+    return f'"{visible(value)}"'
+
+
+def _scope(item: dict[str, Any]) -> str:
+    if item["scope"] == "":
+        return "scope (global)"
+    label = item.get("scope_label")
+    return f"scope {_quoted(item['scope'])}" + (f" ({visible(label)})" if label else "")
+
+
+def _labelled(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each item with ``scope_label``: the app's name for its scope (``@idempotency.scope_label``), or None."""
+    cache: dict[str, str | None] = {}
+    for item in items:
+        item["scope_label"] = ops.scope_label(item["scope"], cache)
+    return items
+
+
+def _record_line(r: dict[str, Any]) -> str:
+    state = r["state"]
+    if r.get("stuck"):
+        state = f"stuck for {_age(r.get('stuck_for_seconds'))}"
+    elif state == "FAILED":
+        state = "FAILED retryable" if r["retryable"] else "FAILED final"
+    what = f"task {visible(r['path'])}" if r.get("kind") == "task" else f"{r['method']} {visible(r['path'])}"
+    parts = [f"{r['id']:>8}  {state}", what]
+    if r.get("summary"):
+        parts.append(f"summary: {visible(r['summary'])}")
+    parts += [_scope(r), f"key {_quoted(r['key'])}", f"attempts {r['attempts']}"]
+    if r.get("recovery_point"):
+        parts.append(f"recovery point {visible(r['recovery_point'])}")
+    if r["state"] == "FAILED" and r.get("response_status") is not None:
+        parts.append(f"status {r['response_status']}")
+    if r["state"] == "FAILED" and r.get("error"):
+        error = visible(r["error"])
+        parts.append(f"error: {error[:59]}…" if len(error) > 60 else f"error: {error}")
+    if r.get("acknowledged_by"):
+        parts.append(f"acknowledged by {visible(r['acknowledged_by'])}")
+    return "  ".join(parts)
+
+
 def _print_records(items: list[dict[str, Any]]) -> None:
     if not items:
         click.echo("(none)")
     for r in items:
-        stuck = f" stuck {_age(r.get('stuck_for_seconds'))}" if r.get("stuck") else ""
-        retry = " retryable" if r["state"] == "FAILED" and r["retryable"] else ""
-        what = f"task {r['path']}" if r.get("kind") == "task" else f"{r['method']} {r['path']}"
-        summary = f"  ({r['summary']})" if r.get("summary") else ""
-        click.echo(
-            f"{r['id']:>8}  {r['state']:<11}{retry}{stuck}  attempts={r['attempts']}  "
-            f"scope={r['scope']!r} key={r['key']!r}  {what}{summary}"
-        )
+        click.echo(_record_line(r))
+
+
+def _value(value: Any) -> str:
+    """A field of ``show`` as text: no Python reprs (``None`` is ``-``, JSON as JSON, times in UTC with Z)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return iso_time(value)
+    if isinstance(value, (dict, list, tuple)):
+        return json_text(value)
+    return visible(value)
 
 
 @cli.command("stats")
@@ -229,22 +284,12 @@ def stats_command(as_json: bool) -> None:
 def stuck_command(page: int, per_page: int, kind: str | None, as_json: bool) -> None:
     """IN_PROGRESS records whose lease expired: their outcome is unknown until an operator decides."""
     result = ops.list_stuck(page, per_page, kind=kind)
-    _emit(
-        {
-            "items": result.items,
-            "total": result.total,
-            "total_capped": result.total_capped,
-            "page": result.page,
-            "per_page": result.per_page,
-        },
-        as_json,
-        lambda d: _print_records(d["items"]),
-    )
+    _emit(_page_data(result), as_json, lambda d: _print_records(d["items"]))
 
 
 def _page_data(result: ops.Page) -> dict[str, Any]:
     return {
-        "items": result.items,
+        "items": _labelled(result.items),
         "total": result.total,
         "total_capped": result.total_capped,
         "page": result.page,
@@ -288,14 +333,17 @@ def conflicts_command(hours: int | None, page: int, per_page: int, as_json: bool
             click.echo("(none)")
         for ev in d["items"]:
             original = ev["record"]
-            first = (
-                "released" if original is None else f"{original['method']} {original['path']} (record {original['id']})"
-            )
             detail = ev["detail"] or {}
-            click.echo(
-                f"{ev['created_at']:%Y-%m-%d %H:%M:%S} UTC  scope={ev['scope']!r} key={ev['key']!r}  first: {first}"
-                f"  then: {detail.get('method')} {detail.get('path')}"
-            )
+            if original is None:
+                first = "first: (record released or purged)"
+            else:
+                first = f"first: record {original['id']} {original['method']} {visible(original['path'])}"
+                if original.get("summary"):
+                    first += f" summary: {visible(original['summary'])}"
+            then = f"then: {visible(detail.get('method') or '?')} {visible(detail.get('path') or '?')}"
+            if detail.get("summary"):
+                then += f" summary: {visible(detail['summary'])}"
+            click.echo(f"{_when(ev['created_at'])}  {_scope(ev)}  key {_quoted(ev['key'])}  {first}  {then}")
 
     _emit(_page_data(result), as_json, human)
 
@@ -326,32 +374,188 @@ def show_command(target: tuple[str, ...], body: bool, as_json: bool) -> None:
     else:
         raise click.UsageError("give a record ID, or SCOPE and KEY")
 
+    record["scope_label"] = ops.scope_label(record["scope"])
+
     def human(r: dict[str, Any]) -> None:
         for name, value in r.items():
-            if name != "events":
-                click.echo(f"{name:<22}{value}")
-        click.echo("events:")
+            if name in ("events", "scope_label", "event_count", "runbook"):
+                continue
+            if name == "scope":
+                shown = _scope(r).removeprefix("scope ")
+            elif name == "stuck_for_seconds" and value is not None:
+                shown = f"{value:.0f} ({_age(value)})"
+            else:
+                shown = _value(value)
+            click.echo(f"{name:<22}{shown}")
+        click.echo(f"{'runbook':<22}{_value(r.get('runbook'))}")
+        click.echo(
+            f"{'client_events':<22}{r['event_count']} (conflicts and hits clients caused, counted for the"
+            " per-record cap; operator actions and takeovers are listed below, not counted)"
+        )
+        click.echo(f"events ({len(r['events'])}, newest first):" if r["events"] else "events: none")
         for ev in r["events"]:
-            click.echo(f"  {ev['created_at']}  {ev['kind']:<16} actor={ev['actor']} {ev['detail']}")
+            actor = f" by {visible(ev['actor'])}" if ev["actor"] else ""
+            detail = f"  {json_text(ev['detail'])}" if ev["detail"] else ""
+            click.echo(f"  {_when(ev['created_at'])}  {event_words(ev['kind'])}{actor}{detail}")
 
     _emit(record, as_json, human)
+
+
+if TYPE_CHECKING:  # click 8.2+ types ParamType by its value; older versions cannot subscript it at runtime
+    _DurationBase = click.ParamType[timedelta]
+else:
+    _DurationBase = click.ParamType
+
+
+class Duration(_DurationBase):
+    """``90s``, ``10m``, ``2h``, ``3d`` or a number of seconds, as a ``timedelta`` (at most 10 years)."""
+
+    name = "duration"
+    _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = re.fullmatch(r"([0-9]{1,9})([smhd]?)", str(value).strip())
+        if not match:
+            self.fail(f"{value!r} is not a duration such as 90s, 10m, 2h or 3d", param, ctx)
+        seconds = int(match.group(1)) * self._UNITS[match.group(2) or "s"]
+        if seconds > 10 * 366 * 86400:
+            self.fail("at most 10 years", param, ctx)
+        return timedelta(seconds=seconds)
+
+
+_BULK_DEFAULT_LIMIT = 100
+
+
+def _bulk(
+    action: ops.Action,
+    *,
+    which: str,
+    endpoint: str | None,
+    recovery_point: str | None,
+    older_than: timedelta | None,
+    limit: int,
+    dry_run: bool,
+    yes: bool,
+    actor: str,
+    as_json: bool,
+) -> None:
+    """An action on every record a filter selects, each under the operator rules; refused ones are reported."""
+    selected = ops.select_records(
+        which, endpoint=endpoint, recovery_point=recovery_point, older_than=older_than, limit=limit
+    )
+    if action is ops.Action.RELEASE and selected and not (yes or dry_run):
+        click.confirm(
+            f"Release {len(selected)} record(s)? The next request with each key runs as new", abort=True, err=True
+        )
+    results = ops.act_many(action, selected, actor=actor, dry_run=dry_run)
+    counts = {outcome: sum(r["outcome"] == outcome for r in results) for outcome in ("done", "would", "refused")}
+    data = {
+        "action": action.value,
+        "dry_run": dry_run,
+        "matched": len(selected),
+        "limit_reached": len(selected) == limit,
+        "results": results,
+    }
+
+    def human(d: dict[str, Any]) -> None:
+        if not d["results"]:
+            click.echo("no record matches")
+        for r in d["results"]:
+            named = f"Record {r['id']} (key {_quoted(r['key'])})"
+            if r["outcome"] == "done":
+                click.echo(r["message"])  # "Record 11 (key "k") is now retryable: ..."
+            elif r["outcome"] == "would":
+                click.echo(f"{named} {r['message']}")
+            else:
+                click.echo(f"{named}: {visible(r['message'])}")
+        others = len(d["results"]) - counts["done"] - counts["would"] - counts["refused"]
+        summary = (
+            f"dry run: {counts['would']} would change, {counts['refused']} refused"
+            if dry_run
+            else f"{counts['done']} done, {counts['refused']} refused, {others} changed or gone since listed"
+        )
+        more = f"; stopped at --limit {limit}: run again for more" if d["limit_reached"] else ""
+        click.echo(f"{summary} (of {d['matched']} matched{more})")
+
+    _emit(data, as_json, human)
+    if any(r["outcome"] not in ("done", "would") for r in results):
+        raise click.exceptions.Exit(1)  # the results are printed; the status says not everything was applied
 
 
 def _action(action: ops.Action, help_text: str) -> None:
     release = action is ops.Action.RELEASE
 
     @cli.command(action.value, help=help_text)
-    @click.argument("record_id", type=int)
+    @click.argument("record_id", type=int, required=False)
     @click.option(
         "--expect-version",
         type=int,
         default=None,
         help="Act only if the record is still at this version (the one you looked at); else exit 1.",
     )
+    @click.option(
+        "--where",
+        "which",
+        type=click.Choice(ops.BULK_LISTS),
+        default=None,
+        help="Instead of one RECORD_ID: act on the records of this list (with the filters below).",
+    )
+    @click.option("--endpoint", default=None, help="With --where: only records of this endpoint.")
+    @click.option("--recovery-point", default=None, help="With --where: only records at this recovery point.")
+    @click.option(
+        "--older-than",
+        type=Duration(),
+        default=None,
+        help="With --where: only records last changed more than this long ago (90s, 10m, 2h, 3d).",
+    )
+    @click.option(
+        "--limit",
+        type=click.IntRange(1, ops.MAX_BULK),
+        default=_BULK_DEFAULT_LIMIT,
+        show_default=True,
+        help="With --where: act on at most this many records.",
+    )
+    @click.option("--dry-run", is_flag=True, help="With --where: show what would happen; change nothing.")
     @click.option("--yes", is_flag=True, help="Release without asking (release only).", hidden=not release)
     @actor_option
     @json_option
-    def command(record_id: int, expect_version: int | None, yes: bool, actor: str, as_json: bool) -> None:
+    def command(
+        record_id: int | None,
+        expect_version: int | None,
+        which: str | None,
+        endpoint: str | None,
+        recovery_point: str | None,
+        older_than: timedelta | None,
+        limit: int,
+        dry_run: bool,
+        yes: bool,
+        actor: str,
+        as_json: bool,
+    ) -> None:
+        filtered = endpoint is not None or recovery_point is not None or older_than is not None or dry_run
+        if record_id is None:
+            if which is None:
+                raise click.UsageError("give a RECORD_ID, or --where LIST (with --endpoint, --recovery-point,"
+                                       " --older-than, --dry-run) to act on many")  # fmt: skip
+            if expect_version is not None:
+                raise click.UsageError("--expect-version is for one RECORD_ID; --where acts on the versions it lists")
+            _bulk(
+                action,
+                which=which,
+                endpoint=endpoint,
+                recovery_point=recovery_point,
+                older_than=older_than,
+                limit=limit,
+                dry_run=dry_run,
+                yes=yes,
+                actor=actor,
+                as_json=as_json,
+            )
+            return
+        if which is not None or filtered:
+            raise click.UsageError("give either a RECORD_ID or --where with its filters, not both")
         if release and not yes:
             # The rule first (a live lease is refused without a question), then the question, then the
             # release of exactly the version the operator was asked about.
@@ -365,8 +569,8 @@ def _action(action: ops.Action, help_text: str) -> None:
             if refused:
                 raise ops.TransitionError(refused)
             click.confirm(
-                f"Release record {record_id} (key {seen['key']!r}, {seen['state']})? The next request with its key"
-                " runs as new",
+                f"Release record {record_id} (key {_quoted(seen['key'])}, {seen['state']})? The next request"
+                " with its key runs as new",
                 abort=True,
                 err=True,
             )
@@ -375,7 +579,9 @@ def _action(action: ops.Action, help_text: str) -> None:
         _emit(
             record,
             as_json,
-            lambda r: click.echo(f"record {r['id']}: {action.value} done (state {r['state']}, version {r['version']})"),
+            lambda r: click.echo(
+                ops.done_message(action, r) + ("" if release else f" (now at version {r['version']})")
+            ),
         )
 
 

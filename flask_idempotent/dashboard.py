@@ -24,8 +24,10 @@ the state machine's rule (``machine.operator_transition``), the same for the CLI
 refused one answers 409 naming the rule.
 Releasing (deleting) a record needs a confirmation step.
 
-Response bodies and recovery data are hidden unless ``IDEMPOTENCY_DASHBOARD_SHOW_BODIES`` is on; then the
-first :data:`BODY_LIMIT` bytes are shown.
+Response bodies are hidden unless ``IDEMPOTENCY_DASHBOARD_SHOW_BODIES`` is on; then the first :data:`BODY_LIMIT`
+bytes are shown. Recovery data (the app's own checkpoint, what a runbook names) is always shown, up to
+:data:`BODY_LIMIT` characters. Stored text (keys, scopes, paths, summaries, errors, details) is shown with its
+control characters escaped (``\\x1b``), never raw.
 
 Hardening. Every response under the prefix (pages, actions, errors, the stylesheet, a 405) carries
 :data:`SECURITY_HEADERS`: it cannot be framed (the one-click actions cannot be clickjacked), is not cached, and
@@ -68,6 +70,7 @@ from werkzeug.exceptions import HTTPException
 from . import operations as ops
 from .constants import ConfigKey
 from .decorator import idempotent
+from .display import event_words, json_text, visible
 from .errors import SchemaVersionError
 from .machine import Action
 from .state import app_state
@@ -311,44 +314,14 @@ def _json(value: Any, limit: int | None = None) -> str:
 
 # Scope labels, links, grouped events and charts ---------------------------------------------------------------
 
-#: Problems with the app's callbacks already logged (each is logged once per process, not on every page).
-_WARNED: set[str] = set()
-
-
-def _warn_once(what: str, message: str, *args: Any, exc_info: bool = False) -> None:
-    if what not in _WARNED:
-        _WARNED.add(what)
-        logger.warning(message, *args, exc_info=exc_info)
+_warn_once = ops.warn_once
 
 
 def scope_label(scope: str) -> str | None:
-    """The app's ``scope_label`` for ``scope`` ("alice" for "1"), or ``None``: no callback, no label, or a
-    callback that raised or returned something other than a ``str`` (logged once; the page shows the scope)."""
-    label_of = app_state().callbacks.scope_label
-    if label_of is None or scope == "":
-        return None
+    """The app's ``scope_label`` for ``scope`` (:func:`flask_idempotent.operations.scope_label`), asked once
+    per scope and request."""
     cache: dict[str, str | None] = request.environ.setdefault("flask_idempotent.scope_labels", {})
-    if scope in cache:
-        return cache[scope]
-    label: str | None = None
-    try:
-        value = label_of(scope)
-    except Exception:
-        _warn_once("scope_label raised", "scope_label(%r) raised; the dashboard shows raw scopes", scope, exc_info=True)
-    else:
-        if isinstance(value, str):
-            label = value.strip() or None
-        elif value is not None:
-            _warn_once(
-                "scope_label type",
-                "scope_label(%r) returned %s, not a str; the dashboard shows raw scopes",
-                scope,
-                type(value).__name__,
-            )
-    if label == scope:
-        label = None  # nothing to add
-    cache[scope] = label
-    return label
+    return ops.scope_label(scope, cache)
 
 
 def _scopes_named(text: str) -> list[str]:
@@ -422,6 +395,164 @@ def group_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return groups
 
 
+def _event_note(ev: dict[str, Any]) -> str:
+    """What an event's detail says, in words (the timeline's second line); control characters escaped."""
+    detail = ev.get("detail") or {}
+    if not isinstance(detail, dict):
+        return json_text(detail)
+    kind = ev.get("kind")
+    if kind in ("conflict", "in_progress_hit", "stale_hit"):
+        note = f"{visible(detail.get('method') or '?')} {visible(detail.get('path') or '?')}"
+        if detail.get("summary"):
+            note += f" · {visible(detail['summary'])}"
+        return note
+    if kind == "takeover":
+        note = f"attempt {detail.get('attempt', '?')}"
+        if detail.get("holder"):
+            note += f" by {visible(detail['holder'])}"
+        if detail.get("previous_holder"):
+            note += f", after the lease of {visible(detail['previous_holder'])} expired"
+        return note
+    if kind in ("mark_retryable", "mark_failed", "acknowledge", "release"):
+        was = f"it was {visible(detail.get('from_state', '?'))}"
+        if detail.get("from_state") == "FAILED":
+            was += " retryable" if detail.get("retryable") else " final"
+        parts = [was, f"attempt {detail.get('attempts', '?')}", f"version {detail.get('version', '?')}"]
+        if detail.get("recovery_point"):
+            parts.append(f"at recovery point {visible(detail['recovery_point'])}")
+        if detail.get("lease_holder"):
+            parts.append(f"lease held by {visible(detail['lease_holder'])}")
+        return ", ".join(parts)
+    return json_text(detail)
+
+
+def timeline(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The record's story, oldest first: the first claim, its events (repeats grouped, in words), the lease's
+    expiry when stuck, and where it stands now (attempt, holder, recovery point). Each entry has ``kind``,
+    ``title``, ``note``, ``at`` (a time or ``None``), ``count`` and ``actor``."""
+    entries: list[dict[str, Any]] = [
+        {
+            "kind": "claim",
+            "title": "first request claimed the key (attempt 1)",
+            "note": visible(record.get("summary")) or "",
+            "at": record.get("created_at"),
+            "count": 1,
+            "actor": None,
+        }
+    ]
+    for group in reversed(group_events(record.get("events") or [])):
+        ev = group["event"]
+        entries.append(
+            {
+                "kind": ev.get("kind"),
+                "title": event_words(str(ev.get("kind"))),
+                "note": _event_note(ev),
+                "at": group["first"] if group["count"] > 1 else ev.get("created_at"),
+                "last": group["last"],
+                "count": group["count"],
+                "actor": ev.get("actor"),
+            }
+        )
+    entries += _retries(record)
+    if record.get("stuck") and record.get("locked_until") is not None:
+        entries.append(
+            {
+                "kind": "lease_expired",
+                "title": "the lease ran out without an outcome: stuck",
+                "note": "retries answer 409 stuck until an operator decides",
+                "at": record["locked_until"],
+                "count": 1,
+                "actor": None,
+            }
+        )
+    # Oldest first; an entry without a time goes last (before "now"); a retry after the event that allowed it.
+    entries.sort(key=lambda entry: (entry["at"] or datetime.max, entry["kind"] == "retry"))
+    now = [f"attempt {record.get('attempts')}"]
+    if record.get("lease_holder"):
+        now.append(f"claimed by {visible(record['lease_holder'])}")
+    if record.get("recovery_point"):
+        now.append(f"last recovery point {visible(record['recovery_point'])} (earlier ones are not kept)")
+    if record.get("response_status") is not None:
+        now.append(f"status {record['response_status']}")
+    entries.append(
+        {
+            "kind": "now",
+            "title": f"now: {_state_words(record)}",
+            "note": ", ".join(now),
+            "at": record.get("updated_at"),
+            "count": 1,
+            "actor": None,
+        }
+    )
+    return entries
+
+
+def _retries(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The attempts after the first that no event tells of: a retry is one read and one claim, with no event of
+    its own. One right after the operator's *mark retryable* that allowed it (the attempt that action counted
+    plus one); the others (retries of retryable failures) as one entry, their times not recorded."""
+    attempts = int(record.get("attempts") or 1)
+    events = record.get("events") or []
+    told = {
+        ev["detail"]["attempt"]
+        for ev in events
+        if ev.get("kind") == "takeover" and isinstance(ev.get("detail"), dict) and "attempt" in ev["detail"]
+    }
+    added: list[dict[str, Any]] = []
+    for ev in events:
+        detail = ev.get("detail") or {}
+        if ev.get("kind") != "mark_retryable" or not isinstance(detail.get("attempts"), int):
+            continue
+        attempt = detail["attempts"] + 1
+        if attempt <= attempts and attempt not in told:
+            told.add(attempt)
+            added.append(
+                {
+                    "kind": "retry",
+                    "title": f"attempt {attempt}: the client's retry ran it again",
+                    "note": "after the operator's mark retryable (its time is not recorded)",
+                    "at": ev.get("created_at"),
+                    "count": 1,
+                    "actor": None,
+                }
+            )
+    others = [n for n in range(2, attempts + 1) if n not in told]
+    if others:
+        which = f"attempt {others[0]}" if len(others) == 1 else f"attempts {', '.join(map(str, others))}"
+        added.append(
+            {
+                "kind": "retry",
+                "title": f"{which}: retries of a retryable failure",
+                "note": "their times are not recorded",
+                "at": None,
+                "count": 1,
+                "actor": None,
+            }
+        )
+    return added
+
+
+def _state_words(record: dict[str, Any]) -> str:
+    state = record.get("state")
+    if state == "IN_PROGRESS":
+        return "stuck" if record.get("stuck") else "in progress"
+    if state == "COMPLETED":
+        return "completed"
+    if record.get("retryable"):
+        return "failed, retryable: the next retry runs it again"
+    return "failed, final" + (", acknowledged" if record.get("acknowledged_at") else ", awaiting a decision")
+
+
+def primary_action(record: dict[str, Any], refused: dict[str, str | None]) -> str | None:
+    """The button drawn as the primary one, following the generic runbook: a final failure awaiting a
+    decision is acknowledged (it may have had an effect; re-running is a decision the route's runbook must
+    support), so *Acknowledge* is primary and *Mark retryable* is not. For a stuck record none is: the route's
+    runbook (shown above the buttons) decides between retrying and failing."""
+    if record.get("state") == "FAILED" and not record.get("retryable") and not refused.get("acknowledge"):
+        return "acknowledge"
+    return None
+
+
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """``1 record``, ``2 records`` (``nouns`` for an irregular plural)."""
     return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
@@ -475,6 +606,12 @@ def charts(activity: dict[str, Any]) -> list[dict[str, Any]]:
     return result
 
 
+@blueprint.app_template_filter("fi_text")
+def _fi_text(value: Any, lines: bool = False) -> str:
+    """Stored text with every control character visible (``\\x1b``): :func:`flask_idempotent.display.visible`."""
+    return visible(value, lines=lines)
+
+
 @blueprint.context_processor
 def _template_helpers() -> dict[str, Any]:
     now = _page_now()
@@ -506,6 +643,8 @@ def _template_helpers() -> dict[str, Any]:
         "fi_location": location_of,
         "fi_resource_link": resource_link,
         "fi_group_events": group_events,
+        "fi_timeline": timeline,
+        "fi_event_words": event_words,
         "fi_plural": plural,
         "fi_search_labels": app_state().callbacks.scope_search is not None,
         "fi_flash_ok": _FLASH_OK,
@@ -677,6 +816,7 @@ def record(record_id: int) -> ResponseReturnValue:
         "record.html",
         record=data,
         refused=refused,
+        primary=primary_action(data, refused),
         show_bodies=show_bodies,
         body_limit=BODY_LIMIT,
         runbook=data["runbook"],
@@ -697,7 +837,7 @@ def confirm_release(record_id: int) -> ResponseReturnValue:
 _VERSION = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
 
 
-def _act(record_id: int, action: Action, done: str) -> dict[str, Any]:
+def _act(record_id: int, action: Action) -> dict[str, Any]:
     """Run an operator action for the current viewer; 403, 400, 404 or 409 when it must not run."""
     viewer = _require_operator()
     _check_csrf()
@@ -712,7 +852,7 @@ def _act(record_id: int, action: Action, done: str) -> dict[str, Any]:
         abort(409, "The record changed since you loaded the page. Look at it again, then decide.")
     except ops.TransitionError as exc:
         abort(409, f"Not applied: {exc}.")
-    flash(done.format(id=record_id, key=result["key"]), _FLASH_OK)
+    flash(ops.done_message(action, result), _FLASH_OK)
     return result
 
 
@@ -720,7 +860,7 @@ def _act(record_id: int, action: Action, done: str) -> dict[str, Any]:
 @_exempt
 def mark_retryable(record_id: int) -> ResponseReturnValue:
     """FAILED or stuck → FAILED retryable: the next retry with this key runs the view again."""
-    _act(record_id, Action.MARK_RETRYABLE, "Record {id} (key {key}) is now retryable: the next retry runs it again.")
+    _act(record_id, Action.MARK_RETRYABLE)
     return redirect(url_for(".record", record_id=record_id), 303)
 
 
@@ -728,7 +868,7 @@ def mark_retryable(record_id: int) -> ResponseReturnValue:
 @_exempt
 def mark_failed(record_id: int) -> ResponseReturnValue:
     """FAILED retryable or stuck → FAILED final: retries with this key get the stored failure."""
-    _act(record_id, Action.MARK_FAILED, "Record {id} (key {key}) is now failed for good: retries get the failure.")
+    _act(record_id, Action.MARK_FAILED)
     return redirect(url_for(".record", record_id=record_id), 303)
 
 
@@ -736,7 +876,7 @@ def mark_failed(record_id: int) -> ResponseReturnValue:
 @_exempt
 def acknowledge(record_id: int) -> ResponseReturnValue:
     """A final failure stays as it is and leaves "awaiting a decision"."""
-    _act(record_id, Action.ACKNOWLEDGE, "Record {id} (key {key}) is acknowledged: it stays failed, decided.")
+    _act(record_id, Action.ACKNOWLEDGE)
     return redirect(url_for(".record", record_id=record_id), 303)
 
 
@@ -748,5 +888,5 @@ def release(record_id: int) -> ResponseReturnValue:
         _require_operator()
         _check_csrf()
         return redirect(url_for(".confirm_release", record_id=record_id), 303)
-    _act(record_id, Action.RELEASE, "Record {id} (key {key}) was released: the key is free again.")
+    _act(record_id, Action.RELEASE)
     return redirect(url_for(".overview"), 303)

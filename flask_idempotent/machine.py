@@ -14,6 +14,9 @@ time to live), filled in by the store. The request hooks (``pipeline.py``) and t
 from __future__ import annotations
 
 import enum
+import os
+import secrets
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,6 +143,29 @@ class Claim:
     restart: bool
     #: The record's recovery point carries over to this attempt (retry, takeover); not on a restart.
     resumes: bool
+
+
+#: A lease token is at most this long (``idempotency_records.lease_token``).
+LEASE_TOKEN_MAX = 64
+
+
+def new_lease_token() -> str:
+    """A claim's lease token: 22 random URL-safe characters (128 bits, what fences the owner's writes), then
+    ``@host:pid`` of the process that claims, so that an operator can tell which process held a stuck lease.
+
+    A lock that names its holder, as lock files do; cut to :data:`LEASE_TOKEN_MAX` characters (the host first).
+    """
+    owner = f":{os.getpid()}"
+    room = LEASE_TOKEN_MAX - 23 - len(owner)
+    return f"{secrets.token_urlsafe(16)}@{socket.gethostname()[:room]}{owner}"
+
+
+def lease_holder(lease_token: str | None) -> str | None:
+    """``host:pid`` of the process a lease token was made by (:func:`new_lease_token`); ``None`` for no token
+    or one that names nobody (written before the holder was recorded, or by hand)."""
+    if not lease_token or "@" not in lease_token:
+        return None
+    return lease_token.partition("@")[2] or None
 
 
 def claim_new(command: Command, lease_token: str) -> Claim:

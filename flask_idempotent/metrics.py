@@ -17,7 +17,8 @@ outcome is known, adds 1 to the counter ``idempotency.requests`` and records its
 histogram ``idempotency.claim.duration`` (seconds), both with the attributes ``outcome`` and ``endpoint``.
 
 Prometheus: the counter ``idempotency_requests_total{outcome,endpoint}``, and the gauges
-``idempotency_stuck_records`` and ``idempotency_failed_records{retryable="true|false"}`` read from the record
+``idempotency_stuck_records``, ``idempotency_failed_records{retryable="true|false"}`` and
+``idempotency_awaiting_decision_records`` (stuck plus final failures nobody acknowledged) read from the record
 store at scrape time by one :func:`flask_idempotent.operations.stats` call (:class:`StoreGauges`). A store that
 cannot be read skips the gauges for that scrape (logged); the counters are still served.
 
@@ -60,6 +61,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     _prometheus_missing = exc
 
 __all__ = [
+    "AWAITING_DECISION_RECORDS",
     "CLAIM_DURATION",
     "CLAIM_DURATION_BUCKETS",
     "FAILED_RECORDS",
@@ -95,6 +97,9 @@ PROMETHEUS_REQUESTS = "idempotency_requests"
 STUCK_RECORDS = "idempotency_stuck_records"
 #: Prometheus: the gauge of FAILED records, labelled ``retryable="true"|"false"``, read at scrape time.
 FAILED_RECORDS = "idempotency_failed_records"
+#: Prometheus: records awaiting an operator's decision (stuck, plus final failures nobody acknowledged): the
+#: number a pager watches. ``idempotency_failed_records{retryable="false"}`` still counts acknowledged ones.
+AWAITING_DECISION_RECORDS = "idempotency_awaiting_decision_records"
 
 _EXTENSION = "idempotency_metrics"
 _lock = threading.Lock()
@@ -161,7 +166,8 @@ def instrument_otel(app: Flask, *, meter_provider: MeterProvider | None = None) 
 
 
 class StoreGauges:
-    """A Prometheus collector: ``idempotency_stuck_records`` and ``idempotency_failed_records{retryable}``.
+    """A Prometheus collector: ``idempotency_stuck_records``, ``idempotency_failed_records{retryable}`` and
+    ``idempotency_awaiting_decision_records`` (stuck plus final failures not acknowledged).
 
     Each scrape runs one :func:`flask_idempotent.operations.stats` read in an app context of ``app`` (the
     dashboard's overview and ``flask idempotency stats`` run the same index-served counts). When the store
@@ -197,11 +203,12 @@ class StoreGauges:
                 "idempotency gauges skipped in this scrape: the record store could not be read (%s)", _error_line(exc)
             )
             return []
-        stuck, failed = _gauge_families()
+        stuck, failed, awaiting = _gauge_families()
         stuck.add_metric([], numbers["stuck"])
         failed.add_metric(["true"], numbers["failed_retryable"])
         failed.add_metric(["false"], numbers["failed_final"])
-        return [stuck, failed]
+        awaiting.add_metric([], numbers["stuck"] + numbers["awaiting_decision"])
+        return [stuck, failed, awaiting]
 
 
 @dataclass
@@ -275,15 +282,19 @@ def prometheus_view(registry: CollectorRegistry | None = None) -> Callable[[], R
 # Helpers -------------------------------------------------------------------------------------------------------
 
 
-def _gauge_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+def _gauge_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
     return (
         GaugeMetricFamily(
             STUCK_RECORDS, "IN_PROGRESS idempotency records whose lease expired (by the database's clock)."
         ),
         GaugeMetricFamily(
             FAILED_RECORDS,
-            'FAILED idempotency records; retryable="false" are final (an operator decides).',
+            'FAILED idempotency records; retryable="false" are final (acknowledged ones included).',
             labels=["retryable"],
+        ),
+        GaugeMetricFamily(
+            AWAITING_DECISION_RECORDS,
+            "Idempotency records awaiting an operator's decision: stuck, plus final failures not acknowledged.",
         ),
     )
 

@@ -11,6 +11,7 @@ fails with :class:`RecordChanged`; and it writes an event with the actor in the 
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,10 +24,13 @@ from flask import current_app
 from . import signals
 from .context import RecordView
 from .decorator import options_of
-from .machine import Action, TransitionError, operator_transition
+from .display import visible
+from .machine import Action, TransitionError, lease_holder, operator_transition
 from .models import storable_text
 from .state import AppState, app_state
 from .store import COUNT_LIMIT, LOST_RACE_ATTEMPTS, lost_race, retry_lost_race
+
+logger = logging.getLogger("flask_idempotent")
 
 __all__ = [
     "COUNT_LIMIT",
@@ -38,6 +42,7 @@ __all__ = [
     "TransitionError",
     "acknowledge",
     "act",
+    "act_many",
     "activity",
     "get",
     "list_conflicts",
@@ -45,11 +50,14 @@ __all__ = [
     "list_stuck",
     "mark_failed",
     "mark_retryable",
+    "done_message",
     "now",
     "purge",
     "refusal",
     "release",
+    "scope_label",
     "search",
+    "select_records",
     "show",
     "stats",
 ]
@@ -134,7 +142,8 @@ def record_dict(row: Any, *, body_limit: int | None = 0) -> dict[str, Any]:
     """
     data = dict(row._mapping)
     body = data.pop("response_body", None)
-    data.pop("lease_token", None)  # a capability of the owning request; never shown
+    # The token is a capability of the owning request, never shown; the process it names is.
+    data["lease_holder"] = lease_holder(data.pop("lease_token", None))
     data.pop("is_expired", None)
     now = data.pop("db_now", None)
     data["response_body_size"] = None if body is None else len(body)
@@ -163,6 +172,47 @@ def _page(query: Any, where: Any, page: Any, per_page: Any) -> Page:
 
 
 # Reading ----------------------------------------------------------------------------------------------------
+
+#: Problems with the app's callbacks already logged (each is logged once per process, not on every page).
+_WARNED: set[str] = set()
+
+
+def warn_once(what: str, message: str, *args: Any, exc_info: bool = False) -> None:
+    """Log a warning about the app's callbacks once per process (``what`` names the problem)."""
+    if what not in _WARNED:
+        _WARNED.add(what)
+        logger.warning(message, *args, exc_info=exc_info)
+
+
+def scope_label(scope: str, cache: dict[str, str | None] | None = None) -> str | None:
+    """The app's ``scope_label`` for ``scope`` ("alice" for "1"), or ``None``: no callback, no label, the label
+    is the scope itself, or a callback that raised or returned something other than a ``str`` (logged once;
+    the dashboard and the CLI show the scope). ``cache`` keeps the answers of one page or command."""
+    label_of = app_state().callbacks.scope_label
+    if label_of is None or scope == "":
+        return None
+    if cache is not None and scope in cache:
+        return cache[scope]
+    label: str | None = None
+    try:
+        value = label_of(scope)
+    except Exception:
+        warn_once("scope_label raised", "scope_label(%r) raised; operators see raw scopes", scope, exc_info=True)
+    else:
+        if isinstance(value, str):
+            label = value.strip() or None
+        elif value is not None:
+            warn_once(
+                "scope_label type",
+                "scope_label(%r) returned %s, not a str; operators see raw scopes",
+                scope,
+                type(value).__name__,
+            )
+    if label == scope:
+        label = None  # nothing to add
+    if cache is not None:
+        cache[scope] = label
+    return label
 
 
 def stats() -> dict[str, Any]:
@@ -260,6 +310,7 @@ def activity(hours: int = 24, limit: int = ACTIVITY_LIMIT) -> dict[str, Any]:
     the same on every database; a series that hit the limit is ``capped`` (its oldest bars are too low).
     """
     state = _state()
+    state.replays.write_due(now_or_never=True)  # this process's own replays first (others write within a minute)
     with state.db.engine.connect() as conn:
         now = state.store.now(conn)
         start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
@@ -338,6 +389,19 @@ def refusal(action: Action | str, record: dict[str, Any]) -> str | None:
 
 # Actions ----------------------------------------------------------------------------------------------------
 
+#: What an applied action did, in words: the dashboard's message and the CLI's line.
+DONE = {
+    Action.MARK_RETRYABLE: "is now retryable: the next retry runs it again",
+    Action.MARK_FAILED: "is now failed for good: retries get the failure",
+    Action.ACKNOWLEDGE: "is acknowledged: it stays failed, decided",
+    Action.RELEASE: "was released: the key is free again",
+}
+
+
+def done_message(action: Action | str, record: dict[str, Any]) -> str:
+    """``Record 11 (key "k") is now retryable: ...`` for an applied ``action`` (control characters escaped)."""
+    return f'Record {record["id"]} (key "{visible(record["key"])}") {DONE[Action(action)]}.'
+
 
 def act(action: Action | str, record_id: int, *, actor: str, version: int | None = None) -> dict[str, Any]:
     """Apply an operator ``action`` to record ``record_id`` as ``actor`` (docs: "Operating it", the operator table).
@@ -406,9 +470,22 @@ def _act_once(action: Action, record_id: int, actor: str, version: int | None) -
                 "retryable": row.retryable,
                 "attempts": row.attempts,
                 "version": row.version,
+                "recovery_point": row.recovery_point,
+                "lease_holder": lease_holder(row.lease_token),
             },
         )
         after = None if transition.delete else store.get(conn, record_id)
+    logger.info(
+        "record %s (key %r, scope %r): %s by %s (it was %s%s, version %s)",
+        row.id,
+        row.key,
+        row.scope,
+        action.value,
+        actor,
+        row.state,
+        " retryable" if row.state == "FAILED" and row.retryable else "",
+        row.version,
+    )
     return record_dict(after if after is not None else row)
 
 
@@ -436,6 +513,87 @@ def release(record_id: int, *, actor: str, version: int | None = None) -> dict[s
     Refused while the record is IN_PROGRESS with a live lease: its owner may still be running.
     """
     return act(Action.RELEASE, record_id, actor=actor, version=version)
+
+
+# Bulk actions -----------------------------------------------------------------------------------------------
+
+#: The lists a bulk action selects from (``which``): stuck records, and FAILED ones as :func:`list_failed` has them.
+BULK_LISTS = ("stuck", "failed", "awaiting", "final", "retryable")
+#: A bulk action acts on at most this many records per call (the CLI's ``--limit``).
+MAX_BULK = 1000
+
+
+def select_records(
+    which: str,
+    *,
+    endpoint: str | None = None,
+    recovery_point: str | None = None,
+    older_than: timedelta | None = None,
+    kind: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """The records a bulk action would act on: those of the list ``which`` (:data:`BULK_LISTS`, in that list's
+    order) of ``endpoint``, at ``recovery_point``, last changed more than ``older_than`` ago by the database's
+    clock; at most ``limit`` (1..:data:`MAX_BULK`)."""
+    if which not in BULK_LISTS:
+        raise ValueError(f"which must be one of {', '.join(BULK_LISTS)}, got {which!r}")
+    if not 1 <= limit <= MAX_BULK:
+        raise ValueError(f"limit must be 1..{MAX_BULK}")
+    if older_than is not None and older_than < timedelta(0):
+        raise ValueError("older_than must not be negative")
+    state = _state()
+    store = state.store
+    if which == "stuck":
+        query, _ = store.stuck_query(_kind(kind))
+    else:
+        retryable = {"failed": None, "awaiting": False, "final": False, "retryable": True}[which]
+        query, _ = store.failed_query(retryable, which == "awaiting", _kind(kind))
+    with state.db.engine.connect() as conn:
+        cutoff = None if older_than is None else store.now(conn) - older_than
+        query = store.narrow(query, endpoint=endpoint, recovery_point=recovery_point, changed_before=cutoff)
+        rows = store.page(conn, query, limit, 0)
+    return [record_dict(row) for row in rows]
+
+
+#: What a dry run says an allowed action would do.
+WOULD = {
+    Action.MARK_RETRYABLE: "would be marked retryable",
+    Action.MARK_FAILED: "would be marked failed (final)",
+    Action.ACKNOWLEDGE: "would be acknowledged",
+    Action.RELEASE: "would be released",
+}
+
+
+def act_many(
+    action: Action | str, records: Sequence[dict[str, Any]], *, actor: str, dry_run: bool = False
+) -> list[dict[str, Any]]:
+    """Apply ``action`` to each of ``records`` (as :func:`select_records` read them) under the operator rules,
+    one record at a time, each a compare-and-set on the version read: a record that changed since is not acted
+    on. Returns one result per record: ``id``, ``key``, ``outcome`` (``done``; ``refused`` with the rule;
+    ``changed``; ``not-found``; with ``dry_run`` ``would`` or ``refused``, and nothing changes) and ``message``.
+    """
+    action = Action(action)
+    results = []
+    for seen in records:
+        result: dict[str, Any] = {"id": seen["id"], "key": seen["key"], "version": seen["version"]}
+        refused = refusal(action, seen)
+        if refused:
+            result.update(outcome="refused", message=refused)
+        elif dry_run:
+            result.update(outcome="would", message=WOULD[action])
+        else:
+            try:
+                after = act(action, seen["id"], actor=actor, version=seen["version"])
+            except TransitionError as exc:
+                result.update(outcome="refused", message=str(exc))
+            except RecordChanged as exc:
+                result.update(outcome="changed", message=str(exc))
+            except RecordNotFound as exc:
+                result.update(outcome="not-found", message=str(exc))
+            else:
+                result.update(outcome="done", message=done_message(action, after), version=after["version"])
+        results.append(result)
+    return results
 
 
 #: Seconds :func:`purge` rests between batches by default, leaving the database to the request path.

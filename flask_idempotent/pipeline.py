@@ -6,7 +6,6 @@ tables). ``Idempotency.init_app`` registers :func:`before_request`, :func:`after
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import uuid
 import weakref
@@ -54,6 +53,8 @@ from .machine import (
     classify_status,
     decide,
     keeps_view_writes,
+    lease_holder,
+    new_lease_token,
     outcome,
 )
 from .models import storable_text
@@ -290,6 +291,14 @@ def _answer(ctx: RequestContext, decision: Decision, row: Row[Any] | None) -> Re
         )
     if decision is Decision.STUCK:
         assert row is not None
+        logger.warning(
+            "record %s (key %r, scope %r) is stuck: its lease (held by %s) expired without an outcome;"
+            " answered 409 stuck until an operator decides",
+            row.id,
+            row.key,
+            row.scope,
+            lease_holder(row.lease_token) or "an unnamed process",
+        )
         client_event(ctx, row, EventKind.STALE_HIT)
         raise RecordStuck(
             "The first request with this key stopped without recording an outcome. It may have had an"
@@ -308,7 +317,7 @@ def claim_once(ctx: RequestContext) -> _Answer:
     state = ctx.state
     # One lease token per claim: whatever row carries it was written by this call, which is how a claim
     # whose reply was lost finds out that it did commit.
-    token = secrets.token_hex(16)
+    token = new_lease_token()
     for attempt in range(LOST_RACE_ATTEMPTS):
         try:
             if ctx.atomic:
@@ -437,6 +446,7 @@ def _decide_and_claim(ctx: RequestContext, conn: Executor, token: str) -> _Answe
         claim = claim_existing(decision, row._mapping, command, token)
         if store.reclaim(conn, row.id, row.version, claim, lease=options.lease, ttl=options.ttl):
             _claimed(ctx, row.id, row.version + 1, claim, row._mapping)
+            holder, previous = lease_holder(token), lease_holder(row.lease_token)
             if decision is Decision.TAKEOVER:
                 store.add_event(
                     conn,
@@ -444,7 +454,23 @@ def _decide_and_claim(ctx: RequestContext, conn: Executor, token: str) -> _Answe
                     scope=row.scope,
                     key=row.key,
                     kind=EventKind.TAKEOVER,
-                    detail={"attempt": claim.attempt},
+                    detail={"attempt": claim.attempt, "holder": holder, "previous_holder": previous},
+                )
+                logger.warning(
+                    "record %s (key %r, scope %r): attempt %s takes over the expired lease of %s",
+                    row.id,
+                    row.key,
+                    row.scope,
+                    claim.attempt,
+                    previous or "an unnamed process",
+                )
+            elif decision is Decision.RETRY:
+                logger.info(
+                    "record %s (key %r, scope %r): attempt %s runs (a retry of a retryable failure)",
+                    row.id,
+                    row.key,
+                    row.scope,
+                    claim.attempt,
                 )
             return None, None
         row = store.find(conn, command.scope, command.key, current=ctx.atomic)
@@ -481,6 +507,8 @@ def client_event(ctx: RequestContext, row: Row[Any], kind: EventKind) -> None:
         "endpoint": command.endpoint,
         "request_hash": command.request_hash,
     }
+    if kind is EventKind.CONFLICT and command.summary is not None:
+        detail["summary"] = command.summary  # the operator compares it with the record's ("1500 EUR" vs "1600 EUR")
 
     def write() -> None:
         with state.engine.connect() as conn:

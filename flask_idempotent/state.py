@@ -100,10 +100,17 @@ class ReplayTally:
         if self.interval == 0:
             self.write_due()
 
-    def write_due(self) -> None:
-        """Write the count if its first replay is ``interval`` seconds old or more."""
+    @property
+    def pending(self) -> int:
+        """Replays this process counted and has not written yet."""
+        return self._pending
+
+    def write_due(self, *, now_or_never: bool = False) -> None:
+        """Write the count if its first replay is ``interval`` seconds old or more (``now_or_never``: whatever
+        its age, as the overview does, so that the page shows the replays of the process serving it)."""
         now = self.clock()
-        if not self._pending or now - self._first < self.interval or now < self._not_before:
+        due = now_or_never or (now - self._first >= self.interval and now >= self._not_before)
+        if not self._pending or not due:
             return  # unlocked peek: the common case costs a few comparisons
         with self._lock:
             count, first = self._pending, self._first

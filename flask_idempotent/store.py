@@ -564,6 +564,25 @@ class RecordStore:
         query = sa.select(*self.seen_columns).where(where).order_by(r.c.updated_at.desc(), r.c.id.desc())
         return query, where
 
+    def narrow(
+        self,
+        query: sa.Select[Any],
+        *,
+        endpoint: str | None = None,
+        recovery_point: str | None = None,
+        changed_before: datetime | None = None,
+    ) -> sa.Select[Any]:
+        """A listing's ``query`` keeping only the records of ``endpoint``, at ``recovery_point``, or last changed
+        (``updated_at``) before ``changed_before``: what a bulk action selects."""
+        r = self.records
+        if endpoint is not None:
+            query = query.where(r.c.endpoint == endpoint)
+        if recovery_point is not None:
+            query = query.where(r.c.recovery_point == recovery_point)
+        if changed_before is not None:
+            query = query.where(r.c.updated_at < changed_before)
+        return query
+
     def search_query(self, text: str, page: int, size: int, scopes: Sequence[str] = ()) -> tuple[sa.Select[Any], Any]:
         """Records whose key or scope equals ``text`` exactly, newest first (bound parameters; index-served).
 

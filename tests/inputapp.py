@@ -58,6 +58,7 @@ def create_app() -> Flask:
                 yield EXPORT_CHUNK
 
         return Response(chunks(), 200, mimetype="text/csv")
+
     @app.post("/notes/<name>")
     @idempotent(describe=lambda: (request.get_json(silent=True) or {}).get("summary"))
     def note(name: str) -> Any:

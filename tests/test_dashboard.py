@@ -417,7 +417,7 @@ def test_operator_marks_a_stuck_request_retryable_and_the_retry_runs(
             "IN_PROGRESS",
         )
         page = get(client, f"/records/{row['id']}")
-        assert "is now retryable" in page and "failed · retryable" in page
+        assert "is now retryable" in page and "retry allowed" in page
 
         retry = post(client, "/payments", key="stuck-1", json={"amount": 7})
         assert retry.status_code == 201 and retry.get_json()["attempt"] == 2

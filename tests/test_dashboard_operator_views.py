@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from helpers import ext
 from test_dashboard import PREFIX, allow, get, insert, insert_stuck
 
-from flask_idempotent import dashboard
+from flask_idempotent import operations as ops
 from flask_idempotent.dashboard import SECURITY_HEADERS, group_events, plural, safe_link
 
 USERS = {"1": "alice", "2": "bob"}
@@ -53,7 +53,7 @@ def insert_event(app: Flask, clock: Any, record_id: int | None, kind: str, **val
 
 @pytest.fixture(autouse=True)
 def _forget_warnings() -> None:
-    dashboard._WARNED.clear()
+    ops._WARNED.clear()
 
 
 # 1. Scope labels --------------------------------------------------------------------------------------------
@@ -231,7 +231,14 @@ def test_the_timeline_groups_consecutive_repeats(app: Flask, client: FlaskClient
     )
     page = get(client, f"/records/{record_id}")
     kinds = re.findall(r'data-fi-event="([a-z_]+)" data-fi-repeats="(\d+)"', page)
-    assert kinds == [("in_progress_hit", "1"), ("in_progress_hit", "6"), ("conflict", "1")]
+    assert kinds == [  # oldest first: the claim, the lease's expiry, the events, where it stands now
+        ("claim", "1"),
+        ("lease_expired", "1"),
+        ("conflict", "1"),
+        ("in_progress_hit", "6"),
+        ("in_progress_hit", "1"),
+        ("now", "1"),
+    ]
     last = (start + timedelta(minutes=6)).strftime("%H:%M")
     assert "×6" in page and f"last {last}" in page
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from werkzeug.test import TestResponse
 import example_app
 from example_app import ConfigurationError, create_app, normalize_database_url
 from example_app.config import DEV_OPERATOR_PASSWORD
+from example_app.extensions import db as example_db
 from flask_idempotent.testing import LeaseClock, assert_idempotent, crash_after_effect, store_outage
 
 OPERATOR_PASSWORD = "s3cret-operator-password"
@@ -577,6 +579,22 @@ def test_debug_mode_uses_the_documented_development_password(
     assert app.config["OPERATOR_PASSWORD"] == DEV_OPERATOR_PASSWORD
     assert app.secret_key  # generated for the process
     assert app.config["PROVIDER_SIMULATION"] is True
+
+
+def test_the_development_login_is_announced_by_the_server_not_by_every_cli_command(
+    clean_environment: pytest.MonkeyPatch, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    app = create_app({"DEBUG": True, "DATABASE_URL": f"sqlite:///{tmp_path}/x.db"})
+    with app.app_context():
+        example_db.create_all()
+    stuck = app.test_cli_runner().invoke(args=["idempotency", "stuck"])
+    assert stuck.exit_code == 0 and stuck.stderr == "" and stuck.stdout == "(none)\n"
+    assert not [r for r in caplog.records if "dev-password" in r.getMessage()]
+    app.test_client().get("/")
+    app.test_client().get("/")
+    announced = [r for r in caplog.records if "dev-password" in r.getMessage()]
+    assert len(announced) == 1 and announced[0].levelname == "WARNING"  # once, when it serves
 
 
 @pytest.mark.parametrize(

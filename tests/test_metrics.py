@@ -36,6 +36,7 @@ from test_store_unavailable import unreachable_url
 from testapp import Controls, build_app
 
 from flask_idempotent import idempotent, metrics
+from flask_idempotent import operations as ops
 from flask_idempotent.metrics import StoreGauges, init_metrics, instrument_otel, instrument_prometheus, prometheus_view
 
 # Helpers --------------------------------------------------------------------------------------------------------
@@ -135,7 +136,7 @@ def gauges(registry: CollectorRegistry) -> dict[str, float]:
     """The store gauges' samples, named ``metric{label}``."""
     found = {}
     for family in registry.collect():
-        if family.name in (metrics.STUCK_RECORDS, metrics.FAILED_RECORDS):
+        if family.name in (metrics.STUCK_RECORDS, metrics.FAILED_RECORDS, metrics.AWAITING_DECISION_RECORDS):
             for s in family.samples:
                 labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
                 found[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
@@ -202,6 +203,7 @@ def test_each_outcome_is_counted_tagged_and_scraped(app: Flask, client: FlaskCli
         "idempotency_stuck_records": 1,
         "idempotency_failed_records{retryable=false}": 1,
         "idempotency_failed_records{retryable=true}": 1,
+        "idempotency_awaiting_decision_records": 2,  # k-2 stuck and f-500 final, nobody acknowledged it
     }
     scraped = scrape(client)
     assert scraped["idempotency_requests_total"] == {
@@ -291,6 +293,7 @@ def test_a_store_error_during_a_scrape_skips_the_gauges_until_the_store_is_back(
         "idempotency_stuck_records": 0,
         "idempotency_failed_records{retryable=false}": 0,
         "idempotency_failed_records{retryable=true}": 0,
+        "idempotency_awaiting_decision_records": 0,
     }
     assert gauges(registry) == no_records
     records_table = ext(app)["db"].metadata.tables["idempotency_records"]
@@ -466,3 +469,25 @@ def test_without_the_extras_the_module_imports_and_names_the_missing_extra() -> 
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+def test_an_acknowledged_failure_leaves_the_awaiting_decision_gauge_but_stays_a_final_failure(
+    app: Flask, client: FlaskClient, clock: Any
+) -> None:
+    registry = CollectorRegistry()
+    instrument_prometheus(app, registry)
+    controls = ext(app)["controls"]
+    controls.status = 500
+    assert post(client, "/payments", key="f-1", json={"amount": 1}).status_code == 500
+    assert post(client, "/payments", key="f-2", json={"amount": 1}).status_code == 500
+    controls.status = None
+    assert gauges(registry)["idempotency_awaiting_decision_records"] == 2
+    with app.app_context():
+        ops.acknowledge(record(app, "f-1")["id"], actor="oncall")
+    assert record(app, "f-1")["acknowledged_by"] == "oncall"  # the database state the gauge reads
+    assert gauges(registry) == {
+        "idempotency_stuck_records": 0,
+        "idempotency_failed_records{retryable=false}": 2,  # both still FAILED final
+        "idempotency_failed_records{retryable=true}": 0,
+        "idempotency_awaiting_decision_records": 1,  # f-2 only: f-1 was decided
+    }

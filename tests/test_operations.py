@@ -294,7 +294,7 @@ def test_cli_lists_failed_conflicts_and_search_like_the_dashboard(app: Flask, cl
     assert keys("conflicts") == ["ok"] == keys("conflicts", "--hours", "1")
     assert keys("search", "ok") == ["ok"] and keys("search", "nope") == []
     human = cli(app, "conflicts")
-    assert human.exit_code == 0 and "key='ok'" in human.output and "first: POST /payments" in human.output
+    assert human.exit_code == 0 and 'key "ok"' in human.output and "first: record 1 POST /payments" in human.output
     assert "final" in cli(app, "failed", "--which", "final").output
 
 

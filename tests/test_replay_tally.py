@@ -82,11 +82,14 @@ def test_replays_are_written_as_one_count_per_interval_dated_at_the_first(
     assert [t["detail"] for t in tallies(app)] == [{"count": 2}, {"count": 1}]
 
     page = client.get(PREFIX + "/").get_data(as_text=True)
-    assert 'data-fi-total="replays">3<' in page
+    # The page writes its own process's count first: the third replay, not due yet, shows too.
+    assert [t["detail"] for t in tallies(app)] == [{"count": 2}, {"count": 1}, {"count": 1}]
+    assert 'data-fi-total="replays">4<' in page
     hour = tally["created_at"].strftime("%H:00")
     assert bars(page, "replays")[hour] >= 2
-    assert sum(bars(page, "replays").values()) == 3
+    assert sum(bars(page, "replays").values()) == 4
     assert "Replays are counted by each worker process" in page
+    assert "a process that stopped before writing" in page  # what the number cannot cover, said
 
 
 @pytest.mark.parametrize("app_config", [{"IDEMPOTENCY_REPLAY_TALLY_SECONDS": 0}])

@@ -391,6 +391,8 @@ def test_celery_is_never_imported_by_the_layer() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
 def test_a_task_key_with_trailing_whitespace_is_refused_not_trimmed(app: Flask, provider: Provider) -> None:
     idempotency = ext(app)["idempotency"]
 
