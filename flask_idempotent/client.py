@@ -32,9 +32,20 @@ Safe methods (GET, HEAD, OPTIONS, ...) pass through untouched: no key is added a
 (``Idempotent-Replayed: true``): after a lost connection, the original answer arrives as a replay.
 :func:`sent_key` returns the key a response's request carried.
 
+A followed redirect that keeps an unsafe method (``307``/``308``, or ``301``/``302`` for a PUT) is another
+command at another address: it is sent with a key of its own, :func:`redirect_key` of the key the redirected
+request carried and the new URL, so every retry of the call derives the same key for the same hop (and the
+server at the new address never sees the old key with its new command, which would be ``422 key-reused``).
+
+``Retry-After`` is read as RFC 9110 writes it: ASCII digits (delay-seconds) or an HTTP date; any other value
+is ignored. A ``Retry-After`` longer than ``max_retry_after`` (default 60 s), like one that would end past the
+deadline, is not waited for: the call ends with that answer.
+
 A body the library cannot send twice (a generator) is read into memory once, before the first attempt, so
 that every attempt sends the same bytes; a file body is rewound (``requests``) or re-read (``httpx``
-multipart). With ``requests``' ``stream=True``, only failures before the response headers are retried.
+multipart). A file body that cannot be rewound (a pipe, a socket) is refused before anything is sent
+(``requests.exceptions.UnrewindableBodyError``), unless retries are off (``attempts=1``). With ``requests``'
+``stream=True``, only failures before the response headers are retried.
 """
 
 from __future__ import annotations
@@ -76,12 +87,14 @@ __all__ = [
     "DEFAULT_BACKOFF",
     "DEFAULT_DEADLINE",
     "DEFAULT_MAX_BACKOFF",
+    "DEFAULT_MAX_RETRY_AFTER",
     "KEY_HEADER",
     "UNSAFE_METHODS",
     "AsyncIdempotentTransport",
     "IdempotentSession",
     "IdempotentTransport",
     "RetryPolicy",
+    "redirect_key",
     "sent_key",
     "was_replayed",
 ]
@@ -98,6 +111,10 @@ DEFAULT_DEADLINE = 60.0
 DEFAULT_BACKOFF = 0.5
 #: Seconds: the longest wait between two attempts (a longer ``Retry-After`` still wins).
 DEFAULT_MAX_BACKOFF = 10.0
+#: Seconds: the longest ``Retry-After`` waited for; a longer one ends the call with that answer.
+DEFAULT_MAX_RETRY_AFTER = 60.0
+#: Statuses whose ``Location`` a client follows; a followed one that keeps an unsafe method gets its own key.
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 #: A 409 body larger than this is not a problem document of the layer's: it is not parsed, and not retried.
 _MAX_PROBLEM_BYTES = 64 * 1024
 
@@ -134,7 +151,9 @@ class RetryPolicy:
 
     ``attempts`` (int >= 1, default 5) counts the first attempt; ``deadline`` (seconds > 0, default 60) bounds
     the whole call, waits and attempts; ``backoff`` (seconds >= 0, default 0.5) and ``max_backoff`` (default 10)
-    shape the exponential backoff; ``key_header`` names the key's header (default ``Idempotency-Key``).
+    shape the exponential backoff; ``max_retry_after`` (seconds >= 0, default 60) is the longest ``Retry-After``
+    waited for (a longer one ends the call with that answer); ``key_header`` names the key's header (default
+    ``Idempotency-Key``).
     Bad values are a ``ValueError`` (a ``TypeError`` for a non-number) when the policy is made.
     """
 
@@ -143,13 +162,14 @@ class RetryPolicy:
     backoff: float = DEFAULT_BACKOFF
     max_backoff: float = DEFAULT_MAX_BACKOFF
     key_header: str = KEY_HEADER
+    max_retry_after: float = DEFAULT_MAX_RETRY_AFTER
 
     def __post_init__(self) -> None:
         if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
             raise TypeError(f"attempts must be an int, not {type(self.attempts).__name__}")
         if self.attempts < 1:
             raise ValueError(f"attempts must be at least 1 (the first attempt counts), not {self.attempts}")
-        for name in ("deadline", "backoff", "max_backoff"):
+        for name in ("deadline", "backoff", "max_backoff", "max_retry_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
@@ -157,8 +177,8 @@ class RetryPolicy:
                 raise ValueError(f"{name} must be a finite number of seconds, not {value}")
         if self.deadline <= 0:
             raise ValueError(f"deadline must be a positive number of seconds, not {self.deadline}")
-        if self.backoff < 0 or self.max_backoff < 0:
-            raise ValueError("backoff and max_backoff must not be negative")
+        if self.backoff < 0 or self.max_backoff < 0 or self.max_retry_after < 0:
+            raise ValueError("backoff, max_backoff and max_retry_after must not be negative")
         if not isinstance(self.key_header, str) or not self.key_header or not self.key_header.isascii():
             raise ValueError(f"key_header must be a non-empty ASCII header name, not {self.key_header!r}")
 
@@ -174,16 +194,29 @@ def new_key() -> str:
     return str(uuid.uuid4())
 
 
+def redirect_key(key: str, url: str) -> str:
+    """The key a followed redirect to ``url`` is sent with, when the redirected request carried ``key``.
+
+    A UUID (version 5) of both: another command gets another key, and every retry of the call derives the same
+    one for the same hop, so the server at the new address replays it like any retry.
+    """
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{key} {url}"))
+
+
 def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
-    """``Retry-After`` in seconds from now: delay-seconds or an HTTP date; ``None`` if absent or unreadable."""
+    """``Retry-After`` in seconds from now: delay-seconds or an HTTP date; ``None`` if absent or unreadable.
+
+    Only what RFC 9110 allows is read: ASCII digits, or an HTTP date. Anything else (``²``, ``-1``, ``1.5``, a
+    date out of range) is ignored, never an exception.
+    """
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
@@ -251,6 +284,16 @@ class _Call:
         """The wait before the next attempt, or ``None`` when attempts or the deadline have run out."""
         if self.attempt >= self.policy.attempts:
             logger.warning("%s: giving up after %d attempts (%s)", self.what, self.attempt, reason)
+            return None
+        if retry_after is not None and retry_after > self.policy.max_retry_after:
+            logger.warning(
+                "%s: giving up after %d attempts (%s): Retry-After %.0f s is longer than max_retry_after (%.1f s)",
+                self.what,
+                self.attempt,
+                reason,
+                retry_after,
+                self.policy.max_retry_after,
+            )
             return None
         wait = self.policy.delay(self.attempt, retry_after)
         if wait >= self.remaining():
@@ -352,10 +395,12 @@ if TYPE_CHECKING or HAVE_REQUESTS:
         """A :class:`requests.Session` whose unsafe requests carry one idempotency key per call and are retried.
 
         ``IdempotentSession(attempts=5, deadline=60.0, backoff=0.5, max_backoff=10.0, key_header=
-        "Idempotency-Key")``: see :class:`RetryPolicy` and the module's documentation for what is retried.
-        A logical call is one ``session.post(...)`` (``request``/``send``): a redirect it follows belongs to it
-        (a retry starts again from the first URL, with the same key). A key set in ``session.headers`` would
-        be shared by every call: pass a caller's key per call, in that call's ``headers``.
+        "Idempotency-Key", max_retry_after=60.0)``: see :class:`RetryPolicy` and the module's documentation for
+        what is retried. A logical call is one ``session.post(...)`` (``request``/``send``): a redirect it follows
+        belongs to it (a retry starts again from the first URL, with the same key); a followed redirect that keeps
+        an unsafe method is sent with :func:`redirect_key` of the redirected request's key and the new URL. A key
+        set in ``session.headers`` would be shared by every call: pass a caller's key per call, in that call's
+        ``headers``.
         """
 
         def __init__(
@@ -366,8 +411,9 @@ if TYPE_CHECKING or HAVE_REQUESTS:
             backoff: float = DEFAULT_BACKOFF,
             max_backoff: float = DEFAULT_MAX_BACKOFF,
             key_header: str = KEY_HEADER,
+            max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
         ) -> None:
-            self.policy = RetryPolicy(attempts, deadline, backoff, max_backoff, key_header)
+            self.policy = RetryPolicy(attempts, deadline, backoff, max_backoff, key_header, max_retry_after)
             super().__init__()
 
         __attrs__ = [*requests.Session.__attrs__, "policy"]  # what pickling keeps
@@ -381,12 +427,21 @@ if TYPE_CHECKING or HAVE_REQUESTS:
         def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
             """Send ``request``; an unsafe one gets a key (unless it has one) and retries, safe ones pass through."""
             depth: int = getattr(self._calls, "depth", 0)
-            if (request.method or "").upper() not in UNSAFE_METHODS or depth:
+            if (request.method or "").upper() not in UNSAFE_METHODS:
+                return super().send(request, **kwargs)
+            header = self.policy.key_header
+            if depth:
+                # A redirect this call follows (our own send() re-entered by resolve_redirects): another
+                # command, so its own key, derived from the redirected request's key and the new URL.
+                key = request.headers.get(header)
+                if key is not None:
+                    request = request.copy()
+                    request.headers[header] = redirect_key(key, request.url or "")
                 return super().send(request, **kwargs)
             request = request.copy()
-            if self.policy.key_header not in request.headers:
-                request.headers[self.policy.key_header] = new_key()
-            rewind = _replayable_body(request)
+            if header not in request.headers:
+                request.headers[header] = new_key()
+            rewind = _replayable_body(request, retries=self.policy.attempts > 1)
             call = _Call(self.policy, request.method or "", request.url or "")
             timeout = kwargs.pop("timeout", None)
             send_once = super().send
@@ -403,14 +458,27 @@ if TYPE_CHECKING or HAVE_REQUESTS:
             finally:
                 self._calls.depth = depth
 
-    def _replayable_body(request: requests.PreparedRequest) -> Callable[[], None]:
-        """Make the body sendable again; return what to do before each retry (rewind a file body)."""
+    def _replayable_body(request: requests.PreparedRequest, *, retries: bool) -> Callable[[], None]:
+        """Make the body sendable again; return what to do before each retry (rewind a file body).
+
+        A file body that cannot be rewound (a pipe: ``tell()`` fails, or it is not seekable) is refused before
+        anything is sent, unless there are no retries: a retry could not send it again.
+        """
         body: Any = request.body
         if body is None or isinstance(body, (bytes, str)):
             return lambda: None
-        position = getattr(request, "_body_position", None)
-        if hasattr(body, "read") and position is not None:
-            return lambda: requests.utils.rewind_body(request)
+        if hasattr(body, "read"):
+            position = getattr(request, "_body_position", None)
+            seekable = getattr(body, "seekable", None)
+            if isinstance(position, int) and (seekable is None or seekable()):
+                return lambda: requests.utils.rewind_body(request)
+            if retries:
+                raise requests.exceptions.UnrewindableBodyError(
+                    f"the body of {request.method} {request.url} is a file that cannot be rewound (a pipe or a"
+                    " socket), so a retry could not send it again: nothing was sent. Pass bytes or a seekable file,"
+                    " or make the session with attempts=1 to send it once without retries."
+                )
+            return lambda: None
         # A generator or another one-shot iterable: read it once, send the same bytes every time.
         data = b"".join(chunk.encode() if isinstance(chunk, str) else bytes(chunk) for chunk in body)
         request.headers.pop("Transfer-Encoding", None)
@@ -436,9 +504,50 @@ if TYPE_CHECKING or HAVE_HTTPX:
             return False
         return isinstance(exc, (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError))
 
-    def _add_key(request: httpx.Request, policy: RetryPolicy) -> None:
+    class _Redirects:
+        """The redirects a transport answered to unsafe requests, so that it knows the request following one.
+
+        httpx follows a redirect with a new request through the transport, carrying the redirected request's
+        headers (its key among them). A request whose key and URL match a redirect answered before is that
+        hop: it gets :func:`redirect_key` instead. Bounded: the oldest entries go first.
+        """
+
+        LIMIT = 1024
+
+        def __init__(self) -> None:
+            self._pending: dict[tuple[str, str], None] = {}
+            self._lock = threading.Lock()
+
+        def answered(self, request: httpx.Request, response: httpx.Response, header: str) -> None:
+            key, location = request.headers.get(header), response.headers.get("Location")
+            if response.status_code not in _REDIRECTS or key is None or location is None:
+                return
+            try:
+                target = str(request.url.join(location).copy_with(fragment=None))
+            except (httpx.InvalidURL, ValueError):
+                return
+            with self._lock:
+                self._pending[(key, target)] = None
+                while len(self._pending) > self.LIMIT:
+                    del self._pending[next(iter(self._pending))]
+
+        def rekey(self, request: httpx.Request, header: str) -> None:
+            key = request.headers.get(header)
+            if key is None:
+                return
+            entry = (key, str(request.url.copy_with(fragment=None)))
+            with self._lock:
+                followed = entry in self._pending
+                if followed:
+                    del self._pending[entry]
+            if followed:
+                request.headers[header] = redirect_key(key, entry[1])
+
+    def _add_key(request: httpx.Request, policy: RetryPolicy, redirects: _Redirects) -> None:
         if policy.key_header not in request.headers:
             request.headers[policy.key_header] = new_key()
+        else:
+            redirects.rekey(request, policy.key_header)
 
     def _one_shot(request: httpx.Request) -> bool:
         """Whether the body is a one-shot stream (a generator), to be read once so every attempt sends it.
@@ -477,8 +586,9 @@ if TYPE_CHECKING or HAVE_HTTPX:
 
         ``httpx.Client(transport=IdempotentTransport())`` wraps a fresh ``httpx.HTTPTransport()``; pass
         ``transport=`` to wrap another one. The options are :class:`RetryPolicy`'s. A logical call is one
-        request through the transport; each redirect httpx follows is a request of its own, with the key the
-        first one carried. The deadline caps each attempt's connect/read/write/pool timeouts.
+        request through the transport; each redirect httpx follows is a request of its own, sent with
+        :func:`redirect_key` of the redirected request's key and its URL (another address, another command).
+        The deadline caps each attempt's connect/read/write/pool timeouts.
         """
 
         def __init__(
@@ -490,14 +600,16 @@ if TYPE_CHECKING or HAVE_HTTPX:
             backoff: float = DEFAULT_BACKOFF,
             max_backoff: float = DEFAULT_MAX_BACKOFF,
             key_header: str = KEY_HEADER,
+            max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
         ) -> None:
-            self.policy = RetryPolicy(attempts, deadline, backoff, max_backoff, key_header)
+            self.policy = RetryPolicy(attempts, deadline, backoff, max_backoff, key_header, max_retry_after)
             self.transport = transport if transport is not None else httpx.HTTPTransport()
+            self._redirects = _Redirects()
 
         def handle_request(self, request: httpx.Request) -> httpx.Response:
             if request.method.upper() not in UNSAFE_METHODS:
                 return self.transport.handle_request(request)
-            _add_key(request, self.policy)
+            _add_key(request, self.policy, self._redirects)
             if _one_shot(request):
                 request.read()
             call = _Call(self.policy, request.method, str(request.url))
@@ -513,7 +625,9 @@ if TYPE_CHECKING or HAVE_HTTPX:
                     response.close()
                 return _rebuilt(response, raw)
 
-            return _run(call, attempt, _httpx_lost)
+            response = _run(call, attempt, _httpx_lost)
+            self._redirects.answered(request, response, self.policy.key_header)
+            return response
 
         def close(self) -> None:
             self.transport.close()
@@ -533,14 +647,16 @@ if TYPE_CHECKING or HAVE_HTTPX:
             backoff: float = DEFAULT_BACKOFF,
             max_backoff: float = DEFAULT_MAX_BACKOFF,
             key_header: str = KEY_HEADER,
+            max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
         ) -> None:
-            self.policy = RetryPolicy(attempts, deadline, backoff, max_backoff, key_header)
+            self.policy = RetryPolicy(attempts, deadline, backoff, max_backoff, key_header, max_retry_after)
             self.transport = transport if transport is not None else httpx.AsyncHTTPTransport()
+            self._redirects = _Redirects()
 
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
             if request.method.upper() not in UNSAFE_METHODS:
                 return await self.transport.handle_async_request(request)
-            _add_key(request, self.policy)
+            _add_key(request, self.policy, self._redirects)
             if _one_shot(request):
                 await request.aread()
             call = _Call(self.policy, request.method, str(request.url))
@@ -556,7 +672,9 @@ if TYPE_CHECKING or HAVE_HTTPX:
                     await response.aclose()
                 return _rebuilt(response, raw)
 
-            return await _run_async(call, attempt, _httpx_lost)
+            response = await _run_async(call, attempt, _httpx_lost)
+            self._redirects.answered(request, response, self.policy.key_header)
+            return response
 
         async def aclose(self) -> None:
             await self.transport.aclose()

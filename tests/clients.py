@@ -63,6 +63,8 @@ class RequestsFlavour(Flavour):
         with IdempotentSession(**options) as session:
 
             def call(method: str, url: str, **kwargs: Any) -> Answer:
+                if "follow_redirects" in kwargs:  # requests spells it allow_redirects= (and follows by default)
+                    kwargs["allow_redirects"] = kwargs.pop("follow_redirects")
                 response = session.request(method, url, **kwargs)
                 return Answer(
                     response.status_code,

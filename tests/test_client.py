@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -31,17 +32,18 @@ import httpx
 import pytest
 import requests
 from clients import FLAVOURS, Flavour
-from flask import Flask
+from flask import Flask, jsonify, redirect, request
 from helpers import charges, ext, records
 from procs import ResponseDroppingProxy, TcpProxy
 from werkzeug.serving import make_server
 
-from flask_idempotent import TransientError
+from flask_idempotent import TransientError, idempotent
 from flask_idempotent.client import (
     AsyncIdempotentTransport,
     IdempotentSession,
     IdempotentTransport,
     RetryPolicy,
+    redirect_key,
     retry_after_seconds,
     sent_key,
     was_replayed,
@@ -195,6 +197,8 @@ def only_record(served: Served) -> dict[str, Any]:
         ({"deadline": "30"}, TypeError),
         ({"backoff": -0.1}, ValueError),
         ({"key_header": ""}, ValueError),
+        ({"max_retry_after": -1}, ValueError),
+        ({"max_retry_after": math.inf}, ValueError),
     ],
 )
 def test_bad_options_are_refused_at_construction(make: Any, options: dict[str, Any], error: type) -> None:
@@ -204,7 +208,7 @@ def test_bad_options_are_refused_at_construction(make: Any, options: dict[str, A
 
 def test_defaults_are_documented_values() -> None:
     assert RetryPolicy() == RetryPolicy(
-        attempts=5, deadline=60.0, backoff=0.5, max_backoff=10.0, key_header="Idempotency-Key"
+        attempts=5, deadline=60.0, backoff=0.5, max_backoff=10.0, key_header="Idempotency-Key", max_retry_after=60.0
     )
     with IdempotentSession() as session, IdempotentTransport() as transport:
         assert session.policy == transport.policy == RetryPolicy()
@@ -229,6 +233,19 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after_seconds(None, now) is None
     assert retry_after_seconds("soon", now) is None
     assert retry_after_seconds("-1", now) is None
+
+
+@pytest.mark.parametrize(
+    "value", ["\u00b2", "\u0663", "1\u00b9", "1.5", "1e3", "+3", "-0", "0x10", "Fri, 99 Xyz 99999 99:99:99 GMT"]
+)
+def test_retry_after_that_rfc_9110_does_not_allow_is_ignored_never_an_exception(value: str) -> None:
+    """Only ASCII digits or an HTTP date: ``str.isdigit()`` alone takes ``²`` and ``٣``, which float() refuses."""
+    assert retry_after_seconds(value, datetime(2030, 1, 1, tzinfo=timezone.utc)) is None
+
+
+def test_a_huge_retry_after_is_read_without_overflow() -> None:
+    assert retry_after_seconds("9" * 5000) == math.inf
+    assert retry_after_seconds("86400") == 86400.0
 
 
 # Lost connections: one key for every attempt -----------------------------------------------------------------
@@ -421,6 +438,37 @@ def test_no_retry_is_made_that_would_start_past_the_deadline(served: Served, fla
     assert len(served.recorder.requests()) == 1
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "-5", "soon"])
+def test_an_unreadable_retry_after_is_ignored_and_the_call_retried(
+    served: Served, flavour: Flavour, value: str
+) -> None:
+    served.recorder.script("POST", 503, [("Retry-After", value)])
+    answer = flavour.call("POST", f"{served.url}/payments", FAST, json={"amount": 4})
+    assert (answer.status, answer.replayed) == (201, False)
+    assert [s.status for s in served.recorder.requests()] == [503, 201]
+    assert only_record(served)["state"] == "COMPLETED" and charges(served.app) == 1
+
+
+@pytest.mark.parametrize("value", ["86400", "9" * 400])
+def test_a_retry_after_beyond_max_retry_after_ends_the_call_with_that_answer(
+    served: Served, flavour: Flavour, value: str
+) -> None:
+    served.recorder.script("POST", 503, [("Retry-After", value)])
+    started = time.monotonic()
+    answer = flavour.call("POST", f"{served.url}/payments", {**FAST, "deadline": 10**6}, json={})
+    assert answer.status == 503 and answer.headers["Retry-After"] == value
+    assert time.monotonic() - started < 20  # it did not wait: the deadline alone would have allowed it
+    assert len(served.recorder.requests()) == 1 and records(served.app) == []
+
+
+def test_a_retry_after_within_max_retry_after_is_waited_for(served: Served, flavour: Flavour) -> None:
+    served.recorder.script("POST", 503, [("Retry-After", "1")])
+    answer = flavour.call("POST", f"{served.url}/payments", {**FAST, "max_retry_after": 1}, json={"amount": 2})
+    posts = served.recorder.requests()
+    assert answer.status == 201 and [s.status for s in posts] == [503, 201]
+    assert posts[1].arrived - posts[0].arrived >= 1.0
+
+
 def test_lost_connections_until_the_attempts_run_out_raise_the_librarys_error(served: Served, flavour: Flavour) -> None:
     served.proxy.arm()
     served.proxy.arm()
@@ -461,6 +509,97 @@ def test_a_streamed_body_is_sent_again_byte_for_byte(
         )
     assert (answer.status, answer.replayed) == (201, True)  # the same command: not 422
     assert answer.json()["amount"] == 11 and charges(served.app) == 1
+
+
+def _pipe_with(data: bytes) -> Any:
+    read, write = os.pipe()
+    os.write(write, data)
+    os.close(write)
+    return os.fdopen(read, "rb")
+
+
+def test_a_body_that_cannot_be_rewound_is_refused_before_anything_is_sent(served: Served) -> None:
+    """A pipe cannot be sent twice: the session says so before the first attempt, not on the retry."""
+    refused = pytest.raises(requests.exceptions.UnrewindableBodyError, match="cannot be rewound.*nothing was sent")
+    with _pipe_with(b'{"amount": 5}') as pipe, IdempotentSession(**FAST) as session, refused:
+        session.post(f"{served.url}/payments", data=pipe, headers={"Content-Type": "application/json"})
+    assert served.recorder.requests() == [] and records(served.app) == [] and charges(served.app) == 0
+
+
+def test_a_body_that_cannot_be_rewound_is_sent_once_when_retries_are_off(served: Served) -> None:
+    with _pipe_with(b'{"amount": 5}') as pipe, IdempotentSession(attempts=1) as session:
+        response = session.post(f"{served.url}/payments", data=pipe, headers={"Content-Type": "application/json"})
+    assert response.status_code == 201 and response.json()["amount"] == 5
+    assert only_record(served)["state"] == "COMPLETED" and charges(served.app) == 1
+
+
+# Redirects: another address is another command ---------------------------------------------------------------
+
+
+def _moved_routes(app: Flask, status: int) -> None:
+    """``/v1/payments`` answers ``status`` to ``/v2/payments``; both are protected, v2 charges."""
+    db, Charge = ext(app)["db"], ext(app)["Charge"]
+
+    @app.post("/v1/payments")
+    @idempotent
+    def old_payments() -> Any:
+        return redirect("/v2/payments", code=status)
+
+    @app.post("/v2/payments")
+    @idempotent
+    def new_payments() -> Any:
+        body = request.get_json(silent=True) or {}
+        row = Charge(amount=int(body.get("amount", 0)), route="v2")
+        db.session.add(row)
+        db.session.commit()
+        return jsonify(id=row.id, amount=row.amount), 201
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_a_followed_redirect_is_sent_with_its_own_key_and_replays_on_retry(
+    served: Served, flavour: Flavour, status: int
+) -> None:
+    _moved_routes(served.app, status)
+    key = "call-moved-1"
+    for _ in range(2):  # the second call is a retry of the same logical call: same key, same body
+        answer = flavour.call(
+            "POST",
+            f"{served.url}/v1/payments",
+            FAST,
+            json={"amount": 30},
+            headers={"Idempotency-Key": key},
+            follow_redirects=True,
+        )
+        assert answer.status == 201 and answer.json()["amount"] == 30
+    assert answer.replayed
+    derived = redirect_key(key, f"{served.url}/v2/payments")
+    assert answer.key == derived != key
+    posts = served.recorder.requests()
+    assert [(s.path, s.key, s.status) for s in posts] == [
+        ("/v1/payments", key, status),
+        ("/v2/payments", derived, 201),
+        ("/v1/payments", key, status),
+        ("/v2/payments", derived, 201),
+    ]
+    rows = {r["path"]: r for r in records(served.app)}
+    assert rows["/v1/payments"]["key"] == key and rows["/v1/payments"]["response_status"] == status
+    assert rows["/v2/payments"]["key"] == derived and rows["/v2/payments"]["state"] == "COMPLETED"
+    assert charges(served.app, "v2") == 1
+
+
+def test_a_redirect_to_get_keeps_no_unsafe_command(served: Served, flavour: Flavour) -> None:
+    """303 See Other turns the POST into a GET: a safe request, passed through as it is."""
+    _moved_routes(served.app, 303)
+    answer = flavour.call(
+        "POST",
+        f"{served.url}/v1/payments",
+        FAST,
+        json={"amount": 30},
+        follow_redirects=True,
+    )
+    assert answer.status == 405  # /v2/payments has no GET
+    assert [s.method for s in served.recorder.seen] == ["POST", "GET"]
+    assert charges(served.app, "v2") == 0
 
 
 # Safe methods: untouched --------------------------------------------------------------------------------------
