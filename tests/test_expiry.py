@@ -192,8 +192,12 @@ def test_purge_takes_a_final_failure_a_ttl_after_it_was_acknowledged(
     controls = ext(app)["controls"]
     first = final_failure(app, client)
     clock.advance(hours=25)
+    ext(app)["idempotency"].dashboard_access(lambda: "oncall")
+    page = f"/idempotency/records/{record(app, 'p500')['id']}"
+    assert "never expires while it awaits a decision" in client.get(page).get_data(as_text=True)
     acked = in_app(app, ops.acknowledge, record(app, "p500")["id"], actor="oncall")
     assert acked["never_expires"] is False
+    assert "never expires" not in client.get(page).get_data(as_text=True)
     row = record(app, "p500")
     assert row["acknowledged_by"] == "oncall" and clock.reads(row["acknowledged_at"])
     assert row["expires_at"] - row["updated_at"] == TTL and clock.reads(row["updated_at"])
