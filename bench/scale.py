@@ -332,13 +332,15 @@ def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
             (
                 "store.settle",
                 "outcome of every request",
-                store_call(store.settle, stuck.id, stuck.version, stuck.lease_token, completed_outcome),
+                store_call(
+                    store.settle, stuck.id, stuck.version, stuck.lease_token, completed_outcome, ttl=options.ttl
+                ),
                 True,
             ),
             (
                 "store.update_at_version",
                 "operator actions",
-                store_call(store.update_at_version, failed.id, failed.version, mark_retryable_values),
+                store_call(store.update_at_version, failed.id, failed.version, mark_retryable_values, ttl=options.ttl),
                 True,
             ),
             (

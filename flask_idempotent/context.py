@@ -171,7 +171,10 @@ class CurrentRecord:
 
         def write() -> bool:
             with ctx.state.connection(ctx.atomic) as conn:
-                return ctx.state.store.checkpoint(conn, record_id, ctx.version, lease_token, values, ctx.options.lease)
+                store, options = ctx.state.store, ctx.options
+                return store.checkpoint(
+                    conn, record_id, ctx.version, lease_token, values, options.lease, ttl=options.ttl
+                )
 
         # Leased: a write that lost a race (SERIALIZABLE) wrote nothing and is written again. Atomic: it is part
         # of the view's transaction, which the database aborted; the view's error says so.

@@ -42,19 +42,29 @@ def stuck(records: sa.Table, now: Any) -> sa.ColumnElement[bool]:
 
 
 def expired(records: sa.Table, now: Any) -> sa.ColumnElement[bool]:
-    """A record past ``expires_at`` that counts as absent.
+    """A record past ``expires_at`` that counts as absent (a request replaces it, ``purge`` deletes it).
 
-    An IN_PROGRESS record never expires by itself: it may be the only trace of a crash after an outside
-    effect, so only an operator (or a takeover) may end it.
+    Never one that awaits a decision (:func:`undecided`): it may be the only trace of an effect whose outcome
+    nobody knows yet, and the clock must never undo what a decision left. Every outcome and operator action
+    sets ``expires_at`` afresh (now + the ttl), so the ttl counts from the last thing that happened.
     """
     r = records.c
-    return sa.and_(r.state != State.IN_PROGRESS.value, r.expires_at <= now)
+    return sa.and_(r.expires_at <= now, sa.not_(undecided(records)))
 
 
 def awaiting_decision(records: sa.Table) -> sa.ColumnElement[bool]:
     """A final failure nobody has acknowledged yet: the outcome may be ambiguous, an operator should look."""
     r = records.c
     return sa.and_(r.state == State.FAILED.value, r.retryable.is_(False), r.acknowledged_at.is_(None))
+
+
+def undecided(records: sa.Table) -> sa.ColumnElement[bool]:
+    """A record awaiting a decision, which never expires: IN_PROGRESS (its owner decides, or, once stuck, an
+    operator or a takeover), or a final failure nobody acknowledged (:func:`awaiting_decision`).
+
+    Acknowledging a final failure, or any outcome other than a final failure, starts its ttl.
+    """
+    return sa.or_(records.c.state == State.IN_PROGRESS.value, awaiting_decision(records))
 
 
 # Requests ---------------------------------------------------------------------------------------------------
@@ -240,7 +250,8 @@ def outcome(
     resource_ref: Any,
     error: str | None,
 ) -> dict[str, Any]:
-    """What the lease owner's outcome writes (fenced by its lease token). The store adds ``updated_at``."""
+    """What the lease owner's outcome writes (fenced by its lease token). The store adds ``updated_at`` and
+    ``expires_at`` (now + the route's ttl: a view that finishes late is kept as long as one that finishes early)."""
     return {
         "state": state.value,
         "retryable": retryable if state is State.FAILED else False,
@@ -281,6 +292,18 @@ _EVENTS = {
 }
 
 _LIVE = "its lease is still live: the request that owns it may still be running"
+
+
+def record_ttl(seen: Mapping[Any, Any], default: float) -> float:
+    """The ttl (seconds) of the record ``seen``: what an operator's action on it adds to the database's now.
+
+    The record keeps its route's ttl as the distance from ``updated_at`` to ``expires_at``: every write that
+    moves ``updated_at`` (claim, checkpoint, outcome, operator action) sets ``expires_at`` to the same now +
+    ttl. A record whose times do not give a positive distance (written by hand, or changed by an operator
+    before operator actions moved ``expires_at``) gets ``default``, the app's ``IDEMPOTENCY_TTL``.
+    """
+    span = (seen["expires_at"] - seen["updated_at"]).total_seconds()
+    return span if span > 0 else default
 
 
 @dataclass(frozen=True)

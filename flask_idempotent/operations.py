@@ -23,9 +23,9 @@ from flask import current_app
 
 from . import signals
 from .context import RecordView
-from .decorator import options_of
+from .decorator import RouteOptions, options_of
 from .display import visible
-from .machine import Action, TransitionError, lease_holder, operator_transition
+from .machine import Action, TransitionError, lease_holder, operator_transition, record_ttl
 from .models import storable_text
 from .state import AppState, app_state
 from .store import COUNT_LIMIT, LOST_RACE_ATTEMPTS, lost_race, retry_lost_race
@@ -138,13 +138,16 @@ def record_dict(row: Any, *, body_limit: int | None = 0) -> dict[str, Any]:
     """A record as plain data (a row of the store's record reads, with ``is_stuck`` and ``db_now``).
 
     The body is left out unless ``body_limit`` is ``None`` (all) or positive. ``stuck`` and
-    ``stuck_for_seconds`` are judged by the database's clock.
+    ``stuck_for_seconds`` are judged by the database's clock; ``never_expires`` is true while the record awaits
+    a decision (IN_PROGRESS, or a final failure nobody acknowledged): it is kept past ``expires_at``.
     """
     data = dict(row._mapping)
     body = data.pop("response_body", None)
     # The token is a capability of the owning request, never shown; the process it names is.
     data["lease_holder"] = lease_holder(data.pop("lease_token", None))
     data.pop("is_expired", None)
+    # Awaiting a decision (``machine.undecided``): ``expires_at`` does not apply until it is decided.
+    data["never_expires"] = bool(data.pop("is_undecided", False))
     now = data.pop("db_now", None)
     data["response_body_size"] = None if body is None else len(body)
     if body is not None and body_limit != 0:
@@ -455,7 +458,11 @@ def _act_once(action: Action, record_id: int, actor: str, version: int | None) -
             values = dict(transition.values)
             if transition.acknowledge:
                 values["acknowledged_by"] = actor
-            done = store.update_at_version(conn, record_id, row.version, values, acknowledge=transition.acknowledge)
+            # The decision starts the record's ttl afresh: the clock never undoes it (docs: "The record").
+            ttl = record_ttl(row._mapping, state.resolve(RouteOptions()).ttl)
+            done = store.update_at_version(
+                conn, record_id, row.version, values, ttl=ttl, acknowledge=transition.acknowledge
+            )
         if not done:
             raise RecordChanged(f"record {record_id} changed while acting on it; look at it again, then decide")
         store.add_event(
@@ -604,7 +611,8 @@ def purge(*, batch_size: int = 1000, max_batches: int | None = None, pause: floa
     """Delete expired COMPLETED and FAILED records (``machine.expired``) in batches; return how many.
 
     Each batch is its own short transaction. On PostgreSQL rows locked by a running request are skipped
-    (``FOR UPDATE SKIP LOCKED``) instead of waited for. IN_PROGRESS records are never purged. Between batches
+    (``FOR UPDATE SKIP LOCKED``) instead of waited for. A record awaiting a decision (IN_PROGRESS, or a final
+    failure nobody acknowledged) is never purged; acknowledging it starts its ttl. Between batches
     it sleeps ``pause`` seconds: back to back, batches of 1000 more than doubled the p99 of concurrent
     requests in the benchmark (see the docs' "Performance").
     """

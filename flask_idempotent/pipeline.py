@@ -711,7 +711,9 @@ def store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
         while True:
             try:
                 with state.engine.connect() as conn:
-                    stored = state.store.settle(conn, ctx.record_id, ctx.version, ctx.lease_token, values, leased=True)
+                    stored = state.store.settle(
+                        conn, ctx.record_id, ctx.version, ctx.lease_token, values, ttl=ctx.options.ttl, leased=True
+                    )
                 break
             except sa.exc.DBAPIError as exc:
                 if lost_race(exc) and races + 1 < LOST_RACE_ATTEMPTS:
@@ -785,7 +787,9 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
     if keeps_view_writes(State(values["state"]), values["response_status"], commit_4xx=ctx.options.commit_4xx):
         try:
             assert ctx.record_id is not None and ctx.lease_token is not None
-            if not state.store.settle(session.connection(), ctx.record_id, ctx.version, ctx.lease_token, values):
+            if not state.store.settle(
+                session.connection(), ctx.record_id, ctx.version, ctx.lease_token, values, ttl=ctx.options.ttl
+            ):
                 raise AtomicViewCommitted("the view rolled back db.session, losing the idempotency claim")
             session.commit()
             ctx.version += 1
@@ -951,7 +955,9 @@ def _store_record_alone(ctx: RequestContext, values: dict[str, Any]) -> None:
                 if not store.reclaim(conn, record_id, version, claim, lease=options.lease, ttl=options.ttl):
                     record_id = None
                 version += 1
-            stored = record_id is not None and store.settle(conn, record_id, version, lease_token, values)
+            stored = record_id is not None and store.settle(
+                conn, record_id, version, lease_token, values, ttl=options.ttl
+            )
         return record_id, version, stored
 
     try:

@@ -179,6 +179,7 @@ class RecordStore:
             *r.c,
             machine.stuck(r, now).label("is_stuck"),
             machine.expired(r, now).label("is_expired"),
+            machine.undecided(r).label("is_undecided"),
             now.label("db_now"),
         )
         # The deciding read: the record by its key (no row: nobody holds it). Measured on PostgreSQL, about 50 us
@@ -235,18 +236,28 @@ class RecordStore:
             for restart in (False, True)
         }
         owner = (*at_version, r.c.lease_token == bind("_lease_token"), r.c.state == State.IN_PROGRESS.value)
-        self._settle = sa.update(r).where(*owner).values(updated_at=now, version=next_version)
+        # Every write that moves updated_at sets expires_at to the same now + ttl (``machine.record_ttl``).
+        self._settle = (
+            sa.update(r).where(*owner).values(updated_at=now, expires_at=_now("_ttl_s"), version=next_version)
+        )
         # PostgreSQL reads synchronous_commit when the transaction commits: set for this transaction only (the
         # statement's own, on the layer's autocommit connection), it spares the outcome the wait for its WAL
         # flush in the same round trip and leaves every other transaction of the connection synchronous.
         self._settle_async = self._settle.where(sa.func.set_config("synchronous_commit", "off", True) == "off")
         self._checkpoint = (
-            sa.update(r).where(*owner).values(updated_at=now, locked_until=_now("_lease_s"), version=next_version)
+            sa.update(r)
+            .where(*owner)
+            .values(updated_at=now, locked_until=_now("_lease_s"), expires_at=_now("_ttl_s"), version=next_version)
         )
         self._operator_update = {
             ack: sa.update(r)
             .where(*at_version)
-            .values(updated_at=now, version=next_version, **({"acknowledged_at": now} if ack else {}))
+            .values(
+                updated_at=now,
+                expires_at=_now("_ttl_s"),
+                version=next_version,
+                **({"acknowledged_at": now} if ack else {}),
+            )
             for ack in (False, True)
         }
         self._operator_delete = sa.delete(r).where(*at_version)
@@ -298,7 +309,8 @@ class RecordStore:
     # Reads ------------------------------------------------------------------------------------------------
 
     def find(self, conn: Executor, scope: str, key: str, *, current: bool = False) -> Row[Any] | None:
-        """The record of ``(scope, key)`` with ``is_stuck``, ``is_expired`` and ``db_now``, or ``None``.
+        """The record of ``(scope, key)`` with the predicates ``is_stuck``, ``is_expired``, ``is_undecided`` and
+        ``db_now``, or ``None``.
 
         ``current``: the row as last committed even inside a transaction that has read before (an atomic
         claim's re-read after losing a race). PostgreSQL (READ COMMITTED), SQLite and autocommit statements
@@ -309,7 +321,7 @@ class RecordStore:
         return conn.execute(stmt, {"_scope": scope, "_key": key, **self._times()}).first()  # type: ignore[no-any-return]
 
     def get(self, conn: Executor, record_id: int) -> Row[Any] | None:
-        """The record ``record_id`` with ``is_stuck``, ``is_expired`` and ``db_now``, or ``None``."""
+        """The record ``record_id`` with the predicates and ``db_now`` (as :meth:`find`), or ``None``."""
         return conn.execute(self._get, {"_id": record_id, **self._times()}).first()  # type: ignore[no-any-return]
 
     def now(self, conn: Executor) -> datetime:
@@ -396,31 +408,51 @@ class RecordStore:
         lease_token: str,
         values: Mapping[str, Any],
         *,
+        ttl: float,
         leased: bool = False,
     ) -> bool:
-        """Write the outcome; ``False`` if the lease was lost (taken over, released or marked by an operator).
+        """Write the outcome, which expires ``ttl`` seconds from now (the database's); ``False`` if the lease
+        was lost (taken over, released or marked by an operator).
 
         ``leased``: the outcome commits on its own (never with the view's writes), so with
         ``synchronous_outcomes`` off it may commit asynchronously on PostgreSQL.
         """
-        params = {**values, "_id": record_id, "_version": version, "_lease_token": lease_token, **self._times()}
+        params = {**values, "_id": record_id, "_version": version, "_lease_token": lease_token}
+        params.update(self._times(ttl=ttl))
         asynchronous = leased and not self.synchronous_outcomes and dialect_of(conn) == "postgresql"
         return bool(conn.execute(self._settle_async if asynchronous else self._settle, params).rowcount == 1)
 
     def checkpoint(
-        self, conn: Executor, record_id: int, version: int, lease_token: str, values: Mapping[str, Any], lease: float
+        self,
+        conn: Executor,
+        record_id: int,
+        version: int,
+        lease_token: str,
+        values: Mapping[str, Any],
+        lease: float,
+        *,
+        ttl: float,
     ) -> bool:
-        """Write a recovery point and extend the lease by ``lease`` seconds; ``False`` if the lease was lost."""
+        """Write a recovery point and extend the lease by ``lease`` seconds (and ``expires_at`` to now + ``ttl``,
+        which keeps the record's ttl readable); ``False`` if the lease was lost."""
         params = {**values, "_id": record_id, "_version": version, "_lease_token": lease_token}
-        return bool(conn.execute(self._checkpoint, {**params, **self._times(lease)}).rowcount == 1)
+        return bool(conn.execute(self._checkpoint, {**params, **self._times(lease, ttl)}).rowcount == 1)
 
     # Operator transitions ---------------------------------------------------------------------------------
 
     def update_at_version(
-        self, conn: Executor, record_id: int, version: int, values: Mapping[str, Any], *, acknowledge: bool = False
+        self,
+        conn: Executor,
+        record_id: int,
+        version: int,
+        values: Mapping[str, Any],
+        *,
+        ttl: float,
+        acknowledge: bool = False,
     ) -> bool:
-        """Operator update; ``False`` if the record is no longer at ``version``."""
-        params = {**values, "_id": record_id, "_version": version, **self._times()}
+        """Operator update, after which the record expires ``ttl`` seconds from now (``machine.record_ttl``);
+        ``False`` if the record is no longer at ``version``."""
+        params = {**values, "_id": record_id, "_version": version, **self._times(ttl=ttl)}
         return bool(conn.execute(self._operator_update[acknowledge], params).rowcount == 1)
 
     def delete_at_version(self, conn: Executor, record_id: int, version: int) -> bool:
@@ -714,7 +746,8 @@ class RecordStore:
         }
 
     def purge_batch(self, conn: Executor, batch_size: int) -> int:
-        """Delete up to ``batch_size`` expired records (``machine.expired``); return how many.
+        """Delete up to ``batch_size`` expired records (``machine.expired``: never one awaiting a decision); return
+        how many.
 
         On PostgreSQL rows locked by a running request are skipped (``FOR UPDATE SKIP LOCKED``). MySQL and
         MariaDB refuse a subquery with LIMIT on the table being deleted from: the ids go through a derived table,

@@ -44,7 +44,7 @@ def test_new_key_runs_the_view_and_records_completed(app: Flask, client: FlaskCl
     assert row["response_status"] == 201
     assert row["locked_until"] is None
     assert clock.reads(row["created_at"])
-    assert row["expires_at"] - row["created_at"] == app.config["IDEMPOTENCY_TTL"]
+    assert row["expires_at"] - row["updated_at"] == app.config["IDEMPOTENCY_TTL"]  # the ttl counts from the outcome
 
 
 def test_same_key_same_command_replays_status_headers_and_body(app: Flask, client: FlaskClient) -> None:

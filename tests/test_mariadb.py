@@ -100,7 +100,7 @@ def test_times_keep_microseconds(app: Flask, client: FlaskClient) -> None:
     rows = records(app)
     assert any(r["created_at"].microsecond for r in rows)
     assert all(r["locked_until"] is None for r in rows)
-    assert all(r["expires_at"].microsecond == r["created_at"].microsecond for r in rows)
+    assert all(r["expires_at"].microsecond == r["updated_at"].microsecond for r in rows)
 
 
 @pytest.mark.parametrize("app_config", [{"IDEMPOTENCY_MAX_RESPONSE_BYTES": 1024 * 1024}])

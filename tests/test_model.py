@@ -57,9 +57,14 @@ class Model:
 
     def live(self, scope: str, key: str) -> ModelRecord | None:
         rec = self.records.get((scope, key))
-        if rec is not None and rec.state != "IN_PROGRESS" and rec.expires_at <= self.now:
+        if rec is not None and not self.undecided(rec) and rec.expires_at <= self.now:
             return None  # expired: treated as absent
         return rec
+
+    @staticmethod
+    def undecided(rec: ModelRecord) -> bool:
+        """Awaiting a decision, so it never expires: IN_PROGRESS, or a final failure nobody acknowledged."""
+        return rec.state == "IN_PROGRESS" or (rec.state == "FAILED" and not rec.retryable and not rec.acknowledged)
 
     @staticmethod
     def outcome(route: str, outcome: Any) -> tuple[int, str, bool]:
@@ -118,12 +123,14 @@ class Model:
             if rec.state != "FAILED" or rec.retryable or rec.acknowledged:
                 return False
             rec.acknowledged = True
+            rec.expires_at = self.now + TTL  # every decision starts the ttl afresh
             return True
         retryable = action == "mark_retryable"
         if rec.state == "FAILED" and rec.retryable == retryable:
             return False  # already so
         rec.state, rec.retryable, rec.locked_until = "FAILED", retryable, None
         rec.acknowledged = rec.acknowledged and not retryable
+        rec.expires_at = self.now + TTL
         return True
 
 

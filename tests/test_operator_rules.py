@@ -234,11 +234,11 @@ def test_an_owners_write_needs_its_lease_token_even_at_the_right_version(app: Fl
         state = app.extensions["idempotency"].state(app)
         values = {"state": "COMPLETED", "retryable": False, "locked_until": None, "response_status": 201}
         with state.engine.connect() as conn:
-            assert not state.store.settle(conn, record_id, 1, "someone-else", values)
-            assert not state.store.checkpoint(conn, record_id, 1, "someone-else", {"recovery_point": "x"}, 60)
-            assert not state.store.settle(conn, record_id, 2, "owner", values)  # right token, other version
+            assert not state.store.settle(conn, record_id, 1, "someone-else", values, ttl=60)
+            assert not state.store.checkpoint(conn, record_id, 1, "someone-else", {"recovery_point": "x"}, 60, ttl=60)
+            assert not state.store.settle(conn, record_id, 2, "owner", values, ttl=60)  # right token, other version
             assert record(app, "k-1")["state"] == "IN_PROGRESS"
-            assert state.store.settle(conn, record_id, 1, "owner", values)
+            assert state.store.settle(conn, record_id, 1, "owner", values, ttl=60)
     assert (record(app, "k-1")["state"], record(app, "k-1")["version"]) == ("COMPLETED", 2)
 
 
