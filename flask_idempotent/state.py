@@ -31,7 +31,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("flask_idempotent")
 
-_STATES: weakref.WeakKeyDictionary[Flask, AppState] = weakref.WeakKeyDictionary()
+#: Where an app keeps its state: in ``app.extensions``, so that the state goes with its app in the same garbage
+#: collection (a module-level mapping keyed by a weak reference would hold it until that reference's callback
+#: runs, one collection too late when the app is in a reference cycle, as any app with a Jinja environment is).
+_STATE_KEY = "idempotency_state"
 
 
 @dataclass(frozen=True)
@@ -302,13 +305,13 @@ class AppState:
 
 
 def register(app: Flask, state: AppState) -> None:
-    _STATES[app] = state
+    app.extensions[_STATE_KEY] = state
 
 
 def app_state(app: Flask | None = None) -> AppState:
     """The per-app state of ``app`` (default: the current app)."""
     app = app or current_app._get_current_object()  # type: ignore[attr-defined]
     try:
-        return _STATES[app]
+        return app.extensions[_STATE_KEY]  # type: ignore[no-any-return]
     except KeyError:
         raise RuntimeError("flask_idempotent is not registered on this app; call init_app(app, db)") from None
