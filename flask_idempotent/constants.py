@@ -90,7 +90,6 @@ class EventKind(str, enum.Enum):
     IN_PROGRESS_HIT = "in_progress_hit"
     STALE_HIT = "stale_hit"
     TAKEOVER = "takeover"
-    LEASE_LOST = "lease_lost"
     MARK_RETRYABLE = "mark_retryable"
     MARK_FAILED = "mark_failed"
     ACKNOWLEDGE = "acknowledge"

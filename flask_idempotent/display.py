@@ -79,7 +79,6 @@ EVENT_WORDS = {
     "in_progress_hit": "retried while in progress (answered 409 or 202)",
     "stale_hit": "retried while stuck (answered 409 stuck)",
     "takeover": "a new attempt took over the expired lease",
-    "lease_lost": "the owner lost its lease",
     "mark_retryable": "marked retryable",
     "mark_failed": "marked failed (final)",
     "acknowledge": "acknowledged",

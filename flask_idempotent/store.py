@@ -1,9 +1,10 @@
 """The record store: every SQL statement the extension runs.
 
-Functions take a ``conn``: a SQLAlchemy ``Connection`` (leased mode, autocommit: each statement is its own
-short transaction) or the app's ``db.session`` (atomic mode: the view's own transaction). Correctness rests
-on the unique constraint on ``(scope, key)``, on compare-and-set updates of ``(id, version)`` (the lease
-owner's also on its lease token) and on the database's clock, never on process-local locks or a host's clock.
+Functions take a ``conn``: a SQLAlchemy ``Connection``: the layer's own autocommit engine's (leased mode: each
+statement is its own short transaction) or ``db.session.connection()`` (atomic mode: the view's own
+transaction). Correctness rests on the unique constraint on ``(scope, key)``, on compare-and-set updates of
+``(id, version)`` (the lease owner's also on its lease token) and on the database's clock, never on
+process-local locks or a host's clock.
 
 Time. Every time that decides something or is written comes from the database, inside the statement that uses
 it (:func:`db_time`). The store adds ``offset()`` seconds to it: zero in production, moved by tests that need a
@@ -199,7 +200,6 @@ class RecordStore:
         self._get = sa.select(*self.seen_columns).where(r.c.id == bind("_id"))
 
         claim_times = {"updated_at": now, "locked_until": _now("_lease_s"), "expires_at": _now("_ttl_s")}
-        self._claim_times = claim_times
         unique = ["scope", "key"]
         new = {**claim_times, "created_at": now, "version": 1}
         self._insert = {

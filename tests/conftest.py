@@ -40,6 +40,7 @@ the first time a test asks for it, and stops it at the end of the session. Skipp
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import gc
 import os
 import uuid
@@ -48,13 +49,15 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import galera
 import pytest
 import sqlalchemy as sa
 from flask import Flask
 from testapp import Controls, build_app
+
+if TYPE_CHECKING:
+    from galera import GaleraCluster
 
 PG_ADMIN_URL = os.environ.get("IDEMPOTENCY_TEST_PG_ADMIN_URL", "postgresql+psycopg2://root@127.0.0.1:5432/postgres")
 REQUIRE_POSTGRES = os.environ.get("IDEMPOTENCY_REQUIRE_POSTGRES") == "1"
@@ -220,8 +223,10 @@ def mariadb_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def galera_cluster() -> Iterator[galera.GaleraCluster]:
+def galera_cluster() -> Iterator[GaleraCluster]:
     """A 3-node MariaDB Galera cluster on 127.0.0.1 (``tests/galera.py``), started once per session."""
+    import galera  # here, not at the top: it imports PyMySQL, which a SQLite-only run never needs
+
     reason = galera.missing()
     if reason is not None:
         if REQUIRE_GALERA:
@@ -259,8 +264,29 @@ def faultapp_env(config: dict[str, object]) -> dict[str, str]:
     return {"FAULTAPP_ADVISORY_LOCKS": "1" if config.get("IDEMPOTENCY_ADVISORY_LOCKS", True) else "0"}
 
 
+#: Test modules that start other processes (gunicorn, Celery workers, a Galera cluster, faketime'd hosts),
+#: browsers or virtual environments: marked ``slow``, so ``pytest -m "not slow"`` is the inner loop
+#: (docs/running-tests.md). CI runs everything.
+SLOW_MODULES = (
+    "test_galera",
+    "test_wheel",
+    "test_readme_commands",
+    "test_readme_example",
+    "test_*browser*",
+    "test_*real_servers*",
+    "test_*processes*",
+    "test_faults_*",
+    "test_celery_tasks",
+    "test_two_hosts_clock",
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Variant databases only for the modules that opt in (``PG_VARIANTS = True``): the rest would only cost time."""
+    """Mark the slow modules' tests ``slow``; variant databases only for the modules that opt in
+    (``PG_VARIANTS = True``): the rest would only cost time."""
+    for item in items:
+        if any(fnmatch.fnmatch(item.path.stem, pattern) for pattern in SLOW_MODULES):
+            item.add_marker(pytest.mark.slow)
     if not PG_VARIANTS:
         return
     variants = {f"postgresql-{v}" for v in PG_VARIANTS} | set(PG_VARIANTS)

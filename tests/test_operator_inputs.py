@@ -464,3 +464,15 @@ def test_cli_an_unexpected_error_is_one_line_too_unless_debugging(app: Flask, mo
     assert json_error(cli(app, "stats", "--json"))["code"] == "internal-error"
     monkeypatch.setenv("FLASK_DEBUG", "1")  # flask --debug: whoever debugs the app gets the traceback
     assert isinstance(cli(app, "stats").exception, RuntimeError)
+
+
+def test_the_cli_error_codes_are_the_ones_it_answers_and_the_docs_list() -> None:
+    """``cli.ERROR_CODES`` is the list a script branches on: every code the CLI can answer, and what the docs say."""
+    from flask_idempotent import cli
+
+    source = Path(cli.__file__).read_text()
+    answered = set(re.findall(r'return "([a-z-]+)", ', source)) | {"usage"}
+    docs = (Path(__file__).parents[1] / "docs" / "operating.md").read_text()
+    listed = re.search(r"Codes: (.*?)\. An unexpected", docs, re.S)
+    assert listed is not None
+    assert set(cli.ERROR_CODES) == answered == set(re.findall(r"`([a-z-]+)`", listed.group(1)))
