@@ -24,7 +24,17 @@ from werkzeug.wrappers import Response as BaseResponse
 from . import signals
 from .constants import REPLAYED_HEADER, UNSAFE_METHODS, ConfigKey, EventKind, State
 from .context import UNSET, RecordView, RequestContext, get_current, set_current
-from .decorator import RouteOptions, is_watched, misplaced, options_of, view_exception, view_started, watch
+from .decorator import (
+    RouteOptions,
+    hidden,
+    is_watched,
+    marked_twice,
+    misplaced,
+    route_options,
+    view_exception,
+    view_started,
+    watch,
+)
 from .errors import (
     AtomicViewCommitted,
     BodyTooLargeToFingerprint,
@@ -87,6 +97,19 @@ def _check_views(state: AppState) -> None:
             f"@idempotent is placed above the route decorator on {', '.join(wrong)}: the route registered the"
             " unprotected function. Put @idempotent below @app.route/@app.post (closest to the function)."
         )
+    twice = marked_twice(current_app.view_functions)
+    if twice:
+        raise RuntimeError(
+            f"@idempotent is on the class-based view of {', '.join(twice)} (View.decorators) and on one of its"
+            " methods too: keep one of them."
+        )
+    unreached = hidden(current_app.view_functions)
+    if unreached:
+        raise RuntimeError(
+            f"@idempotent functions that no registered endpoint reaches: {'; '.join(unreached)}. A decorator"
+            " placed on top of @idempotent hides it unless it uses functools.wraps: the route would run the view"
+            " unprotected. Decorate the wrapper with @functools.wraps(view), or put @idempotent on top of it."
+        )
     state.views_checked = True
 
 
@@ -94,7 +117,7 @@ def _route_options(state: AppState) -> RouteOptions | None:
     if request.method not in UNSAFE_METHODS or request.endpoint is None:
         return None
     view = current_app.view_functions.get(request.endpoint)
-    route = options_of(view)
+    route = route_options(view, request.method)
     if route is None and state.protect_all and view is not None:
         route = RouteOptions()
         if not is_watched(view):  # so that only what the view body produced becomes an outcome
