@@ -237,7 +237,9 @@ def route_options(view: Callable[..., Any] | None, method: str) -> RouteOptions 
     ``__wrapped__`` chain); for a class-based view (``View.as_view``), else on the method that serves the
     request: its ``dispatch_request``, or a ``MethodView``'s ``post``, ``put``... (each along its own chain).
     """
-    options = _options_along(view)
+    options = options_of(view)  # the common case: on the view, or copied onto it by functools.wraps
+    if options is None:
+        options = _options_along(view)
     if options is None:
         for handler in _handlers(view, method):
             options = _options_along(handler)

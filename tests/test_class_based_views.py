@@ -125,6 +125,10 @@ def test_each_method_of_a_method_view_has_its_own_options(app: Flask, client: Fl
         def put(self) -> Any:
             return charge(app, "orders-put")
 
+        @idempotent
+        async def patch(self) -> Any:
+            return charge(app, "orders-patch")
+
         def delete(self) -> Any:  # not marked: not protected
             return charge(app, "orders-delete")
 
@@ -135,6 +139,11 @@ def test_each_method_of_a_method_view_has_its_own_options(app: Flask, client: Fl
     assert client.delete("/orders", json={"amount": 1}, headers={"Idempotency-Key": "d"}).status_code == 201
     assert client.delete("/orders", json={"amount": 1}, headers={"Idempotency-Key": "d"}).status_code == 201
     assert records(app) == [] and charges(app, "orders-delete") == 2
+    assert problem_code(client.patch("/orders", json={"amount": 1})) == "missing-key"  # an async method
+    assert client.patch("/orders", json={"amount": 1}, headers={"Idempotency-Key": "p"}).status_code == 201
+    replay = client.patch("/orders", json={"amount": 1}, headers={"Idempotency-Key": "p"})
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert charges(app, "orders-patch") == 1 and record(app, "p")["method"] == "PATCH"
 
 
 def test_idempotent_in_view_decorators_protects_every_unsafe_method(app: Flask, client: FlaskClient) -> None:
