@@ -140,6 +140,11 @@ def idempotent(
     the first request to the app raises ``RuntimeError`` naming the view instead. ``exempt=True`` opts a view
     out of ``IDEMPOTENCY_PROTECT_ALL``.
 
+    Class-based views: put it on a ``MethodView``'s method (``def post(self)``; each method has its own
+    options) or in ``View.decorators`` (every unsafe method). Other decorators may sit on top of it if they
+    use ``functools.wraps``; one written without it hides the marked function, so the app's first request
+    raises ``RuntimeError`` naming it (docs: "Behaviour", "Class-based views and stacked decorators").
+
     Webhooks and other senders that name the operation themselves: ``key=`` is a callable returning the key
     from the request (a delivery-id header, the body's event id; ``None`` when there is none), and ``scope=``
     a fixed scope for the route (``"stripe"``) instead of the ``scope_loader``'s. ``describe=`` returns a

@@ -108,7 +108,7 @@ def _check_views(state: AppState) -> None:
         raise RuntimeError(
             f"@idempotent functions that no registered endpoint reaches: {'; '.join(unreached)}. A decorator"
             " placed on top of @idempotent hides it unless it uses functools.wraps: the route would run the view"
-            " unprotected. Decorate the wrapper with @functools.wraps(view), or put @idempotent on top of it."
+            " unprotected. Decorate the wrapper with @functools.wraps(view), or move @idempotent above that decorator."
         )
     state.views_checked = True
 
