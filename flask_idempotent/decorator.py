@@ -8,13 +8,15 @@ from any other.
 from __future__ import annotations
 
 import functools
+import types
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, TypeVar, overload
 
 from flask import current_app, request
+from flask.views import MethodView, View, http_method_funcs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,6 +28,11 @@ _WATCHED_ATTRIBUTE = "_flask_idempotent_watched"
 #: The functions ``@idempotent`` wrapped: if one of them is registered as a view itself, the decorator was
 #: placed above the route decorator (see :func:`misplaced`).
 _DECORATED: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+#: The wrappers ``@idempotent`` returned: the first request looks for them inside the app's views (see
+#: :func:`hidden`).
+_MARKED: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
+#: How many objects :func:`hidden` looks at per endpoint, and how long a ``__wrapped__`` chain may be.
+_SCAN_BUDGET = 256
 
 
 def seconds(name: str, value: float | timedelta | None) -> float | None:
@@ -138,6 +145,11 @@ def idempotent(
     the first request to the app raises ``RuntimeError`` naming the view instead. ``exempt=True`` opts a view
     out of ``IDEMPOTENCY_PROTECT_ALL``.
 
+    Class-based views: put it on a ``MethodView``'s method (``def post(self)``; each method has its own
+    options) or in ``View.decorators`` (every unsafe method). Other decorators may sit on top of it if they
+    use ``functools.wraps``; one written without it hides the marked function, so the app's first request
+    raises ``RuntimeError`` naming it (docs: "Behaviour", "Class-based views and stacked decorators").
+
     Webhooks and other senders that name the operation themselves: ``key=`` is a callable returning the key
     from the request (a delivery-id header, the body's event id; ``None`` when there is none), and ``scope=``
     a fixed scope for the route (``"stripe"``) instead of the ``scope_loader``'s. ``describe=`` returns a
@@ -179,6 +191,7 @@ def idempotent(
         wrapper = watch(f)
         setattr(wrapper, OPTIONS_ATTRIBUTE, options)
         _DECORATED.add(f)
+        _MARKED.add(wrapper)
         return wrapper
 
     if view is not None:
@@ -235,3 +248,120 @@ def view_exception() -> BaseException | None:
 def view_started() -> bool:
     """Whether the protected view's body started during this request."""
     return bool(request.environ.get(_STARTED_KEY, False))
+
+
+def route_options(view: Callable[..., Any] | None, method: str) -> RouteOptions | None:
+    """The options that protect ``method`` requests to the registered view ``view``, if any.
+
+    ``@idempotent`` on the view itself or on a function it wraps with ``functools.wraps`` (along its
+    ``__wrapped__`` chain); for a class-based view (``View.as_view``), else on the method that serves the
+    request: its ``dispatch_request``, or a ``MethodView``'s ``post``, ``put``... (each along its own chain).
+    """
+    options = options_of(view)  # the common case: on the view, or copied onto it by functools.wraps
+    if options is None:
+        options = _options_along(view)
+    if options is None:
+        for handler in _handlers(view, method):
+            options = _options_along(handler)
+            if options is not None:
+                break
+    return options
+
+
+def hidden(views: Mapping[str, Callable[..., Any]]) -> list[str]:
+    """``@idempotent`` functions that the app's views run but that protect none of its endpoints.
+
+    A wrapper decorator written without ``functools.wraps`` on top of ``@idempotent`` (or on a class-based
+    view's method) hides the marked function from :func:`route_options`: the route would run it unprotected.
+    Each is named with the endpoints that lead to it. Only what the app's own views lead to is looked at
+    (``__wrapped__``, closures, ``functools.partial``, a decorator class's attributes, a class-based view's
+    methods), so marked functions of other apps in the process never count; one marked function registered on
+    several endpoints is fine as long as one of them is protected by it (``@idempotent`` above the route
+    decorator is :func:`misplaced`'s).
+    """
+    protected: set[int] = set()
+    inside: dict[int, tuple[Any, list[str]]] = {}
+    for endpoint, view in sorted(views.items()):
+        protected.update(id(f) for f in _along(view) if _is_marked(f))
+        for method in http_method_funcs:
+            for handler in _handlers(view, method):
+                protected.update(id(f) for f in _along(handler) if _is_marked(f))
+        for marked in _marked_inside(view):
+            inside.setdefault(id(marked), (marked, []))[1].append(endpoint)
+    return sorted(
+        f"{marked.__module__}.{marked.__qualname__} (run by {', '.join(repr(e) for e in endpoints)})"
+        for key, (marked, endpoints) in inside.items()
+        if key not in protected
+    )
+
+
+def marked_twice(views: Mapping[str, Callable[..., Any]]) -> list[str]:
+    """Class-based views marked as a whole (``View.decorators``) and on a method too: which one applies?"""
+    return sorted(
+        endpoint
+        for endpoint, view in views.items()
+        if _options_along(view) is not None
+        and any(_options_along(h) is not None for m in http_method_funcs for h in _handlers(view, m))
+    )
+
+
+def _along(f: Any) -> Iterator[Any]:
+    """``f`` and what it wraps, following ``__wrapped__`` (what ``functools.wraps`` sets)."""
+    for _ in range(_SCAN_BUDGET):
+        if f is None:
+            return
+        yield f
+        f = getattr(f, "__wrapped__", None)
+
+
+def _is_marked(f: Any) -> bool:
+    return isinstance(f, types.FunctionType) and f in _MARKED
+
+
+def _options_along(f: Any) -> RouteOptions | None:
+    return next((options for g in _along(f) if (options := options_of(g)) is not None), None)
+
+
+def _handlers(view: Any, method: str) -> Iterator[Any]:
+    """What a class-based view's ``view_class`` runs for ``method`` (nothing for a plain view function)."""
+    view_class = getattr(view, "view_class", None)
+    if not isinstance(view_class, type):
+        return
+    yield getattr(view_class, "dispatch_request", None)
+    if issubclass(view_class, MethodView):
+        yield getattr(view_class, method.lower(), None)
+
+
+def _marked_inside(view: Any) -> Iterator[Any]:
+    """The ``@idempotent`` wrappers reachable from ``view`` through what a wrapper keeps of the function."""
+    todo: list[Any] = [view]
+    visited: set[int] = set()
+    while todo and len(visited) < _SCAN_BUDGET:
+        f = todo.pop()
+        if id(f) in visited:
+            continue
+        visited.add(id(f))
+        if isinstance(f, functools.partial):
+            todo.append(f.func)
+        elif isinstance(f, types.MethodType):
+            todo.append(f.__func__)
+        elif isinstance(f, types.FunctionType):
+            if _is_marked(f):
+                yield f
+            for cell in f.__closure__ or ():
+                try:
+                    todo.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    continue
+            todo.extend(f.__dict__.values())  # __wrapped__, view_class
+        elif isinstance(f, type):
+            if issubclass(f, View):
+                todo.extend(getattr(f, name, None) for name in ("dispatch_request", *http_method_funcs))
+        elif callable(f):
+            # A decorator written as a class keeps the function as an attribute of its instance. (Anything
+            # else callable is looked at no further: a proxy such as ``request`` may raise on any attribute.)
+            try:
+                attributes = list(vars(f).values())
+            except Exception:
+                continue
+            todo.extend(v for v in attributes if isinstance(v, (types.FunctionType, types.MethodType)))

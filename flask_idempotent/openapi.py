@@ -20,7 +20,7 @@ from werkzeug.routing import AnyConverter, FloatConverter, IntegerConverter, Pat
 
 from . import errors
 from .constants import REPLAYED_HEADER, UNSAFE_METHODS, ConfigKey
-from .decorator import RouteOptions, options_of
+from .decorator import RouteOptions, route_options
 from .keys import MAX_KEY_LENGTH
 from .state import Resolved, app_state
 
@@ -104,13 +104,12 @@ def protected_routes(app: Flask) -> Iterator[tuple[str, str, Resolved]]:
     state = app_state(app)
     for rule in app.url_map.iter_rules():
         view = app.view_functions.get(rule.endpoint)
-        route = options_of(view)
-        if route is None and state.protect_all and view is not None:
-            route = RouteOptions()
-        if route is None or route.exempt:
-            continue
         for method in sorted(UNSAFE_METHODS & set(rule.methods or ())):
-            yield rule.rule, method, state.resolve(route)
+            route = route_options(view, method)  # a MethodView's options may differ by method
+            if route is None and state.protect_all and view is not None:
+                route = RouteOptions()
+            if route is not None and not route.exempt:
+                yield rule.rule, method, state.resolve(route)
 
 
 def _path_template(app: Flask, rule: str) -> tuple[str, list[dict[str, Any]]]:

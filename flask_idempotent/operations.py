@@ -23,7 +23,7 @@ from flask import current_app
 
 from . import signals
 from .context import RecordView
-from .decorator import RouteOptions, options_of
+from .decorator import RouteOptions, route_options
 from .display import visible
 from .machine import Action, TransitionError, lease_holder, operator_transition, record_ttl
 from .models import storable_text
@@ -339,16 +339,16 @@ def replay_tally_seconds() -> float:
     return _state().replays.interval
 
 
-def runbook_of(endpoint: str | None) -> str | None:
+def runbook_of(endpoint: str | None, method: str) -> str | None:
     """The ``runbook=`` of the route that wrote a record (``None`` for tasks and routes without one)."""
     view = current_app.view_functions.get(endpoint) if endpoint else None
-    options = options_of(view)
+    options = route_options(view, method)
     return None if options is None else options.runbook
 
 
 def _with_events(conn: Any, state: AppState, row: Any, body_limit: int | None) -> dict[str, Any]:
     data = record_dict(row, body_limit=body_limit)
-    data["runbook"] = runbook_of(data.get("endpoint"))
+    data["runbook"] = runbook_of(data.get("endpoint"), str(data.get("method") or ""))
     data["events"] = [dict(ev._mapping) for ev in state.store.events_of(conn, row.id)]
     return data
 

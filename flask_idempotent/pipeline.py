@@ -10,6 +10,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,7 +23,17 @@ from werkzeug.wrappers import Response as BaseResponse
 from . import signals
 from .constants import REPLAYED_HEADER, UNSAFE_METHODS, ConfigKey, EventKind, State
 from .context import UNSET, RecordView, RequestContext, get_current, set_current
-from .decorator import RouteOptions, is_watched, misplaced, options_of, view_exception, view_started, watch
+from .decorator import (
+    RouteOptions,
+    hidden,
+    is_watched,
+    marked_twice,
+    misplaced,
+    route_options,
+    view_exception,
+    view_started,
+    watch,
+)
 from .errors import (
     AtomicViewCommitted,
     BodyTooLargeToFingerprint,
@@ -89,6 +100,19 @@ def _check_views(state: AppState) -> None:
             f"@idempotent is placed above the route decorator on {', '.join(wrong)}: the route registered the"
             " unprotected function. Put @idempotent below @app.route/@app.post (closest to the function)."
         )
+    twice = marked_twice(current_app.view_functions)
+    if twice:
+        raise RuntimeError(
+            f"@idempotent is on the class-based view of {', '.join(twice)} (View.decorators) and on one of its"
+            " methods too: keep one of them."
+        )
+    unreached = hidden(current_app.view_functions)
+    if unreached:
+        raise RuntimeError(
+            f"@idempotent functions that no registered endpoint reaches: {'; '.join(unreached)}. A decorator"
+            " placed on top of @idempotent hides it unless it uses functools.wraps: the route would run the view"
+            " unprotected. Decorate the wrapper with @functools.wraps(view), or move @idempotent above that decorator."
+        )
     state.views_checked = True
 
 
@@ -96,7 +120,7 @@ def _route_options(state: AppState) -> RouteOptions | None:
     if request.method not in UNSAFE_METHODS or request.endpoint is None:
         return None
     view = current_app.view_functions.get(request.endpoint)
-    route = options_of(view)
+    route = route_options(view, request.method)
     if route is None and state.protect_all and view is not None:
         route = RouteOptions()
         if not is_watched(view):  # so that only what the view body produced becomes an outcome
@@ -317,22 +341,22 @@ def claim_once(ctx: RequestContext) -> _Answer:
     state = ctx.state
     # One lease token per claim: whatever row carries it was written by this call, which is how a claim
     # whose reply was lost finds out that it did commit.
-    token = new_lease_token()
+    write = _ClaimWrite(new_lease_token())
     for attempt in range(LOST_RACE_ATTEMPTS):
         try:
             if ctx.atomic:
                 # Core statements on the session's connection: the view's transaction, without ORM execution.
-                decision, row = _decide_and_claim(ctx, state.db.session.connection(), token)
+                decision, row = _decide_and_claim(ctx, state.db.session.connection(), write)
                 if decision is not None:
                     _rollback_quietly(state)  # hold no transaction while answering or polling
                 return decision, row
             with state.engine.connect() as conn:
-                return _decide_and_claim(ctx, conn, token)
+                return _decide_and_claim(ctx, conn, write)
         except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
             if ctx.atomic:
                 _rollback_quietly(state)  # the claim was in the rolled-back transaction: nothing was written
             if not lost_race(exc):
-                return _claim_failed(ctx, token, exc)
+                return _claim_failed(ctx, write, exc)
             # The database aborted a statement that lost a race with another request's (SERIALIZABLE, a
             # deadlock, a Galera certification failure): it wrote nothing, so deciding again is safe.
             if ctx.claimed and not ctx.atomic:
@@ -363,7 +387,20 @@ def _as_duplicate(ctx: RequestContext) -> tuple[Decision, Row[Any] | None]:
     return decision, row
 
 
-def _claim_failed(ctx: RequestContext, token: str, exc: sa.exc.DBAPIError | sa.exc.TimeoutError) -> _Answer:
+@dataclass
+class _ClaimWrite:
+    """The claim a request is writing, kept in case the write's reply is lost (see :func:`_recover_lost_claim`).
+
+    ``token`` is the claim's lease token; ``claim`` and ``previous`` (the row as read before it, ``None`` for a
+    new record) are those of its latest claiming statement.
+    """
+
+    token: str
+    claim: Claim | None = None
+    previous: Mapping[Any, Any] | None = None
+
+
+def _claim_failed(ctx: RequestContext, write: _ClaimWrite, exc: sa.exc.DBAPIError | sa.exc.TimeoutError) -> _Answer:
     """The claim met a database error other than a lost race: 503, unless a leased claim did commit."""
     state = ctx.state
     if _is_lock_wait(exc):
@@ -374,7 +411,7 @@ def _claim_failed(ctx: RequestContext, token: str, exc: sa.exc.DBAPIError | sa.e
             "The idempotency store is busy, so the request was not run. Retry after the time in Retry-After.",
             retry_after=state.retry_after,
         ) from exc
-    if not ctx.atomic and _recover_lost_claim(ctx, token):
+    if not ctx.atomic and _recover_lost_claim(ctx, write):
         return None, None
     logger.error("idempotency store unavailable while claiming %r: %s", ctx.command.key, _db_error(exc))
     raise StoreUnavailable(
@@ -383,11 +420,12 @@ def _claim_failed(ctx: RequestContext, token: str, exc: sa.exc.DBAPIError | sa.e
     ) from exc
 
 
-def _recover_lost_claim(ctx: RequestContext, token: str) -> bool:
+def _recover_lost_claim(ctx: RequestContext, write: _ClaimWrite) -> bool:
     """After an error during a leased claim, find out whether the claim committed anyway (its reply was lost).
 
     The record carries this claim's lease token only if the claim's write reached the database: then this
-    request owns the key and goes on. Otherwise the key was never taken by it, and the answer is 503.
+    request owns the key and goes on, its claim filled in as if the reply had come (so a hook that answers
+    before the view withdraws it like any other). Otherwise the key was never taken by it, and the answer is 503.
     """
     state, command = ctx.state, ctx.command
     for _ in range(_REREAD_ATTEMPTS):
@@ -396,25 +434,23 @@ def _recover_lost_claim(ctx: RequestContext, token: str) -> bool:
                 row = state.store.find(conn, command.scope, command.key)
         except (sa.exc.DBAPIError, sa.exc.TimeoutError):
             continue
-        if row is None or row.lease_token != token:
+        if row is None or row.lease_token != write.token or write.claim is None:
             return False
         logger.warning("the reply to the claim of record %s (%r) was lost; it had committed", row.id, command.key)
-        resumes = row.attempts > 1
-        ctx.record_id, ctx.lease_token, ctx.version, ctx.attempt = row.id, token, row.version, row.attempts
-        if resumes:
-            ctx.recovery_point, ctx.recovery_data = row.recovery_point, row.recovery_data
+        _claimed(ctx, row.id, row.version, write.claim, write.previous)
         return True
     logger.error("could not re-read the claim of %r: if it committed, it shows as stuck", command.key)
     return False
 
 
-def _decide_and_claim(ctx: RequestContext, conn: Executor, token: str) -> _Answer:
+def _decide_and_claim(ctx: RequestContext, conn: Executor, write: _ClaimWrite) -> _Answer:
     store, options, command = ctx.state.store, ctx.options, ctx.command
     # An atomic owner's claim stays uncommitted until its view returns; duplicates must neither run nor block
     # on its row, so in atomic mode the read also takes a transaction-scoped lock on the key (PostgreSQL).
-    claim = claim_new(command, token)
+    claim = claim_new(command, write.token)
     if dialect_of(conn) == "postgresql":
         # A first request is the common case: claim with one INSERT, read the record only if the key is taken.
+        write.claim, write.previous = claim, None
         record_id = store.claim_new(conn, claim, lease=options.lease, ttl=options.ttl, lock=ctx.atomic)
         if record_id is not None:
             _claimed(ctx, record_id, 1, claim, None)
@@ -433,6 +469,7 @@ def _decide_and_claim(ctx: RequestContext, conn: Executor, token: str) -> _Answe
         return decision, row
     for _ in range(_CLAIM_ATTEMPTS):
         if row is None:
+            write.claim, write.previous = claim, None
             record_id = store.insert(conn, claim, lease=options.lease, ttl=options.ttl)
             if record_id is not None:
                 _claimed(ctx, record_id, 1, claim, None)
@@ -443,10 +480,11 @@ def _decide_and_claim(ctx: RequestContext, conn: Executor, token: str) -> _Answe
         decision = decide(row._mapping, command.request_hash, options.on_stale)
         if decision not in CLAIMING:
             return decision, row
-        claim = claim_existing(decision, row._mapping, command, token)
+        claim = claim_existing(decision, row._mapping, command, write.token)
+        write.claim, write.previous = claim, row._mapping
         if store.reclaim(conn, row.id, row.version, claim, lease=options.lease, ttl=options.ttl):
             _claimed(ctx, row.id, row.version + 1, claim, row._mapping)
-            holder, previous = lease_holder(token), lease_holder(row.lease_token)
+            holder, previous = lease_holder(write.token), lease_holder(row.lease_token)
             if decision is Decision.TAKEOVER:
                 store.add_event(
                     conn,

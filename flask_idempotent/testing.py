@@ -45,7 +45,7 @@ from werkzeug.wrappers import Response as BaseResponse
 from . import operations, signals
 from .constants import REPLAYED_HEADER, UNSAFE_METHODS, ConfigKey
 from .context import RecordView, get_current
-from .decorator import RouteOptions, misplaced, options_of
+from .decorator import RouteOptions, misplaced, route_options
 from .errors import AtomicViewCommitted
 from .state import AppState, Resolved, app_state
 
@@ -153,7 +153,7 @@ def _endpoint(app: Flask, method: str, url: str) -> str:
     return str(endpoint)
 
 
-def _protection(app: Flask, endpoint: str) -> Resolved:
+def _protection(app: Flask, endpoint: str, method: str) -> Resolved:
     """The route's resolved options; fails when the layer cannot protect it (names why)."""
     state = app_state(app)
     if not state.enabled:
@@ -161,7 +161,7 @@ def _protection(app: Flask, endpoint: str) -> Resolved:
             f"{ConfigKey.ENABLED} is False on this app: the layer is switched off and protects nothing. The kit"
             " proves routes with the layer on; keep the switch for unit tests of view logic only."
         )
-    route = options_of(app.view_functions[endpoint])
+    route = route_options(app.view_functions[endpoint], method)
     if route is None and state.protect_all:
         route = RouteOptions()
     if route is None:
@@ -317,7 +317,7 @@ def assert_idempotent(
         raise ValueError(f"assert_idempotent needs an unsafe method ({', '.join(sorted(UNSAFE_METHODS))})")
     kit = _install(app)
     endpoint = _endpoint(app, method, url)
-    options = _protection(app, endpoint)
+    options = _protection(app, endpoint, method)
     state = app_state(app)
     key = key or f"{_KEY_PREFIX}{uuid.uuid4().hex}"
     base = dict(headers or {})
@@ -619,7 +619,7 @@ def crash_after_effect(
     method = method.upper()
     kit = _install(app)
     endpoint = _endpoint(app, method, url)
-    options = _protection(app, endpoint)
+    options = _protection(app, endpoint, method)
     clock.install(app)
     header = app_state(app).header
     key = key or f"{_KEY_PREFIX}{uuid.uuid4().hex}"

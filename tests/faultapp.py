@@ -38,6 +38,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from flask import Blueprint, Flask, Response, abort, jsonify, request
+from flask.views import MethodView
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -181,6 +182,26 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     @idempotent
     def payment() -> Any:
         return pay("payments")
+
+    class ClassPayments(MethodView):
+        """``/payments`` as a class-based view: ``@idempotent`` on its ``post``."""
+
+        @idempotent
+        def post(self) -> Any:
+            return pay("class-payments")
+
+    class ClassTransfers(MethodView):
+        """``/transfers`` as a class-based view: ``@idempotent(atomic=True)`` in its ``decorators``."""
+
+        decorators = [idempotent(atomic=True)]
+
+        def post(self) -> Any:
+            row = effect("class-transfers")
+            db.session.flush()
+            return created(row)
+
+    app.add_url_rule("/class-payments", view_func=ClassPayments.as_view("class_payments"))
+    app.add_url_rule("/class-transfers", view_func=ClassTransfers.as_view("class_transfers"))
 
     guarded = Blueprint("guarded", __name__, url_prefix="/guarded")
 

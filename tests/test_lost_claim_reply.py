@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from flask import Flask
+from concurrency import Background
+from flask import Flask, abort, request
 from flask.testing import FlaskClient
 from helpers import charges, events, ext, post, problem_code, record
 from procs import ReplyDroppingProxy
 from testapp import Controls, build_app
 
+from flask_idempotent import TransientError
 from flask_idempotent.machine import lease_holder
 
 INSERT_CLAIM = "INSERT INTO idempotency_records"
@@ -164,6 +166,81 @@ def test_retry_claim_that_never_ran_answers_503_and_leaves_the_record_as_it_was(
     assert row is not None
     assert (row["state"], row["attempts"], row["version"]) == ("COMPLETED", 2, 4)
     assert_replays(client, "never-updated", retry)
+
+
+# A recovered claim is withdrawn like any other ---------------------------------------------------------------
+
+
+def reject_when_asked(app: Flask) -> None:
+    """An app hook registered after ``init_app`` (so it runs after the claim): ``X-Reject`` answers 401."""
+
+    @app.before_request
+    def authenticate() -> None:
+        if request.headers.get("X-Reject"):
+            abort(401)
+
+
+def test_a_recovered_retry_claim_that_a_hook_rejects_puts_the_failed_record_back(
+    app: Flask, client: FlaskClient
+) -> None:
+    """The retry's claim committed but its reply was lost; then a hook answers 401 before the view runs. The
+    record goes back to FAILED retryable with its recovery point: the next retry resumes after the charge."""
+    controls: Controls = ext(app)["controls"]
+    reject_when_asked(app)
+    held = controls.hold("phases-after-charge")
+    first = Background(app, "/phases", json={"order": 1})
+    assert held.entered.wait(10)  # charged and checkpointed "charged"; now the provider call times out
+    controls.exception = TransientError("provider timed out")
+    held.release.set()
+    assert first.result().status_code == 503
+    controls.exception = None
+    failed_row = record(app, "k-1")
+    assert failed_row is not None
+    assert (failed_row["state"], failed_row["retryable"], failed_row["attempts"]) == ("FAILED", True, 1)
+    assert failed_row["recovery_point"] == "charged"
+
+    with fail_once(app, "after_cursor_execute", UPDATE_CLAIM) as failed:
+        rejected = post(client, "/phases", json={"order": 1}, headers={"X-Reject": "1"})
+    assert len(failed) == 1 and "lease_token" in failed[0]  # the retry's claim, which committed
+    assert rejected.status_code == 401, rejected.data
+    assert record(app, "k-1") == failed_row  # exactly as it was, attempts and version included
+
+    retry = post(client, "/phases", json={"order": 1})
+    assert retry.status_code == 201, retry.data
+    assert retry.get_json() == {"charge": failed_row["recovery_data"]["charge"], "attempt": 2}
+    assert controls.seen[-1]["point"] == "charged"
+    assert charges(app, "phases") == 1  # resumed after the charge: charged once
+    final = record(app, "k-1")
+    assert final is not None and (final["state"], final["attempts"]) == ("COMPLETED", 2)
+
+
+def test_a_recovered_takeover_that_a_hook_rejects_leaves_the_stuck_record(
+    app: Flask, client: FlaskClient, clock: Any
+) -> None:
+    """``on_stale="takeover"``: the takeover's claim committed, its reply was lost, a hook answered 401. The
+    stuck record stays as it was (its owner's lease token and recovery point), and that owner can still finish."""
+    controls: Controls = ext(app)["controls"]
+    reject_when_asked(app)
+    held = controls.hold("phases-after-charge")
+    owner = Background(app, "/phases", json={"order": 1})
+    try:
+        assert held.entered.wait(10)
+        clock.advance(seconds=31)  # the owner's 30 s lease is over: the record is stuck
+        stuck = record(app, "k-1")
+        assert stuck is not None and (stuck["state"], stuck["recovery_point"]) == ("IN_PROGRESS", "charged")
+
+        with fail_once(app, "after_cursor_execute", UPDATE_CLAIM) as failed:
+            rejected = post(client, "/phases", json={"order": 1}, headers={"X-Reject": "1"})
+        assert len(failed) == 1 and "lease_token" in failed[0]
+        assert rejected.status_code == 401, rejected.data
+        assert record(app, "k-1") == stuck  # the stuck record, its owner's token and recovery point, as it was
+        assert controls.runs["phases-resumed"] == 0
+    finally:
+        held.release.set()  # also when an assertion failed: a parked owner would block dropping the tables
+    assert owner.result().status_code == 201  # the first owner still holds its lease token: it completes
+    final = record(app, "k-1")
+    assert final is not None and (final["state"], final["attempts"]) == ("COMPLETED", 1)
+    assert charges(app, "phases") == 1
 
 
 # Over the network ---------------------------------------------------------------------------------------------
