@@ -353,3 +353,37 @@ def test_a_bind_key_missing_from_sqlalchemy_binds_is_refused_at_init_app(tmp_pat
     with app.app_context():
         for engine in db.engines.values():
             engine.dispose()
+
+
+# The template's env.py tries Flask-SQLAlchemy 2's get_engine() first (deprecated in 3.x), then engines[key].
+@pytest.mark.filterwarnings("ignore:'get_engine' is deprecated:DeprecationWarning")
+def test_flask_db_upgrade_of_a_multi_database_set_up_creates_them_on_the_bind_only(
+    urls: tuple[str, str], tmp_path: Any
+) -> None:
+    """Flask-Migrate's multi-database template (``flask db init --multidb``): autogenerate, then upgrade."""
+    import flask_migrate
+
+    default, records = urls
+    app = build(urls, create=False)
+    flask_migrate.Migrate(app, app.extensions["test"]["db"])
+    directory = str(tmp_path / "migrations")
+    try:
+        with app.app_context():
+            flask_migrate.init(directory, multidb=True)
+            flask_migrate.migrate(directory, message="initial")
+            flask_migrate.upgrade(directory)
+        assert tables(default) == {"alembic_version", "charges"}
+        assert tables(records) == {"alembic_version", "payments", *TABLES}
+        assert post(app.test_client(), "/charges", "m-1").status_code == 201
+        assert [r["key"] for r in rows(records, "idempotency_records")] == ["m-1"]
+    finally:
+        with app.app_context():
+            db = app.extensions["test"]["db"]
+            db.drop_all()
+            for url in urls:
+                engine = sa.create_engine(url)
+                with engine.begin() as conn:
+                    conn.execute(sa.text("DROP TABLE IF EXISTS alembic_version"))
+                engine.dispose()
+            for engine in db.engines.values():
+                engine.dispose()
