@@ -109,6 +109,8 @@ def build(urls: tuple[str, str], *, create: bool = True, **config: Any) -> Flask
         how = request.args.get("how", "add")
         if how == "update":
             db.session.execute(sa.update(Charge).values(amount=Charge.amount + 1))
+        elif how == "both":  # a payment next to the records as well: it is not committed either
+            db.session.add_all([Payment(amount=amount()), Charge(amount=amount())])
         else:
             db.session.add(Charge(amount=amount()))
             if how == "flush":
@@ -241,6 +243,14 @@ def test_the_cli_and_the_operations_read_and_purge_the_bind(
     assert rows(records, "idempotency_records") == []
     assert len(rows(default, "charges")) == 1
 
+    # An operator action writes there too, with its audit event.
+    assert post(app.test_client(), "/charges", "k-2").status_code == 201
+    (second,) = rows(records, "idempotency_records")
+    released = runner.invoke(args=["idempotency", "release", str(second["id"]), "--yes", "--json"])
+    assert released.exit_code == 0, released.output
+    assert rows(records, "idempotency_records") == []
+    assert [e["kind"] for e in rows(records, "idempotency_events")] == ["release"]
+
 
 def test_the_dashboard_reads_the_bind(make_app: Callable[..., Flask], urls: tuple[str, str]) -> None:
     app = make_app()
@@ -272,6 +282,21 @@ def test_once_keeps_its_record_on_the_bind(make_app: Callable[..., Flask], urls:
     assert "idempotency_records" not in tables(default)
 
 
+def test_a_task_keeps_its_record_on_the_bind(make_app: Callable[..., Flask], urls: tuple[str, str]) -> None:
+    app = make_app()
+    runs = []
+
+    @app.extensions["test"]["idempotency"].task(key=lambda refund_id: f"refund-{refund_id}", scope="tasks")
+    def refund(refund_id: int) -> dict[str, int]:
+        runs.append(refund_id)
+        return {"refunded": refund_id}
+
+    with app.app_context():
+        assert refund(7) == refund(7) == {"refunded": 7}
+    assert runs == [7]
+    assert [(r["kind"], r["key"]) for r in rows(urls[1], "idempotency_records")] == [("task", "refund-7")]
+
+
 def test_an_atomic_view_writing_on_the_records_bind_commits_once(
     make_app: Callable[..., Flask], urls: tuple[str, str]
 ) -> None:
@@ -288,7 +313,7 @@ def test_an_atomic_view_writing_on_the_records_bind_commits_once(
     assert len(rows(urls[1], "payments")) == 2
 
 
-@pytest.mark.parametrize("how", ["add", "flush", "update"])
+@pytest.mark.parametrize("how", ["add", "flush", "update", "both"])
 def test_an_atomic_view_writing_on_another_bind_is_refused_and_nothing_is_committed(
     make_app: Callable[..., Flask], urls: tuple[str, str], how: str
 ) -> None:
@@ -308,6 +333,7 @@ def test_an_atomic_view_writing_on_another_bind_is_refused_and_nothing_is_commit
         assert "the default bind" in detail and "'records'" in detail
 
     assert rows(default, "charges") == before
+    assert rows(records, "payments") == []
     assert rows(records, "idempotency_records") == records_before
     assert not any(r["key"] == "x-1" for r in rows(records, "idempotency_events"))
 
