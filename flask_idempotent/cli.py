@@ -600,7 +600,7 @@ _action(
 def upgrade_schema_command(as_json: bool) -> None:
     """Add the columns of the current schema version to existing tables (apps without migrations); on MariaDB
     and MySQL, give scopes and keys the NO PAD binary collation."""
-    added = upgrade_schema(app_state().db.engine)
+    added = upgrade_schema(app_state().records_engine)
     _emit(
         {"added": added},
         as_json,

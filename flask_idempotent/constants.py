@@ -32,6 +32,7 @@ class ConfigKey:
     REPLAY_TALLY_SECONDS = "IDEMPOTENCY_REPLAY_TALLY_SECONDS"
     OUTCOME_SYNCHRONOUS_COMMIT = "IDEMPOTENCY_OUTCOME_SYNCHRONOUS_COMMIT"
     ENABLED = "IDEMPOTENCY_ENABLED"
+    BIND_KEY = "IDEMPOTENCY_BIND_KEY"
 
 
 #: Defaults applied with ``app.config.setdefault`` in ``init_app``.
@@ -64,6 +65,8 @@ DEFAULTS: dict[str, object] = {
     # then turn a recent completion back into a stuck record (never a second effect: the claim stays durable).
     ConfigKey.OUTCOME_SYNCHRONOUS_COMMIT: True,
     ConfigKey.ENABLED: True,
+    # The Flask-SQLAlchemy bind (a key of SQLALCHEMY_BINDS) that holds the records; None: the default engine.
+    ConfigKey.BIND_KEY: None,
 }
 
 #: Methods the layer protects; the key is ignored on every other method.

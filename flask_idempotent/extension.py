@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from flask import Flask, current_app, has_app_context
 
 from . import openapi, pipeline
+from .binds import WRITE_BINDS
 from .cli import cli
 from .constants import DEFAULTS, ConfigKey
 from .dashboard import init_dashboard
@@ -66,6 +67,7 @@ class Idempotency:
         self._apps.add(app)
         app.extensions["idempotency"] = self
         pipeline.COMMIT_GUARD.install(db)
+        WRITE_BINDS.install(db)
         app.cli.add_command(cli)
         init_dashboard(app)
         app.before_request(pipeline.before_request)
@@ -215,9 +217,11 @@ class Idempotency:
             yield operation
 
     def create_all(self) -> None:
-        """Create the extension's tables if missing (apps without migrations; needs an app context)."""
+        """Create the extension's tables if missing, on the records' bind (apps without migrations; needs an app
+        context)."""
         state = app_state()
-        state.db.metadata.create_all(state.db.engine, tables=[state.tables.records, state.tables.events])
+        tables = [state.tables.records, state.tables.events]
+        state.tables.records.metadata.create_all(state.records_engine, tables=tables)
 
 
 def _seconds(value: float | timedelta | None) -> float | None:

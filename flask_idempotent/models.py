@@ -125,10 +125,16 @@ class Tables:
     events: sa.Table
 
 
-def define_tables(metadata: sa.MetaData) -> Tables:
-    """Add the extension's tables to ``metadata`` (once) and return them."""
+def define_tables(metadata: sa.MetaData, bind_key: str | None = None) -> Tables:
+    """Add the extension's tables to ``metadata`` (once) and return them.
+
+    ``metadata`` is the one of the bind that holds them (Flask-SQLAlchemy's ``db.metadatas[bind_key]``), so that
+    ``db.create_all()`` and Flask-Migrate's multi-database template put them on that bind; ``info["bind_key"]``
+    says the same for tools that read it from the table (docs: "Where records live").
+    """
     if RECORDS_TABLE in metadata.tables:
         return Tables(metadata.tables[RECORDS_TABLE], metadata.tables[EVENTS_TABLE])
+    info = {"bind_key": bind_key}
     records = sa.Table(
         RECORDS_TABLE,
         metadata,
@@ -166,6 +172,7 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         # page (the unique (scope, key) index cannot give a scope's records in id order).
         sa.Index("ix_idempotency_records_key", "key", "id"),
         sa.Index("ix_idempotency_records_scope_id", "scope", "id"),
+        info=info,
     )
     events = sa.Table(
         EVENTS_TABLE,
@@ -182,5 +189,6 @@ def define_tables(metadata: sa.MetaData) -> Tables:
         sa.Index("ix_idempotency_events_record_id", "record_id", "id"),
         sa.Index("ix_idempotency_events_kind_created_at", "kind", "created_at"),
         sa.Index("ix_idempotency_events_scope_key", "scope", "key"),
+        info=dict(info),
     )
     return Tables(records, events)

@@ -168,7 +168,7 @@ def _page(query: Any, where: Any, page: Any, per_page: Any) -> Page:
     state = _state()
     store = state.store
     page_n, size = bounds(page, per_page)
-    with state.db.engine.connect() as conn:
+    with state.records_engine.connect() as conn:
         total, capped = store.bounded_count(conn, store.records, where)
         rows = store.page(conn, query, size, (page_n - 1) * size)
     return Page([record_dict(r) for r in rows], total, page_n, size, total_capped=capped)
@@ -222,7 +222,7 @@ def stats() -> dict[str, Any]:
     """Counts by state, stuck records and the oldest one's age, failures (final ones awaiting a decision),
     conflicts in the last 24 h. Ages are measured with the database's clock."""
     state = _state()
-    engine = state.db.engine
+    engine = state.records_engine
     with engine.connect() as conn:
         raw = state.store.stats(conn, postgresql_estimate=engine.dialect.name == "postgresql")
     by_state = raw.pop("by_state")
@@ -273,7 +273,7 @@ def list_conflicts(since: datetime | None = None, page: Any = 1, per_page: Any =
     method, path and fingerprint (``record`` is ``None`` once the record was released or purged)."""
     state = _state()
     page_n, size = bounds(page, per_page)
-    with state.db.engine.connect() as conn:
+    with state.records_engine.connect() as conn:
         total, capped, events, originals = state.store.conflicts(conn, since, size, (page_n - 1) * size)
     items = []
     for ev in events:
@@ -314,7 +314,7 @@ def activity(hours: int = 24, limit: int = ACTIVITY_LIMIT) -> dict[str, Any]:
     """
     state = _state()
     state.replays.write_due(now_or_never=True)  # this process's own replays first (others write within a minute)
-    with state.db.engine.connect() as conn:
+    with state.records_engine.connect() as conn:
         now = state.store.now(conn)
         start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
         raw = {
@@ -357,7 +357,7 @@ def get(record_id: int, *, body_limit: int | None = 0) -> dict[str, Any]:
     """One record with its events (newest first). Raises :class:`RecordNotFound`."""
     _check_id(record_id)
     state = _state()
-    with state.db.engine.connect() as conn:
+    with state.records_engine.connect() as conn:
         row = state.store.get(conn, record_id)
         if row is None:
             raise RecordNotFound(f"no idempotency record with id {record_id}")
@@ -367,7 +367,7 @@ def get(record_id: int, *, body_limit: int | None = 0) -> dict[str, Any]:
 def show(scope: str, key: str, *, body_limit: int | None = 0) -> dict[str, Any]:
     """The record of ``(scope, key)`` with its events. Raises :class:`RecordNotFound`."""
     state = _state()
-    with state.db.engine.connect() as conn:
+    with state.records_engine.connect() as conn:
         row = state.store.find(conn, scope, key)
         if row is None:
             raise RecordNotFound(f"no idempotency record for scope {scope!r} and key {key!r}")
@@ -377,7 +377,7 @@ def show(scope: str, key: str, *, body_limit: int | None = 0) -> dict[str, Any]:
 def now() -> datetime:
     """The database's clock: what "stuck" and every age on the dashboard and in the CLI are measured with."""
     state = _state()
-    with state.db.engine.connect() as conn:
+    with state.records_engine.connect() as conn:
         return state.store.now(conn)
 
 
@@ -442,7 +442,7 @@ def _act_once(action: Action, record_id: int, actor: str, version: int | None) -
     """One transaction of :func:`act`: read, check, compare-and-set, event; the record as it is after."""
     state = _state()
     store = state.store
-    with state.db.engine.begin() as conn:
+    with state.records_engine.begin() as conn:
         row = store.get(conn, record_id)
         if row is None:
             raise RecordNotFound(f"no idempotency record with id {record_id}")
@@ -555,7 +555,7 @@ def select_records(
     else:
         retryable = {"failed": None, "awaiting": False, "final": False, "retryable": True}[which]
         query, _ = store.failed_query(retryable, which == "awaiting", _kind(kind))
-    with state.db.engine.connect() as conn:
+    with state.records_engine.connect() as conn:
         cutoff = None if older_than is None else store.now(conn) - older_than
         query = store.narrow(query, endpoint=endpoint, recovery_point=recovery_point, changed_before=cutoff)
         rows = store.page(conn, query, limit, 0)
@@ -630,11 +630,11 @@ def purge(*, batch_size: int = 1000, max_batches: int | None = None, pause: floa
             break
         if pause:
             time.sleep(pause)
-    with state.db.engine.begin() as conn:  # the replay counts behind the overview's last-24-hours chart
+    with state.records_engine.begin() as conn:  # the replay counts behind the overview's last-24-hours chart
         state.store.purge_replays(conn, REPLAY_COUNTS_KEPT.total_seconds())
     return total
 
 
 def _purge_batch(state: AppState, batch_size: int) -> int:
-    with state.db.engine.begin() as conn:
+    with state.records_engine.begin() as conn:
         return state.store.purge_batch(conn, batch_size)

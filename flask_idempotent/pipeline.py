@@ -20,7 +20,7 @@ from sqlalchemy.engine import Row
 from werkzeug.exceptions import HTTPException, InternalServerError, NotFound
 from werkzeug.wrappers import Response as BaseResponse
 
-from . import signals
+from . import binds, signals
 from .constants import REPLAYED_HEADER, UNSAFE_METHODS, ConfigKey, EventKind, State
 from .context import UNSET, RecordView, RequestContext, get_current, set_current
 from .decorator import (
@@ -346,7 +346,7 @@ def claim_once(ctx: RequestContext) -> _Answer:
         try:
             if ctx.atomic:
                 # Core statements on the session's connection: the view's transaction, without ORM execution.
-                decision, row = _decide_and_claim(ctx, state.db.session.connection(), write)
+                decision, row = _decide_and_claim(ctx, state.session_connection(), write)
                 if decision is not None:
                     _rollback_quietly(state)  # hold no transaction while answering or polling
                 return decision, row
@@ -823,10 +823,14 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
     state = ctx.state
     session = state.db.session
     if keeps_view_writes(State(values["state"]), values["response_status"], commit_4xx=ctx.options.commit_4xx):
+        if apart := binds.refusal(state, session):  # before anything is committed, on any bind
+            logger.error("atomic view %s: %s", ctx.command.endpoint, apart)
+            _rollback_quietly(state)  # the claim too: nothing of this request is stored
+            return CommitFailed(apart).get_response()  # type: ignore[return-value]
         try:
             assert ctx.record_id is not None and ctx.lease_token is not None
             if not state.store.settle(
-                session.connection(), ctx.record_id, ctx.version, ctx.lease_token, values, ttl=ctx.options.ttl
+                state.session_connection(), ctx.record_id, ctx.version, ctx.lease_token, values, ttl=ctx.options.ttl
             ):
                 raise AtomicViewCommitted("the view rolled back db.session, losing the idempotency claim")
             session.commit()
@@ -984,7 +988,7 @@ def _store_record_alone(ctx: RequestContext, values: dict[str, Any]) -> None:
     lease_token = ctx.lease_token
 
     def write() -> tuple[int | None, int, bool]:
-        with state.db.engine.begin() as conn:
+        with state.records_engine.begin() as conn:
             if ctx.previous is None:
                 record_id = store.insert(conn, claim, lease=options.lease, ttl=options.ttl)
                 version = 1

@@ -152,11 +152,21 @@ class AppState:
         clock_offset: Callable[[], float | timedelta] | None = None,
     ) -> None:
         config = app.config
-        with app.app_context():  # Flask-SQLAlchemy made the app's engine in its init_app; nothing connects yet
-            dialect = db.engine.dialect.name
+        #: The Flask-SQLAlchemy bind that holds the records (``None``: the default engine).
+        self.bind_key: str | None = _bind_key(config[ConfigKey.BIND_KEY])
+        with app.app_context():  # Flask-SQLAlchemy made the app's engines in its init_app; nothing connects yet
+            engines = db.engines
+            if self.bind_key not in engines:
+                known = ", ".join(repr(key) for key in engines if key is not None) or "none"
+                raise ConfigurationError(
+                    f"{ConfigKey.BIND_KEY} = {self.bind_key!r} names no bind of SQLALCHEMY_BINDS (its binds: {known});"
+                    " add it to SQLALCHEMY_BINDS, or set it to one of them (None: the default engine)"
+                )
+            dialect = engines[self.bind_key].dialect.name
         if dialect not in SUPPORTED_DIALECTS:
+            where = "SQLALCHEMY_DATABASE_URI" if self.bind_key is None else f"SQLALCHEMY_BINDS[{self.bind_key!r}]"
             raise ConfigurationError(
-                f"flask_idempotent cannot keep its records in a {dialect!r} database (SQLALCHEMY_DATABASE_URI):"
+                f"flask_idempotent cannot keep its records in a {dialect!r} database ({where}):"
                 f" supported are {', '.join(SUPPORTED_DIALECTS)}"
             )
         #: ``IDEMPOTENCY_ENABLED = False``: the hooks do nothing (unit tests of view logic only, never production).
@@ -169,7 +179,8 @@ class AppState:
             )
         self.db = db
         self.callbacks = callbacks
-        self.tables: Tables = define_tables(db.metadata)
+        # On the bind's own metadata (Flask-SQLAlchemy made one per bind): create_all and migrations follow it.
+        self.tables: Tables = define_tables(db.metadatas[self.bind_key], self.bind_key)
         advisory_locks = config[ConfigKey.ADVISORY_LOCKS]
         if not isinstance(advisory_locks, bool):  # "off" from an environment variable would read as True
             raise ValueError(f"{ConfigKey.ADVISORY_LOCKS} must be True or False, not {advisory_locks!r}")
@@ -205,7 +216,7 @@ class AppState:
             on_stale=str(config[ConfigKey.ON_STALE]),  # type: ignore[arg-type]
             commit_4xx=commit_4xx,
         )  # RouteOptions validates the values
-        self.engine_options: dict[str, Any] = dict(config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
+        self.engine_options: dict[str, Any] = _engine_options(config, self.bind_key)
         self._resolved: dict[RouteOptions, Resolved] = {}
         self._autocommit: Engine | None = None
         tally = seconds(ConfigKey.REPLAY_TALLY_SECONDS, config[ConfigKey.REPLAY_TALLY_SECONDS])
@@ -243,16 +254,28 @@ class AppState:
         return resolved
 
     @property
+    def records_engine(self) -> Engine:
+        """The Flask-SQLAlchemy engine that holds the records: the one place that says which (needs an app
+        context). Every transaction on the records (operations, purge, the schema, a record stored alone)
+        runs on it; leased statements on :attr:`engine`, atomic ones on :meth:`session_connection`."""
+        return self.db.engines[self.bind_key]
+
+    def session_connection(self) -> sa.Connection:
+        """``db.session``'s connection to :attr:`records_engine`: where an atomic request's record is written."""
+        return self.db.session.connection(bind_arguments={"bind": self.records_engine})
+
+    @property
     def engine(self) -> Engine:
         """The engine for leased-mode statements, in autocommit mode: each statement is its own transaction.
 
-        On SQLite it is the app's engine with an execution option (an in-memory database lives in the app's
-        pool). Elsewhere it is a pool of its own on the same URL and ``SQLALCHEMY_ENGINE_OPTIONS``, whose
-        connections stay in autocommit instead of switching isolation level on every checkout (measured:
-        about 75 us per checkout on PostgreSQL). It is disposed with the app's engine.
+        On SQLite it is the records' engine with an execution option (an in-memory database lives in the app's
+        pool). Elsewhere it is a pool of its own on the same URL and engine options (``SQLALCHEMY_ENGINE_OPTIONS``,
+        or the bind's in ``SQLALCHEMY_BINDS``), whose connections stay in autocommit instead of switching
+        isolation level on every checkout (measured: about 75 us per checkout on PostgreSQL). It is disposed with
+        the records' engine.
         """
         if self._autocommit is None:
-            engine = self.db.engine
+            engine = self.records_engine
             if engine.dialect.name == "sqlite":
                 self._autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
             else:
@@ -277,7 +300,7 @@ class AppState:
     def connection(self, atomic: bool) -> Iterator[Executor]:
         """Where a request's statements run: the view's transaction (atomic) or an autocommit connection."""
         if atomic:
-            yield self.db.session.connection()
+            yield self.session_connection()
             return
         with self.engine.connect() as conn:
             yield conn
@@ -290,7 +313,7 @@ class AppState:
         if self._schema_checked:
             return
         try:
-            with self.db.engine.connect() as conn:
+            with self.records_engine.connect() as conn:
                 missing = self.store.missing_columns(conn)
         except sa.exc.SQLAlchemyError:
             return
@@ -302,6 +325,23 @@ class AppState:
                 " flask_idempotent.migrations.upgrade_1_to_2() (docs: Upgrading from schema version 1 to 2)."
             )
         self._schema_checked = True
+
+
+def _bind_key(value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigurationError(
+            f"{ConfigKey.BIND_KEY} must be a key of SQLALCHEMY_BINDS (a str) or None, not {value!r}"
+        )
+    return value
+
+
+def _engine_options(config: Any, bind_key: str | None) -> dict[str, Any]:
+    """The engine options Flask-SQLAlchemy gave the records' engine: ``SQLALCHEMY_ENGINE_OPTIONS`` for the
+    default one, the bind's own dict (without its ``url``) for a bind."""
+    if bind_key is None:
+        return dict(config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
+    bind = (config.get("SQLALCHEMY_BINDS") or {}).get(bind_key)
+    return {name: value for name, value in bind.items() if name != "url"} if isinstance(bind, dict) else {}
 
 
 def register(app: Flask, state: AppState) -> None:
