@@ -106,7 +106,6 @@ def test_configured_headers_are_part_of_the_command(app: Flask, client: FlaskCli
     "raw",
     [
         b'{"a":1,"a":2}',  # duplicate keys: compared as bytes, never equal to {"a":2}
-        b'{"n":12345678901234567890}',  # beyond I-JSON's integer range
         b"{not json",
         b'{"s":"\xff"}',  # invalid UTF-8
         b"[" * 100000 + b"]" * 100000,  # nesting beyond the parser's recursion limit
@@ -114,6 +113,15 @@ def test_configured_headers_are_part_of_the_command(app: Flask, client: FlaskCli
 )
 def test_bodies_without_a_canonical_form_fall_back_to_bytes(raw: bytes) -> None:
     assert canonical_json(raw) is None
+
+
+def test_integers_beyond_a_double_are_compared_by_their_digits() -> None:
+    """RFC 8785 refuses integers beyond 2**53; they are spelled by their digits, so each equals itself only."""
+    big = canonical_json(b'{ "n" : 12345678901234567890 }')
+    assert big == b'{"n":12345678901234567890}'
+    assert canonical_json(b'{"n":12345678901234567891}') != big
+    assert canonical_json(b'{"n":9007199254740993}') != canonical_json(b'{"n":9007199254740992}')
+    assert canonical_json(b'{"n":1e16}') == canonical_json(b'{"n":10000000000000000}')  # the same number
 
 
 def test_duplicate_json_keys_never_share_a_fingerprint_with_the_deduplicated_body(
