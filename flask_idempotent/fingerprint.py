@@ -121,9 +121,9 @@ def _utf16_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _has_astral(text: str) -> bool:
+def _has_astral(text: str, escaped: bool) -> bool:
     # A \\uXXXX escape may spell a surrogate pair, which the parser joins into a character beyond U+FFFF.
-    if "\\ud" in text or "\\uD" in text:
+    if escaped and ("\\ud" in text or "\\uD" in text):
         return True
     return not text.isascii() and _ASTRAL.search(text) is not None  # isascii() is O(1): a str knows
 
@@ -153,7 +153,7 @@ def _canonical_text(text: str, mark: str, *, constants: bool) -> str | None:
             raise _NotIJson(token)  # NaN, Infinity, -Infinity: not JSON
         return f"{mark}{token}{mark}"
 
-    astral = _has_astral(text)
+    astral = _has_astral(text, "\\u" in text)
     document = json.loads(
         text, parse_float=number, parse_constant=constant, object_pairs_hook=_utf16_object if astral else _object
     )
@@ -169,7 +169,9 @@ def _canonical_json_text(raw: bytes) -> str | None:
     try:
         document = raw.decode(json.detect_encoding(raw), "surrogatepass")
         # A string holding the mark (DEL, raw or escaped) would make _canonical_text give up: take the spare.
-        mark = _SPARE_MARK if any(spelling in document for spelling in (_MARK, "\\u007f", "\\u007F")) else _MARK
+        escaped = "\\u" in document  # one scan spares three in the usual document, which has no \\u escape
+        marked = _MARK in document or (escaped and ("\\u007f" in document or "\\u007F" in document))
+        mark = _SPARE_MARK if marked else _MARK
         text = _canonical_text(document, mark, constants=False)
     except (ValueError, RecursionError):
         return None
