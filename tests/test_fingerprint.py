@@ -656,3 +656,22 @@ def test_tasks_and_once_blocks_take_any_json_value_as_their_command(app: Flask) 
     with pytest.raises(KeyReused), idempotency.once("refunds", "rf-1", command={"id": 18446744073709551614}):
         pass
     assert record(app, "rf-1", "refunds")["state"] == "COMPLETED"  # type: ignore[index]
+
+
+def test_a_multipart_part_without_a_name_is_compared_not_a_500(app: Flask, client: FlaskClient) -> None:
+    def send(boundary: str, value: bytes):  # type: ignore[no-untyped-def]
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n'
+                f"--{boundary}\r\nContent-Disposition: form-data\r\n\r\n"
+            ).encode()
+            + value
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        return post(client, "/payments", data=body, content_type=f"multipart/form-data; boundary={boundary}")
+
+    assert send("one", b"nameless").status_code == 201
+    assert replayed(send("two", b"nameless"))
+    assert send("three", b"other").status_code == 422
+    assert charges(app) == 1
+    assert record(app, "k-1")["state"] == "COMPLETED"  # type: ignore[index]
