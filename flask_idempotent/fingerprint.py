@@ -99,6 +99,20 @@ def _spell_float(value: float) -> str:
     return f"{mantissa}e{'+' if power > 0 else '-'}{abs(power)}"
 
 
+def _is_spelled_canonically(token: str) -> bool:
+    """Whether a fraction token of the parser is already RFC 8785's spelling of its double, judged from its text
+    alone (cheaper than spelling it): written without an exponent, with at most 15 digits (fewer than any other
+    decimal rounding to the same double, so they are its shortest digits), not ending in 0 (so no integer), and
+    at least 1e-6 (below, ECMAScript writes an exponent)."""
+    return (
+        len(token) <= 16
+        and token[-1] != "0"
+        and "e" not in token
+        and "E" not in token
+        and not token.lstrip("-").startswith("0.000000")
+    )
+
+
 def _object(pairs: list[tuple[str, Any]], dict: type[dict[str, Any]] = dict, len: Any = len) -> dict[str, Any]:
     # Two bodies that differ only in a duplicated key would otherwise parse to the same object and share a
     # fingerprint; such bodies are compared byte for byte instead. (Called for every object: the builtins are
@@ -142,6 +156,8 @@ def _canonical_text(text: str, mark: str, *, constants: bool) -> str | None:
 
     @functools.lru_cache(maxsize=_SPELLINGS)
     def number(token: str) -> str:
+        if _is_spelled_canonically(token):
+            return f"{mark}{token}{mark}"
         value = float(token)
         if not math.isfinite(value):
             raise _NotIJson(token)  # 1e400: beyond a double

@@ -140,6 +140,16 @@ def test_numbers_are_spelled_as_rfc8785_spells_them(value: float) -> None:
     assert canonical_json(json.dumps([value, -value]).encode()) == rfc8785.dumps([value, -value])
 
 
+@FUZZ
+@given(st.from_regex(r"-?(0|[1-9][0-9]{0,9})\.[0-9]{1,9}([eE][-+]?[0-9]{1,3})?", fullmatch=True))
+def test_any_spelling_of_a_number_is_canonicalized_as_rfc8785_does(token: str) -> None:
+    try:
+        expected: bytes | None = rfc8785.dumps(json.loads(f"[{token}]"))
+    except rfc8785.CanonicalizationError:
+        expected = None  # beyond a double (1e400)
+    assert canonical_json(f"[{token}]".encode()) == expected
+
+
 def fingerprint_of(app: Flask, body: bytes, content_type: str = "application/json") -> str:
     with app.test_request_context("/f", method="POST", data=body, content_type=content_type):
         from flask import request
