@@ -34,7 +34,7 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from operator import itemgetter
 from typing import IO, Any, cast
@@ -142,26 +142,58 @@ def _has_astral(text: str, escaped: bool) -> bool:
     return not text.isascii() and _ASTRAL.search(text) is not None  # isascii() is O(1): a str knows
 
 
-def _canonical_text(text: str, mark: str, *, constants: bool) -> str | None:
-    """The RFC 8785 text of the JSON document ``text``, built at the speed of the C parser and encoder.
+def _number_speller(text: str, mark: str) -> tuple[Callable[[str], Any], Callable[[], int]]:
+    """The parser's hook for fractions and exponents in ``text``, and a count of the marked spellings it gave.
 
-    Numbers are the expensive part of RFC 8785: each is spelled as ECMAScript spells its double. The parser
-    hands every fraction or exponent to a memoised speller (repeated spellings cost one C-level cache hit), which
-    returns the spelling wrapped in ``mark``; the encoder writes it as the string ``"<mark>1e-7<mark>"``, and
-    removing ``"<mark>`` and ``<mark>"`` afterwards leaves the bare number. That is sound only when no string of
-    the document holds ``mark``: the encoder's output must hold exactly two marks per number spelled, else
-    ``None``. Integers are the parser's own (exact, of any size); ``constants`` admits NaN and the infinities
-    (spelled as ``json.dumps`` spells them), which RFC 8785 has no spelling for.
+    Two ways, chosen by the document: where exponents abound (``[1e-7, 1e-7, ...]``) spellings are likely to
+    repeat, and a C-level cache makes each repeat cost no Python call; elsewhere numbers are likely distinct
+    (prices, coordinates), a cache would only add to each, and a fraction whose ``repr`` is RFC 8785's spelling
+    (at least 1e-4 and below 1e16, not an integer) is handed back as the float for the C encoder to write.
     """
 
-    @functools.lru_cache(maxsize=_SPELLINGS)
-    def number(token: str) -> str:
+    def spell(token: str) -> str:
         if _is_spelled_canonically(token):
             return f"{mark}{token}{mark}"
         value = float(token)
         if not math.isfinite(value):
             raise _NotIJson(token)  # 1e400: beyond a double
         return f"{mark}{_spell_float(value)}{mark}"
+
+    if (text.count("e-") + text.count("e+") + text.count("E")) * 100 > len(text):
+        cached = functools.lru_cache(maxsize=_SPELLINGS)(spell)
+
+        def calls() -> int:
+            info = cached.cache_info()
+            return info.hits + info.misses
+
+        return cached, calls
+    marked = 0
+
+    def direct(token: str) -> Any:
+        nonlocal marked
+        value = float(token)
+        if 1e-4 <= abs(value) < 1e16 and not value.is_integer():
+            return value
+        if value.is_integer() and abs(value) <= _INT_LIMIT:
+            return int(value)  # RFC 8785 spells 10.0, 1e1 and 10 alike: "10"
+        marked += 1
+        return spell(token)
+
+    return direct, lambda: marked
+
+
+def _canonical_text(text: str, mark: str, *, constants: bool) -> str | None:
+    """The RFC 8785 text of the JSON document ``text``, built at the speed of the C parser and encoder.
+
+    Numbers are the expensive part of RFC 8785: each is spelled as ECMAScript spells its double. Where Python's
+    ``repr`` (which the C encoder writes) spells a number otherwise, the parser's hook (``_number_speller``)
+    returns the spelling wrapped in ``mark``; the encoder writes it as the string ``"<mark>1e-7<mark>"``, and
+    removing ``"<mark>`` and ``<mark>"`` afterwards leaves the bare number. That is sound only when no string of
+    the document holds ``mark``: the encoder's output must hold exactly two marks per number spelled, else
+    ``None``. Integers are the parser's own (exact, of any size); ``constants`` admits NaN and the infinities
+    (spelled as ``json.dumps`` spells them), which RFC 8785 has no spelling for.
+    """
+    number, spelled_numbers = _number_speller(text, mark)
 
     @functools.cache
     def constant(token: str) -> str:
@@ -173,9 +205,9 @@ def _canonical_text(text: str, mark: str, *, constants: bool) -> str | None:
     document = json.loads(
         text, parse_float=number, parse_constant=constant, object_pairs_hook=_utf16_object if astral else _object
     )
-    spelled = number.cache_info().hits + number.cache_info().misses
-    spelled += constant.cache_info().hits + constant.cache_info().misses
+    spelled = spelled_numbers() + constant.cache_info().hits + constant.cache_info().misses
     out = json.dumps(document, ensure_ascii=False, separators=_COMPACT, sort_keys=not astral, check_circular=False)
+    del document
     if out.count(mark) != 2 * spelled:
         return None
     return out.replace(f'"{mark}', "").replace(f'{mark}"', "") if spelled else out

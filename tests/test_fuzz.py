@@ -284,3 +284,10 @@ def fuzz_app(tmp_path_factory: pytest.TempPathFactory) -> Flask:
     with app.app_context():
         idempotency.create_all()
     return app
+
+
+@pytest.mark.parametrize("padding", ["", "x" * 100_000])
+def test_numbers_are_spelled_alike_where_exponents_abound_and_where_they_are_rare(padding: str) -> None:
+    numbers = [1e-7, 1.5e-5, 0.5, 12.25, 1e16, 1e21, 10.0, -0.0, 2.0**60, 123456789.125, 5e-324] * 50
+    document = [padding, numbers]
+    assert canonical_json(json.dumps(document).encode()) == rfc8785.dumps(document)
