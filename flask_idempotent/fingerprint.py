@@ -14,15 +14,17 @@ needs a new version):
 
 - no body: ``["empty"]``;
 - JSON (``application/json`` and any ``+json`` type): ``["json", <RFC 8785 text>]``, plus ``[media type,
-  parameters]`` unless the media type is plain ``application/json``;
+  parameters]`` unless the media type is plain ``application/json`` (the text is the ``rfc8785`` library's
+  output, computed at the speed of the C parser: :func:`canonical_json`);
 - ``application/x-www-form-urlencoded``: ``["form", fields]``, plus ``parameters`` if there are any;
 - ``multipart/form-data``: ``["form", fields and file digests]``, plus ``parameters`` (never the boundary);
 - anything else: ``["bytes", media type, sha256]``, plus ``parameters`` if there are any.
 
-Fields are sorted by name with repeated names in the order sent; parameters are ``[[name, value], ...]`` sorted
-by name (the charset's value lower-cased: it is case-insensitive). A body with ``Content-Encoding`` (gzip,
-x-gzip, deflate) is decoded first, within the same limit; one in another encoding, or that does not decode, is
-compared as sent, its encoding included.
+View arguments are ``[[name, text], ...]`` sorted by name, the text as the URL spells it (never what a
+converter makes of it). Fields are sorted by name with repeated names in the order sent; parameters are
+``[[name, value], ...]`` sorted by name (the charset's value lower-cased: it is case-insensitive). A body with
+``Content-Encoding`` (gzip, x-gzip, deflate) is decoded first, within the same limit; one in another encoding,
+or that does not decode, is compared as sent, its encoding included.
 """
 
 from __future__ import annotations
