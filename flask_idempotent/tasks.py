@@ -56,7 +56,7 @@ def command_of(name: str, arguments: Mapping[str, Any]) -> dict[str, Any]:
     that is not)."""
     for argument, value in arguments.items():
         try:
-            json.dumps(value, allow_nan=False)
+            json.dumps(value)  # NaN and int keys too: hash_command spells every value json.dumps accepts
         except (TypeError, ValueError):
             raise TypeError(
                 f"argument {argument!r} of {name} is a {type(value).__name__}, which is not JSON-serialisable:"

@@ -5,14 +5,17 @@ from __future__ import annotations
 import gzip
 import io
 import zlib
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from flask import Flask, request
 from flask.testing import FlaskClient
-from helpers import charges, post, problem_code, record
+from helpers import charges, ext, post, problem_code, record
 from werkzeug.datastructures import MultiDict
+from werkzeug.routing import BaseConverter
 
+from flask_idempotent import KeyReused, idempotent
 from flask_idempotent.fingerprint import BodyTooLarge, canonical_json, hash_command, limit_body, request_fingerprint
 
 
@@ -106,7 +109,6 @@ def test_configured_headers_are_part_of_the_command(app: Flask, client: FlaskCli
     "raw",
     [
         b'{"a":1,"a":2}',  # duplicate keys: compared as bytes, never equal to {"a":2}
-        b'{"n":12345678901234567890}',  # beyond I-JSON's integer range
         b"{not json",
         b'{"s":"\xff"}',  # invalid UTF-8
         b"[" * 100000 + b"]" * 100000,  # nesting beyond the parser's recursion limit
@@ -114,6 +116,15 @@ def test_configured_headers_are_part_of_the_command(app: Flask, client: FlaskCli
 )
 def test_bodies_without_a_canonical_form_fall_back_to_bytes(raw: bytes) -> None:
     assert canonical_json(raw) is None
+
+
+def test_integers_beyond_a_double_are_compared_by_their_digits() -> None:
+    """RFC 8785 refuses integers beyond 2**53; they are spelled by their digits, so each equals itself only."""
+    big = canonical_json(b'{ "n" : 12345678901234567890 }')
+    assert big == b'{"n":12345678901234567890}'
+    assert canonical_json(b'{"n":12345678901234567891}') != big
+    assert canonical_json(b'{"n":9007199254740993}') != canonical_json(b'{"n":9007199254740992}')
+    assert canonical_json(b'{"n":1e16}') == canonical_json(b'{"n":10000000000000000}')  # the same number
 
 
 def test_duplicate_json_keys_never_share_a_fingerprint_with_the_deduplicated_body(
@@ -471,3 +482,196 @@ def test_a_route_with_its_own_fingerprint_holds_the_body_limit_too(app: Flask, c
     assert problem_code(response) == "body-too-large"
     assert source.read_bytes == 1001
     assert charges(app) == 0
+
+
+# An empty multipart form, view arguments, any JSON value ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "retry",
+    [
+        b"--two--\r\n",  # another boundary
+        b"a preamble clients may send\r\n--two--\r\n",
+        b"--two--\r\nan epilogue\r\n",
+        b"--two--",  # no line break after the closing delimiter
+    ],
+)
+def test_an_empty_multipart_form_is_the_same_form_on_every_retry(app: Flask, client: FlaskClient, retry: bytes) -> None:
+    """A form without fields is a body that is only the closing delimiter: its boundary is not the command."""
+    first = post(client, "/upload", data=b"--one--\r\n", content_type="multipart/form-data; boundary=one")
+    assert first.status_code == 201
+    again = post(client, "/upload", data=retry, content_type="multipart/form-data; boundary=two")
+    assert again.status_code == 201 and replayed(again) and again.data == first.data
+    assert charges(app, "upload") == 1
+    stored = record(app, "k-1")
+    assert stored is not None and stored["state"] == "COMPLETED" and stored["attempts"] == 1
+    # Still a different command from a form with a field, and a malformed body is still not an empty form.
+    field = b'--two\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--two--\r\n'
+    assert post(client, "/upload", data=field, content_type="multipart/form-data; boundary=two").status_code == 422
+    assert post(client, "/upload", data=b"--two", content_type="multipart/form-data; boundary=two").status_code == 422
+    assert charges(app, "upload") == 1
+
+
+class Account:
+    """What a converter may return: an object whose str() is a memory address."""
+
+    def __init__(self, number: str) -> None:
+        self.number = number
+
+
+class AccountConverter(BaseConverter):
+    regex = r"[A-Z]{2}[0-9]+"
+
+    def to_python(self, value: str) -> Account:
+        return Account(value)
+
+    def to_url(self, value: Account) -> str:
+        return value.number
+
+
+def test_view_arguments_are_the_urls_text_not_the_converters_objects(app: Flask, client: FlaskClient) -> None:
+    app.url_map.converters["account"] = AccountConverter
+
+    @app.post("/accounts/<account:account>/debits/<int:cents>")
+    @idempotent
+    def debit(account: Account, cents: int) -> Any:
+        row = ext(app)["Charge"](amount=cents, route=f"debit-{account.number}")
+        ext(app)["db"].session.add(row)
+        ext(app)["db"].session.commit()
+        return {"account": account.number, "cents": cents}, 201
+
+    first = post(client, "/accounts/DE42/debits/500")
+    assert first.status_code == 201 and first.get_json() == {"account": "DE42", "cents": 500}
+    again = post(client, "/accounts/DE42/debits/500")
+    assert again.status_code == 201 and replayed(again)
+    assert charges(app, "debit-DE42") == 1
+    assert post(client, "/accounts/DE43/debits/500").status_code == 422  # another account: another command
+    assert post(client, "/accounts/DE42/debits/501").status_code == 422
+    assert charges(app) == 1
+    stored = record(app, "k-1")
+    assert stored is not None and stored["state"] == "COMPLETED" and stored["path"] == "/accounts/DE42/debits/500"
+
+
+def test_the_matched_text_is_what_a_url_value_preprocessor_leaves() -> None:
+    plain = Flask(__name__)
+    plain.url_map.converters["account"] = AccountConverter
+
+    @plain.url_value_preprocessor
+    def take_lang(endpoint: str | None, values: dict[str, Any] | None) -> None:
+        if values is not None:
+            values.pop("lang", None)
+
+    plain.add_url_rule("/<lang>/accounts/<account:account>", "a", lambda account: "", methods=["POST"])
+    hashes = set()
+    for lang in ("en", "fr"):
+        with plain.test_request_context(f"/{lang}/accounts/DE42", method="POST"):
+            plain.preprocess_request()
+            command = request_fingerprint(request)
+            assert command[2] == [("account", "DE42")]
+            hashes.add(hash_command(command))
+    assert len(hashes) == 1  # the view never sees lang: as before, it is not part of the command
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"id": 18446744073709551615}',
+        b'{"ratio": NaN}',
+        b'{"big": 1e999}',
+        b'{"small": -Infinity}',
+        b'{"ok": [1, 2.5, "x"]}',
+    ],
+)
+def test_a_fingerprint_callable_may_return_any_json_value(app: Flask, client: FlaskClient, body: bytes) -> None:
+    @app.post("/as-parsed")
+    @idempotent(fingerprint=lambda: request.get_json())
+    def as_parsed() -> Any:
+        row = ext(app)["Charge"](amount=1, route="as-parsed")
+        ext(app)["db"].session.add(row)
+        ext(app)["db"].session.commit()
+        return {"ok": True}, 201
+
+    first = post(client, "/as-parsed", data=body, content_type="application/json")
+    assert first.status_code == 201
+    again = post(client, "/as-parsed", data=body.replace(b": ", b":"), content_type="application/json")
+    assert again.status_code == 201 and replayed(again)
+    assert post(client, "/as-parsed", data=b'{"id": 1}', content_type="application/json").status_code == 422
+    assert charges(app, "as-parsed") == 1
+    stored = record(app, "k-1")
+    assert stored is not None and stored["state"] == "COMPLETED" and stored["request_hash"].startswith("v1:")
+
+
+@pytest.mark.parametrize(
+    ("value", "same", "other"),
+    [
+        (1469956200427438080, 1469956200427438080, 1469956200427438081),  # a 64-bit id
+        (18446744073709551615, 18446744073709551615, 18446744073709551614),
+        ({7: "seven", "pair": (1, 2)}, {"pair": [1, 2], "7": "seven"}, {8: "seven", "pair": (1, 2)}),
+        ({True: 1, None: 2, 1.5: 3}, {"true": 1, "null": 2, "1.5": 3}, {"true": 1, "null": 2, "1.5": 4}),
+        (float("nan"), float("nan"), float("inf")),
+        (float("inf"), float("1e999"), float("-inf")),
+        ([1.0, 10.0, 1e-7], [1, 10, 0.0000001], [1, 10, 1e-8]),
+        ("\ud800 lone", "\ud800 lone", "\udc00 lone"),
+        ("\x7f and \udc00", "\x7f and \udc00", "\x7f and \udc01"),  # the marks of the fast path, in a string
+        ([1e-7, "\x7f", "\udc00", "\udc00\udc00"], [1e-7, "\x7f", "\udc00", "\udc00\udc00"], [1e-7, "\x7f"]),
+    ],
+)
+def test_every_json_value_has_a_deterministic_fingerprint(value: Any, same: Any, other: Any) -> None:
+    assert hash_command(value) == hash_command(same)
+    assert hash_command(value) != hash_command(other)
+    assert hash_command(["task", value]) == hash_command(["task", same])
+
+
+def test_a_value_json_cannot_spell_is_a_type_error_naming_it() -> None:
+    with pytest.raises(TypeError, match="Decimal"):
+        hash_command({"amount": Decimal("1.5")})
+    with pytest.raises(TypeError, match="set"):
+        hash_command([{1, 2}])
+    with pytest.raises(TypeError, match="'7'"):
+        hash_command({7: "a", "7": "b"})  # two keys JSON spells alike
+
+
+def test_tasks_and_once_blocks_take_any_json_value_as_their_command(app: Flask) -> None:
+    idempotency = ext(app)["idempotency"]
+    runs: list[int] = []
+
+    @idempotency.task(key=lambda order_id, lines, ratio: f"order:{order_id}", scope="billing")
+    def ship(order_id: int, lines: dict[int, Any], ratio: float) -> dict[str, bool]:
+        runs.append(order_id)
+        return {"shipped": True}
+
+    order = 1469956200427438080  # a 64-bit id (a snowflake), beyond a double's integers
+    assert ship(order, {7: "seven", "pair": (1, 2)}, float("nan")) == {"shipped": True}
+    assert ship(order, {"pair": [1, 2], "7": "seven"}, float("nan")) == {"shipped": True}  # the same, as JSON
+    assert runs == [order]
+    with pytest.raises(KeyReused):
+        ship(order, {7: "seven", "pair": (1, 3)}, float("nan"))
+    stored = record(app, f"order:{order}", "billing")
+    assert stored is not None and (stored["state"], stored["attempts"]) == ("COMPLETED", 1)
+
+    with idempotency.once("refunds", "rf-1", command={"id": 18446744073709551615, 3: float("inf")}) as op:
+        op.complete({"refunded": True})
+    with idempotency.once("refunds", "rf-1", command={"id": 18446744073709551615, "3": float("inf")}) as again:
+        assert again.done and again.result == {"refunded": True}
+    with pytest.raises(KeyReused), idempotency.once("refunds", "rf-1", command={"id": 18446744073709551614}):
+        pass
+    assert record(app, "rf-1", "refunds")["state"] == "COMPLETED"  # type: ignore[index]
+
+
+def test_a_multipart_part_without_a_name_is_compared_not_a_500(app: Flask, client: FlaskClient) -> None:
+    def send(boundary: str, value: bytes):  # type: ignore[no-untyped-def]
+        body = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n'
+                f"--{boundary}\r\nContent-Disposition: form-data\r\n\r\n"
+            ).encode()
+            + value
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        return post(client, "/payments", data=body, content_type=f"multipart/form-data; boundary={boundary}")
+
+    assert send("one", b"nameless").status_code == 201
+    assert replayed(send("two", b"nameless"))
+    assert send("three", b"other").status_code == 422
+    assert charges(app) == 1
+    assert record(app, "k-1")["state"] == "COMPLETED"  # type: ignore[index]
