@@ -93,6 +93,8 @@ class EventKind(str, enum.Enum):
     IN_PROGRESS_HIT = "in_progress_hit"
     STALE_HIT = "stale_hit"
     TAKEOVER = "takeover"
+    #: A view reached a recovery point (``current_record.checkpoint``): the record page's timeline shows each.
+    CHECKPOINT = "checkpoint"
     MARK_RETRYABLE = "mark_retryable"
     MARK_FAILED = "mark_failed"
     ACKNOWLEDGE = "acknowledge"

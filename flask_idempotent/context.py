@@ -8,17 +8,26 @@ request pipeline needs from the claim to the outcome; users see only :class:`Rec
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import sqlalchemy as sa
 from flask import has_request_context, request
 from werkzeug.local import LocalProxy
 
+from .constants import EventKind
 from .errors import LeaseLost
 from .machine import Command
 from .state import AppState, Resolved, app_state
 from .store import retry_lost_race
+
+logger = logging.getLogger("flask_idempotent")
+
+#: Checkpoint events stored per attempt (the timeline's recovery points); later ones only move the record's
+#: recovery point, so a view that checkpoints in a loop writes a bounded number of events.
+MAX_CHECKPOINT_EVENTS = 20
 
 _ENVIRON_KEY = "flask_idempotent.request"
 UNSET: Any = object()
@@ -93,6 +102,8 @@ class RequestContext:
     store_failed: bool = False
     #: How long the claim (or the answer without one) took, for metrics.
     claim_seconds: float | None = None
+    #: Recovery points this attempt wrote (``CurrentRecord.checkpoint``).
+    checkpoints: int = 0
 
     @property
     def claimed(self) -> bool:
@@ -184,6 +195,35 @@ class CurrentRecord:
         ctx.version += 1
         ctx.recovery_point = name
         ctx.recovery_data = data
+        ctx.checkpoints += 1
+        if ctx.checkpoints <= MAX_CHECKPOINT_EVENTS:
+            self._note_checkpoint(name)
+
+    def _note_checkpoint(self, name: str) -> None:
+        """The timeline's trace of a recovery point: an event naming it and the attempt (not its data, which
+        stays on the record). Leased mode: written after the checkpoint committed, and a failure only logged
+        (the answer matters more than its audit trail). Atomic mode: part of the view's transaction."""
+        ctx = self._context
+        command = ctx.command
+
+        def write() -> None:
+            with ctx.state.connection(ctx.atomic) as conn:
+                ctx.state.store.add_event(
+                    conn,
+                    record_id=ctx.record_id,
+                    scope=command.scope,
+                    key=command.key,
+                    kind=EventKind.CHECKPOINT,
+                    detail={"point": name, "attempt": ctx.attempt},
+                )
+
+        if ctx.atomic:
+            write()
+            return
+        try:
+            retry_lost_race(write)
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("could not store the checkpoint event of record %s: %s", ctx.record_id, type(exc).__name__)
 
     def set_resource(self, ref: Any) -> None:
         """Store ``ref`` (JSON) as the outcome's resource reference.

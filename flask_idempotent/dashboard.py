@@ -413,6 +413,8 @@ def _event_note(ev: dict[str, Any]) -> str:
         if detail.get("previous_holder"):
             note += f", after the lease of {visible(detail['previous_holder'])} expired"
         return note
+    if kind == "checkpoint":
+        return f"{visible(detail.get('point') or '?')}, attempt {detail.get('attempt', '?')}"
     if kind in ("mark_retryable", "mark_failed", "acknowledge", "release"):
         was = f"it was {visible(detail.get('from_state', '?'))}"
         if detail.get("from_state") == "FAILED":
@@ -471,7 +473,7 @@ def timeline(record: dict[str, Any]) -> list[dict[str, Any]]:
     if record.get("lease_holder"):
         now.append(f"claimed by {visible(record['lease_holder'])}")
     if record.get("recovery_point"):
-        now.append(f"last recovery point {visible(record['recovery_point'])} (earlier ones are not kept)")
+        now.append(f"last recovery point {visible(record['recovery_point'])}")
     if record.get("response_status") is not None:
         now.append(f"status {record['response_status']}")
     entries.append(

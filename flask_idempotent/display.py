@@ -79,6 +79,7 @@ EVENT_WORDS = {
     "in_progress_hit": "retried while in progress (answered 409 or 202)",
     "stale_hit": "retried while stuck (answered 409 stuck)",
     "takeover": "a new attempt took over the expired lease",
+    "checkpoint": "reached a recovery point",
     "mark_retryable": "marked retryable",
     "mark_failed": "marked failed (final)",
     "acknowledge": "acknowledged",

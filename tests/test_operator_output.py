@@ -18,7 +18,7 @@ from helpers import events, ext, post, record, records
 from test_dashboard import allow, get, insert, insert_stuck
 from test_dashboard_operator_views import insert_event
 
-from flask_idempotent import idempotent
+from flask_idempotent import current_record, idempotent
 from flask_idempotent.display import visible
 from flask_idempotent.machine import lease_holder
 
@@ -394,3 +394,27 @@ def test_a_lease_token_names_its_holder_within_the_column(monkeypatch: pytest.Mo
     assert len(secret) == 22 and holder.startswith("payments-api-x") and holder.endswith(f":{machine.os.getpid()}")
     assert machine.lease_holder(token) == holder
     assert machine.lease_holder("a" * 32) is None and machine.lease_holder(None) is None  # older tokens name nobody
+
+
+def test_each_recovery_point_is_in_the_timeline_with_its_attempt(app: Flask, client: FlaskClient) -> None:
+    allow(app)
+
+    @app.post("/steps")
+    @idempotent
+    def steps() -> Any:
+        for step in range(25):  # a view that checkpoints in a loop writes a bounded number of events
+            current_record.checkpoint(f"step-{step}", {"step": step})
+        return {"done": True}, 201
+
+    assert post(client, "/phases", key="ph-1", json={}).status_code == 201
+    row = record(app, "ph-1")
+    [event] = events(app, "checkpoint")
+    assert (event["record_id"], event["detail"]) == (row["id"], {"point": "charged", "attempt": 1})
+    page = get(client, f"/records/{row['id']}")
+    assert re.findall(r'data-fi-event="([a-z_]+)"', page) == ["claim", "checkpoint", "now"]
+    assert "Reached a recovery point" in page and "charged, attempt 1" in page
+    assert post(client, "/steps", key="st-1").status_code == 201
+    steps_row = record(app, "st-1")
+    points = [e["detail"]["point"] for e in events(app, "checkpoint") if e["record_id"] == steps_row["id"]]
+    assert points == [f"step-{n}" for n in range(20)] and steps_row["recovery_point"] == "step-24"
+    assert steps_row["event_count"] == 0  # not client events: they do not count towards the per-record cap

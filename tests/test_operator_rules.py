@@ -225,7 +225,7 @@ def test_an_old_owner_finishing_while_the_new_owner_runs_is_fenced_out(
     assert (done["state"], done["attempts"], done["version"]) == ("COMPLETED", 2, taken["version"] + 1)
     replay = post(client, "/phases", json={"order": 1})
     assert replay.headers["Idempotent-Replayed"] == "true" and replay.get_json()["attempt"] == 2
-    assert [e["kind"] for e in events(app)] == ["takeover"]
+    assert [e["kind"] for e in events(app)] == ["checkpoint", "takeover"]
 
 
 def test_an_owners_write_needs_its_lease_token_even_at_the_right_version(app: Flask, clock: Any) -> None:
