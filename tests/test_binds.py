@@ -8,7 +8,9 @@ extension's tables.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -382,6 +384,22 @@ def test_a_bind_key_missing_from_sqlalchemy_binds_is_refused_at_init_app(tmp_pat
 
 
 # The template's env.py tries Flask-SQLAlchemy 2's get_engine() first (deprecated in 3.x), then engines[key].
+@contextlib.contextmanager
+def logging_restored() -> Iterator[None]:
+    """Undo what ``logging.config.fileConfig`` (Flask-Migrate's ``env.py``) does to this process's logging: it
+    disables every logger that exists (``flask_idempotent`` among them) and replaces the root's handlers, which
+    would silence the log assertions of every later test in the session."""
+    loggers = [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    saved = [(lg, lg.disabled, lg.level, list(lg.handlers), lg.propagate) for lg in [logging.root, *loggers]]
+    try:
+        yield
+    finally:
+        for lg, disabled, level, handlers, propagate in saved:
+            lg.disabled, lg.propagate = disabled, propagate
+            lg.setLevel(level)
+            lg.handlers[:] = handlers
+
+
 @pytest.mark.filterwarnings("ignore:'get_engine' is deprecated:DeprecationWarning")
 def test_flask_db_upgrade_of_a_multi_database_set_up_creates_them_on_the_bind_only(
     urls: tuple[str, str], tmp_path: Any
@@ -394,7 +412,7 @@ def test_flask_db_upgrade_of_a_multi_database_set_up_creates_them_on_the_bind_on
     flask_migrate.Migrate(app, app.extensions["test"]["db"])
     directory = str(tmp_path / "migrations")
     try:
-        with app.app_context():
+        with app.app_context(), logging_restored():  # env.py's fileConfig() disables every existing logger
             flask_migrate.init(directory, multidb=True)
             flask_migrate.migrate(directory, message="initial")
             flask_migrate.upgrade(directory)
