@@ -98,7 +98,7 @@ def test_operator_marks_a_stuck_payment_retryable_and_the_retry_charges_once(
     assert (rec["state"], rec["recovery_point"], rec["attempts"]) == ("IN_PROGRESS", "provider-charged", 1)
     (charge,) = rows(app, "provider_charges")
     assert provider_charge_count(app) == 1 and rows(app, "payments") == []
-    clock.advance(seconds=61)  # past the 60 s lease: the owner is presumed dead
+    clock.advance(seconds=60 + 5 * 60 + 12)  # past the 60 s lease, and the 5 min the stuck alert waits to page
 
     # 2. The operator, in Chromium without JavaScript.
     ARTIFACTS.mkdir(exist_ok=True)
