@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from conftest import with_driver
 from flask import Flask
 from helpers import events, ext, post, record
 from testapp import Controls, build_app
@@ -52,11 +53,23 @@ def browser() -> Iterator[Any]:
             browser.close()
 
 
+#: This module's tests run on SQLite and PostgreSQL (psycopg2); a test elsewhere that takes ``served`` gets SQLite.
+pytestmark = pytest.mark.parametrize("served", ["sqlite", "postgresql"], indirect=True)
+#: What the record page's buttons look like: the primary one filled blue, the others white.
+PRIMARY, PLAIN = "rgb(29, 78, 216)", "rgb(255, 255, 255)"
+
+
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Flask, str]]:
-    """The test app on a SQLite file, served by werkzeug on 127.0.0.1 in a thread; yields (app, base URL)."""
-    app = build_app(f"sqlite:///{tmp_path / 'browser.db'}", clock=lambda: 0.0, controls=Controls())
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Flask, str]]:
+    """The test app on a SQLite file, or on PostgreSQL when parametrized ``"postgresql"``, served by werkzeug on
+    127.0.0.1 in a thread; yields (app, base URL)."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        url = with_driver(str(request.getfixturevalue("postgres_url")), "psycopg2")
+    else:
+        url = f"sqlite:///{tmp_path / 'browser.db'}"
+    app = build_app(url, clock=lambda: 0.0, controls=Controls())
     with app.app_context():
+        ext(app)["db"].drop_all()
         ext(app)["db"].create_all()
     ext(app)["idempotency"].dashboard_access(lambda: "oncall")
     server = make_server("127.0.0.1", 0, app, threaded=True)
@@ -68,6 +81,7 @@ def served(tmp_path: Path) -> Iterator[tuple[Flask, str]]:
         server.shutdown()
         thread.join(10)
         with app.app_context():
+            ext(app)["db"].drop_all()
             ext(app)["db"].engine.dispose()
 
 
@@ -123,12 +137,27 @@ def test_operator_resolves_a_stuck_payment_without_javascript(browser: Any, serv
         assert page.locator('[data-fi-count="awaiting_decision"]').inner_text() == "1"
         # The stylesheet loaded and applied: the header is the dashboard's dark bar.
         assert page.locator(".fi-header").evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(31, 42, 60)"
+        # What the replays count covers, where a restart can make it incomplete.
+        replays = page.locator('[data-fi-note="replays"]').inner_text()
+        assert replays.startswith("Replays cover what the worker processes have written.")
         page.screenshot(path=str(ARTIFACTS / "dashboard-overview.png"), full_page=True)
 
         page.get_by_role("link", name="pay-stuck").click()
         page.wait_for_url("**/idempotency/records/*")
         assert page.locator('[data-fi-field="state"]').inner_text() == "IN_PROGRESS"
         assert "stuck for 12 min" in page.locator(".fi-fields").first.inner_text()
+        assert page.locator('[data-fi-field="lease_holder"]').inner_text() == "not recorded"  # a pre-holder row
+        # The timeline in words, oldest first, ending where the record stands now.
+        assert [e.inner_text() for e in page.locator(".fi-timeline .fi-event-kind").all()] == [
+            "First request claimed the key (attempt 1)",
+            "The lease ran out without an outcome: stuck",
+            "Now: stuck",
+        ]
+        # No runbook on this route: the generic advice, and no button is pushed on the operator.
+        assert page.locator('[data-fi-field="generic-advice"]').inner_text().startswith("No runbook for this route.")
+        assert page.locator(".fi-button-primary").count() == 0
+        release = page.locator('[data-fi-button="release"]')
+        assert release.evaluate("e => getComputedStyle(e).backgroundColor") == PLAIN  # outlined, not a red block
         page.screenshot(path=str(ARTIFACTS / "dashboard-record.png"), full_page=True)
 
         page.get_by_role("button", name="Mark retryable").click()
@@ -137,6 +166,10 @@ def test_operator_resolves_a_stuck_payment_without_javascript(browser: Any, serv
         assert page.locator('[data-fi-field="state"]').inner_text() == "FAILED"
         assert page.locator('[data-fi-field="retryable"]').inner_text() == "retryable"
         assert "by oncall" in page.locator(".fi-timeline").inner_text()
+        marked = page.locator('.fi-timeline [data-fi-event="mark_retryable"]').inner_text()
+        assert marked.startswith("Marked retryable by oncall")
+        assert "it was IN_PROGRESS, attempt 1, version 1, at recovery point charged" in marked
+        assert page.locator(".fi-title .fi-badge").inner_text() == "retry allowed"
         page.screenshot(path=str(ARTIFACTS / "dashboard-record-after.png"), full_page=True)
     finally:
         context.close()
@@ -144,6 +177,46 @@ def test_operator_resolves_a_stuck_payment_without_javascript(browser: Any, serv
     stored = record(app, "pay-stuck", "merchant-42")
     assert stored is not None and (stored["state"], stored["retryable"]) == ("FAILED", True)
     assert [(e["kind"], e["actor"]) for e in events(app, "mark_retryable")] == [("mark_retryable", "oncall")]
+
+
+def test_operator_acknowledges_a_final_failure_with_the_primary_button(browser: Any, served: tuple[Flask, str]) -> None:
+    """A final failure awaiting a decision: Acknowledge is the one filled button (Mark retryable is not), the
+    error shows as text, and acknowledging takes it off the overview's "awaiting a decision"."""
+    app, base = served
+    seed(app)
+    context = browser.new_context(viewport={"width": 1366, "height": 768}, java_script_enabled=False)
+    context.set_default_timeout(15_000)
+    try:
+        page = context.new_page()
+        page.goto(f"{base}/idempotency/")
+        assert page.locator('[data-fi-count="awaiting_decision"]').inner_text() == "1"
+        page.get_by_role("link", name="pay-final").click()
+        page.wait_for_url("**/idempotency/records/*")
+        assert page.locator(".fi-title .fi-badge").inner_text() == "failed · final"
+        colours = {
+            name: page.locator(f'[data-fi-button="{name}"]').evaluate("e => getComputedStyle(e).backgroundColor")
+            for name in ("mark_retryable", "mark_failed", "acknowledge")
+        }
+        assert colours == {"mark_retryable": PLAIN, "mark_failed": PLAIN, "acknowledge": PRIMARY}, colours
+        assert page.locator('[data-fi-button="mark_failed"]').is_disabled()
+        kinds = [e.inner_text() for e in page.locator(".fi-timeline .fi-event-kind").all()]
+        assert kinds[0] == "First request claimed the key (attempt 1)" and kinds[-1].startswith("Now: failed, final")
+        assert "No events" not in page.locator(".fi-timeline").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "dashboard-record-final.png"), full_page=True)
+
+        page.get_by_role("button", name="Acknowledge").click()
+        page.wait_for_load_state()
+        assert page.locator('[data-fi-field="acknowledged"]').inner_text().endswith("by oncall")
+        assert page.locator('[data-fi-button="acknowledge"]').is_disabled()
+        page.goto(f"{base}/idempotency/")
+        assert page.locator('[data-fi-count="awaiting_decision"]').inner_text() == "0"
+    finally:
+        context.close()
+
+    stored = record(app, "pay-final", "merchant-7")
+    assert stored is not None and (stored["state"], stored["retryable"]) == ("FAILED", False)
+    assert stored["acknowledged_at"] is not None and stored["acknowledged_by"] == "oncall"
+    assert [(e["kind"], e["actor"]) for e in events(app, "acknowledge")] == [("acknowledge", "oncall")]
 
 
 def test_hostile_keys_do_not_run_script_in_the_browser(browser: Any, served: tuple[Flask, str]) -> None:

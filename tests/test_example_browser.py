@@ -1,4 +1,5 @@
-"""The example app's dashboard in real headless Chromium, on PostgreSQL: an on-call operator resolves a stuck payment.
+"""The example app's dashboard in real headless Chromium, on SQLite and PostgreSQL: an on-call operator resolves a
+stuck payment.
 
 A payment "crashes" after the provider charged (the request blocks where SIGKILL would have stopped the process,
 as in ``test_example_app.py``), the database clock moves past the lease, and the operator logs in, follows the
@@ -8,6 +9,7 @@ off. The client's retry then books the existing charge: no second charge. Screen
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,7 +83,7 @@ def provider_charge_count(app: Flask) -> int:
         return int(conn.execute(sa.text("SELECT count(*) FROM provider_charges")).scalar_one())
 
 
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 def test_operator_marks_a_stuck_payment_retryable_and_the_retry_charges_once(
     browser: Any,  # noqa: F811
     stuck_example: tuple[Flask, str, threading.Event, threading.Event],
@@ -96,7 +98,7 @@ def test_operator_marks_a_stuck_payment_retryable_and_the_retry_charges_once(
     assert (rec["state"], rec["recovery_point"], rec["attempts"]) == ("IN_PROGRESS", "provider-charged", 1)
     (charge,) = rows(app, "provider_charges")
     assert provider_charge_count(app) == 1 and rows(app, "payments") == []
-    clock.advance(seconds=61)  # past the 60 s lease: the owner is presumed dead
+    clock.advance(seconds=60 + 5 * 60 + 12)  # past the 60 s lease, and the 5 min the stuck alert waits to page
 
     # 2. The operator, in Chromium without JavaScript.
     ARTIFACTS.mkdir(exist_ok=True)
@@ -117,6 +119,8 @@ def test_operator_marks_a_stuck_payment_retryable_and_the_retry_charges_once(
         assert "oldest stuck for" in card.inner_text()
         assert page.locator("svg.fi-chart-svg").count() >= 1  # the 24 h charts
         assert "Last 24 hours" in page.locator("#fi-activity").inner_text()
+        replays = page.locator('[data-fi-note="replays"]').inner_text()
+        assert replays.startswith("Replays cover what the worker processes have written.")
         page.screenshot(path=str(ARTIFACTS / "example-overview.png"), full_page=True)
 
         card.click()
@@ -136,6 +140,20 @@ def test_operator_marks_a_stuck_payment_retryable_and_the_retry_charges_once(
         runbook = page.locator('[data-fi-field="runbook"]').inner_text()
         assert "the provider charged (see recovery data: charge_id)" in runbook
         assert "The provider deduplicates by scope:key, so Mark retryable is safe" in runbook
+        # What the operator decides on: the charge the provider made, who held the lease, the story so far.
+        assert f'"charge_id": "{charge["id"]}"' in page.locator('[data-fi-field="recovery_data"]').inner_text()
+        holder = page.locator('[data-fi-field="lease_holder"]').inner_text()
+        assert re.fullmatch(r"\S+:\d+ \(host:pid of the process that made the latest claim\)", holder), holder
+        assert [e.inner_text() for e in page.locator(".fi-timeline .fi-event-kind").all()] == [
+            "First request claimed the key (attempt 1)",
+            "The lease ran out without an outcome: stuck",
+            "Now: stuck",
+        ]
+        assert "last recovery point provider-charged" in page.locator('[data-fi-note="now"]').inner_text()
+        # The route's runbook decides between the buttons: none is drawn as the one to press, Release not in red.
+        assert page.locator(".fi-button-primary").count() == 0
+        release = page.locator('[data-fi-button="release"]')
+        assert release.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb(255, 255, 255)"
         form = page.locator("form", has=page.get_by_role("button", name="Mark retryable"))
         assert form.get_attribute("method") == "post"
         assert form.locator('input[name="csrf_token"]').count() == 1
@@ -148,6 +166,11 @@ def test_operator_marks_a_stuck_payment_retryable_and_the_retry_charges_once(
         assert page.locator('[data-fi-field="state"]').inner_text() == "FAILED"
         assert page.locator('[data-fi-field="retryable"]').inner_text() == "retryable"
         assert "by operator" in page.locator(".fi-timeline").inner_text()
+        marked = page.locator('.fi-timeline [data-fi-event="mark_retryable"]').inner_text()
+        assert marked.startswith("Marked retryable by operator") and f"lease held by {holder.split()[0]}" in marked
+        badge = page.locator(".fi-title .fi-badge")
+        assert badge.inner_text() == "retry allowed"  # the charge is safe: not in alarm colours
+        assert badge.evaluate("e => getComputedStyle(e).color") == "rgb(55, 48, 163)"
         page.screenshot(path=str(ARTIFACTS / "example-record-after.png"), full_page=True)
     finally:
         context.close()
