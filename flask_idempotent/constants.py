@@ -32,6 +32,8 @@ class ConfigKey:
     REPLAY_TALLY_SECONDS = "IDEMPOTENCY_REPLAY_TALLY_SECONDS"
     OUTCOME_SYNCHRONOUS_COMMIT = "IDEMPOTENCY_OUTCOME_SYNCHRONOUS_COMMIT"
     ENABLED = "IDEMPOTENCY_ENABLED"
+    OUTBOX_MAX_ATTEMPTS = "IDEMPOTENCY_OUTBOX_MAX_ATTEMPTS"
+    OUTBOX_HANDOFF_SECONDS = "IDEMPOTENCY_OUTBOX_HANDOFF_SECONDS"
 
 
 #: Defaults applied with ``app.config.setdefault`` in ``init_app``.
@@ -64,6 +66,10 @@ DEFAULTS: dict[str, object] = {
     # then turn a recent completion back into a stuck record (never a second effect: the claim stays durable).
     ConfigKey.OUTCOME_SYNCHRONOUS_COMMIT: True,
     ConfigKey.ENABLED: True,
+    # The outbox (docs: "The outbox"): failed deliveries of a job before it is dead (an operator decides), and the
+    # most a commit waits for its own jobs' hand-off before the response goes on (the rest is the drainer's).
+    ConfigKey.OUTBOX_MAX_ATTEMPTS: 10,
+    ConfigKey.OUTBOX_HANDOFF_SECONDS: 2.0,
 }
 
 #: Methods the layer protects; the key is ignored on every other method.
@@ -95,5 +101,8 @@ class EventKind(str, enum.Enum):
     MARK_FAILED = "mark_failed"
     ACKNOWLEDGE = "acknowledge"
     RELEASE = "release"
+    #: Operator actions on an outbox job (``record_id`` is NULL; ``detail["job"]`` is the job's id).
+    OUTBOX_REDELIVER = "outbox_redeliver"
+    OUTBOX_DISCARD = "outbox_discard"
     #: Not about one record: how many replays a process answered (``detail["count"]``), for the overview's chart.
     REPLAYS = "replays"

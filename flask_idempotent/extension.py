@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, current_app, has_app_context
@@ -16,6 +16,8 @@ from .cli import cli
 from .constants import DEFAULTS, ConfigKey
 from .dashboard import init_dashboard
 from .errors import check_docs_url
+from .outbox import Outbox
+from .outbox_cli import outbox_group
 from .state import AppState, Callbacks, app_state, register
 from .tasks import Operation, command_of, run_once, task_decorator
 
@@ -27,6 +29,7 @@ AccessCheck = TypeVar("AccessCheck", bound=Callable[[], Any])
 Labeler = TypeVar("Labeler", bound=Callable[[str], Any])
 Finder = TypeVar("Finder", bound=Callable[[str], Any])
 Linker = TypeVar("Linker", bound=Callable[[Any], Any])
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 class Idempotency:
@@ -50,6 +53,8 @@ class Idempotency:
         self.clock_offset = clock_offset
         self._callbacks = Callbacks()
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
+        #: The outbox's handlers and its operator functions (``jobs``, ``show``, ``stats``, ``act``).
+        self.outbox = Outbox()
         if app is not None:
             if db is None:
                 raise TypeError("Idempotency(app, db) needs the app's Flask-SQLAlchemy instance")
@@ -66,7 +71,9 @@ class Idempotency:
         self._apps.add(app)
         app.extensions["idempotency"] = self
         pipeline.COMMIT_GUARD.install(db)
+        self.outbox.install(db)
         app.cli.add_command(cli)
+        assert cli.commands.get("outbox") is outbox_group  # registered with the group on import
         init_dashboard(app)
         app.before_request(pipeline.before_request)
         app.after_request(pipeline.after_request)
@@ -214,10 +221,54 @@ class Idempotency:
         ):
             yield operation
 
+    # The outbox -------------------------------------------------------------------------------------------
+
+    def stage(
+        self,
+        target: Any,
+        *args: Any,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        ordered: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Stage a job in ``db.session``'s transaction; it is handed on after that transaction commits.
+
+        docs: "The outbox". ``target`` is a Celery task (anything with ``name`` and ``apply_async``), a function
+        registered with :meth:`handler`, or a handler's name; ``args`` and ``kwargs`` are JSON. Anything else is
+        a ``TypeError`` here, at the call, and nothing is staged. A rolled-back transaction stages nothing.
+        ``countdown`` (seconds, by the database's clock) or ``eta`` (a datetime; naive means UTC) delay it;
+        ``ordered=True``: the scope's ordered jobs are delivered in staging order. The scope is the protected
+        request's (``current_record.scope``), else ``""``. Returns the job's key (``outbox:<uuid>``), which its
+        delivery carries: the Celery task id, or the ``once()`` key a handler runs under.
+        """
+        return self.outbox.stage(target, args, kwargs, countdown=countdown, eta=eta, ordered=ordered)
+
+    def handler(self, name: str) -> Callable[[Handler], Handler]:
+        """Register an outbox handler: work that is not a Celery task, staged with ``stage(func, ...)`` or
+        ``stage("name", ...)``. Each delivery runs it under ``once(scope, job key)``: a job delivered twice runs it
+        once. A handler that raises is a failed delivery (retried with backoff, then dead)."""
+        return self.outbox.handler(name)
+
+    def drain(self, *, limit: int = 100, max_batches: int | None = None) -> dict[str, int]:
+        """Deliver the outbox's due jobs (for a periodic task; ``flask idempotency drain`` on the command line).
+
+        Jobs are taken under leases, ``limit`` per batch (``FOR UPDATE SKIP LOCKED`` on PostgreSQL and MariaDB:
+        drainers on several hosts never take one job; SQLite: one drainer), until a batch comes back short or
+        after ``max_batches``. Returns the counts ``delivered``, ``failed`` (retried later, with backoff) and
+        ``dead`` (``IDEMPOTENCY_OUTBOX_MAX_ATTEMPTS`` reached). Outside an app context it pushes the context of
+        the app it was registered on.
+        """
+        _, app_context = self._bound()
+        with app_context():
+            return self.outbox.drain(limit=limit, max_batches=max_batches)
+
     def create_all(self) -> None:
         """Create the extension's tables if missing (apps without migrations; needs an app context)."""
         state = app_state()
-        state.db.metadata.create_all(state.db.engine, tables=[state.tables.records, state.tables.events])
+        state.db.metadata.create_all(
+            state.db.engine, tables=[state.tables.records, state.tables.events, state.tables.outbox]
+        )
 
 
 def _seconds(value: float | timedelta | None) -> float | None:
