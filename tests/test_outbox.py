@@ -262,6 +262,12 @@ def test_a_broker_that_hangs_holds_the_response_no_longer_than_the_hand_off_boun
         assert drain(app)["delivered"] == 1  # the reindex; the receipt is leased to the hanging hand-off
     finally:
         task.hang.set()
+    for thread in threading.enumerate():
+        if thread.name == "flask_idempotent-outbox-hand-off":
+            thread.join(30)
+    receipt, _ = jobs(app)
+    assert receipt["state"] == "DELIVERED"  # the late hand-off still confirms its job, under its lease
+    assert [call["task_id"] for call in task.calls] == [receipt["key"]]
 
 
 @pytest.mark.usefixtures("routes")
@@ -471,3 +477,56 @@ def test_drain_once_from_the_cli_delivers_and_purge_removes_delivered_jobs_after
     clock.advance(hours=25)
     assert runner.invoke(args=["idempotency", "purge"]).exit_code == 0
     assert jobs(app) == []
+
+
+@pytest.mark.usefixtures("no_hand_off")
+def test_a_delivery_whose_lease_ran_out_cannot_overwrite_the_next_drainers_outcome(
+    app: Flask, effects: Effects, clock: Any
+) -> None:
+    idempotency: Idempotency = ext(app)["idempotency"]
+    with app.app_context():
+        idempotency.stage("reindex", 1)
+        ext(app)["db"].session.commit()
+        state = idempotency.state()
+        store = idempotency.outbox.store(state)
+        with state.db.engine.begin() as conn:
+            (job,) = store.take(conn, "slow-drainer", 60.0, limit=1)
+        clock.advance(seconds=61)  # the slow drainer's lease ran out: presumed dead
+        assert drain(app)["delivered"] == 1
+        with state.engine.connect() as conn:
+            assert not store.failed(conn, job.id, "slow-drainer", "late", max_attempts=10)
+            assert not store.delivered(conn, job.id, "slow-drainer", 60.0)
+
+    (row,) = jobs(app)
+    assert (row["state"], row["attempts"], row["last_error"]) == ("DELIVERED", 1, None)
+    assert effects.runs == [(1, "")]
+
+
+@pytest.mark.usefixtures("no_hand_off")
+def test_an_idempotency_task_consumer_keyed_by_outbox_key_runs_once_when_celery_delivers_twice(app: Flask) -> None:
+    """A real Celery task (eager: the call runs in this process with the job's key as its task id)."""
+    celery = pytest.importorskip("celery")
+    idempotency: Idempotency = ext(app)["idempotency"]
+    db = ext(app)["db"]
+    Charge = ext(app)["Charge"]
+    worker = celery.Celery("outbox-test", set_as_current=False)
+    worker.conf.task_always_eager = True
+
+    @worker.task(name="tests.export_ledger")
+    @idempotency.task(key=outbox_key, scope="ledger")
+    def export_ledger(amount: int) -> int:
+        db.session.add(Charge(amount=amount, route="ledger"))
+        db.session.commit()
+        return amount
+
+    with app.app_context():
+        idempotency.stage(export_ledger, 42)
+        db.session.commit()
+        assert drain(app)["delivered"] == 1
+        state = idempotency.state()
+        (job,) = idempotency.outbox.store(state).listing(state.engine.connect(), JobState.DELIVERED, 10)
+        idempotency.outbox.deliver(state, job)  # the same job handed to the broker again
+        assert db.session.execute(sa.select(sa.func.count()).select_from(Charge)).scalar() == 1
+        records = state.tables.records
+        record = db.session.execute(sa.select(records.c.scope, records.c.key, records.c.state)).one()
+    assert tuple(record) == ("ledger", job.key, "COMPLETED")
