@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import prometheus_client
 import pytest
 import sqlalchemy as sa
 from flask import Flask, jsonify, request
@@ -20,6 +21,7 @@ from flask.testing import FlaskClient
 from helpers import ext, post
 
 from flask_idempotent import Idempotency, idempotent, outbox_key
+from flask_idempotent.metrics import instrument_prometheus
 from flask_idempotent.outbox_store import JobState
 
 
@@ -530,3 +532,34 @@ def test_an_idempotency_task_consumer_keyed_by_outbox_key_runs_once_when_celery_
         records = state.tables.records
         record = db.session.execute(sa.select(records.c.scope, records.c.key, records.c.state)).one()
     assert tuple(record) == ("ledger", job.key, "COMPLETED")
+
+
+@pytest.mark.usefixtures("no_hand_off")
+def test_the_outbox_gauges_count_pending_and_dead_jobs_and_the_oldest_ones_age(
+    app: Flask, effects: Effects, clock: Any
+) -> None:
+    registry = prometheus_client.CollectorRegistry()
+    instrument_prometheus(app, registry)
+    app.config["IDEMPOTENCY_OUTBOX_MAX_ATTEMPTS"] = 1
+    effects.failing = 1
+    with app.app_context():
+        ext(app)["idempotency"].stage("reindex", 1)
+        ext(app)["db"].session.commit()
+    drain(app)  # dead at once
+    with app.app_context():
+        ext(app)["idempotency"].stage("reindex", 2)
+        ext(app)["db"].session.commit()
+    clock.advance(minutes=10)
+
+    values = {
+        family.name: family.samples[0].value
+        for family in registry.collect()
+        if family.name.startswith("idempotency_outbox")
+    }
+    assert values.keys() == {
+        "idempotency_outbox_pending",
+        "idempotency_outbox_oldest_seconds",
+        "idempotency_outbox_dead",
+    }
+    assert values["idempotency_outbox_pending"] == 1 and values["idempotency_outbox_dead"] == 1
+    assert 600 <= values["idempotency_outbox_oldest_seconds"] < 660
