@@ -563,3 +563,34 @@ def test_the_outbox_gauges_count_pending_and_dead_jobs_and_the_oldest_ones_age(
     }
     assert values["idempotency_outbox_pending"] == 1 and values["idempotency_outbox_dead"] == 1
     assert 600 <= values["idempotency_outbox_oldest_seconds"] < 660
+
+
+@pytest.mark.usefixtures("no_hand_off")
+def test_a_following_drainer_delivers_each_round_and_outlives_an_unreachable_database(
+    app: Flask, effects: Effects, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    idempotency: Idempotency = ext(app)["idempotency"]
+    outbox = idempotency.outbox
+    real_drain = outbox.drain
+    rounds: list[float] = []
+
+    def drain_or_fail(**kwargs: Any) -> dict[str, int]:
+        if len(rounds) == 1:  # the second round finds the database away
+            raise sa.exc.OperationalError("SELECT 1", {}, ConnectionRefusedError("connection refused"))
+        return real_drain(**kwargs)
+
+    def wait(seconds: float) -> None:  # between rounds: the next job is staged
+        rounds.append(seconds)
+        idempotency.stage("reindex", len(rounds))
+        ext(app)["db"].session.commit()
+
+    monkeypatch.setattr(outbox, "drain", drain_or_fail)
+    with app.app_context(), caplog.at_level("WARNING", logger="flask_idempotent"):
+        outbox.follow(interval=5.0, stop=lambda: len(rounds) >= 3, wait=wait)
+
+    assert rounds == [5.0, 5.0, 5.0]
+    assert effects.runs == [(1, ""), (2, "")]  # job 2 waited out the outage; job 3 is the next round's
+    outage = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert outage == [
+        "outbox drainer: the database cannot be reached, retrying in 5.0s: OperationalError: (builtins.ConnectionRefusedError) connection refused"
+    ]
