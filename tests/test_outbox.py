@@ -592,5 +592,6 @@ def test_a_following_drainer_delivers_each_round_and_outlives_an_unreachable_dat
     assert effects.runs == [(1, ""), (2, "")]  # job 2 waited out the outage; job 3 is the next round's
     outage = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
     assert outage == [
-        "outbox drainer: the database cannot be reached, retrying in 5.0s: OperationalError: (builtins.ConnectionRefusedError) connection refused"
+        "outbox drainer: the database cannot be reached, retrying in 5.0s:"
+        " OperationalError: (builtins.ConnectionRefusedError) connection refused"
     ]
