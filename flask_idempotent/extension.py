@@ -11,13 +11,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, current_app, has_app_context
 
-from . import openapi, pipeline
+from . import openapi, outbox_cli, outbox_dashboard, pipeline  # noqa: F401 - outbox_*: add the commands and page
 from .cli import cli
 from .constants import DEFAULTS, ConfigKey
 from .dashboard import init_dashboard
 from .errors import check_docs_url
 from .outbox import Outbox
-from .outbox_cli import outbox_group
 from .state import AppState, Callbacks, app_state, register
 from .tasks import Operation, command_of, run_once, task_decorator
 
@@ -73,7 +72,6 @@ class Idempotency:
         pipeline.COMMIT_GUARD.install(db)
         self.outbox.install(db)
         app.cli.add_command(cli)
-        assert cli.commands.get("outbox") is outbox_group  # registered with the group on import
         init_dashboard(app)
         app.before_request(pipeline.before_request)
         app.after_request(pipeline.after_request)

@@ -383,7 +383,7 @@ class Outbox:
                     f"outbox job {job_id} changed since you saw it (version {expected_version}, now {row.version});"
                     " look again and decide"
                 )
-            refused = refusal(action, row)
+            refused = refusal(action, job_data(row))
             if refused:
                 raise TransitionError(refused)
             done = (store.redeliver if action == "redeliver" else store.discard)(conn, job_id, row.version)
@@ -400,8 +400,8 @@ class Outbox:
         return {"job": job_id, "action": action, "from": row.state}
 
 
-def refusal(action: str, row: Any) -> str | None:
-    """Why an operator's ``action`` on the job ``row`` is refused, in the rule's words; ``None``: allowed.
+def refusal(action: str, job: dict[str, Any]) -> str | None:
+    """Why an operator's ``action`` on ``job`` (:func:`job_data`) is refused, in the rule's words; ``None``: allowed.
 
     - redeliver: a DEAD or DELIVERED job (its consumer's key makes a second delivery harmless), or a PENDING one
       waiting for its backoff; it is PENDING and due now, attempts from 0.
@@ -410,10 +410,10 @@ def refusal(action: str, row: Any) -> str | None:
     """
     if action not in ("redeliver", "discard"):
         return f"unknown action {action!r}: redeliver or discard"
-    if row.is_leased:
-        return f"refused: job {row.id} is being delivered right now (its lease is live); try again after it"
-    if action == "discard" and row.state == JobState.DELIVERED.value:
-        return f"refused: job {row.id} was delivered; only pending and dead jobs are discarded (purge removes it)"
+    if job["leased"]:
+        return f"refused: job {job['id']} is being delivered right now (its lease is live); try again after it"
+    if action == "discard" and job["state"] == JobState.DELIVERED.value:
+        return f"refused: job {job['id']} was delivered; only pending and dead jobs are discarded (purge removes it)"
     return None
 
 

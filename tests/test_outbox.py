@@ -7,7 +7,9 @@ leases) is the database's clock moved by the ``clock`` fixture, never a sleep.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -595,3 +597,44 @@ def test_a_following_drainer_delivers_each_round_and_outlives_an_unreachable_dat
         "outbox drainer: the database cannot be reached, retrying in 5.0s:"
         " OperationalError: (builtins.ConnectionRefusedError) connection refused"
     ]
+
+
+def _form_fields(page: str, action: str) -> dict[str, str]:
+    match = re.search('<form[^>]*action="' + re.escape(action) + '"[^>]*>(.*?)</form>', page, re.S)
+    assert match, f"no form posting to {action}"
+    fields = re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', match.group(1))
+    return {name: html.unescape(value) for name, value in fields}
+
+
+@pytest.mark.usefixtures("no_hand_off")
+def test_the_dashboards_outbox_page_lists_jobs_and_redelivers_a_dead_one_under_the_rules(
+    app: Flask, client: FlaskClient, effects: Effects
+) -> None:
+    ext(app)["idempotency"].dashboard_access(lambda: "ann")
+    app.config["IDEMPOTENCY_OUTBOX_MAX_ATTEMPTS"] = 1
+    effects.failing = 1
+    with app.app_context():
+        ext(app)["idempotency"].stage("reindex", 1)
+        ext(app)["idempotency"].stage("reindex", 2)
+        ext(app)["db"].session.commit()
+    drain(app, limit=1, max_batches=1)
+    dead, pending = jobs(app)
+
+    page = client.get("/idempotency/outbox")
+    assert page.status_code == 200
+    text = page.get_data(as_text=True)
+    assert "<strong>1</strong> pending" in text and "<strong>1</strong> dead" in text
+    assert "RuntimeError: search index down" in text and f'data-fi-job="{pending["id"]}"' in text
+
+    action = f"/idempotency/outbox/{dead['id']}/redeliver"
+    fields = _form_fields(text, action)
+    assert client.post(action, data={**fields, "csrf_token": "wrong"}).status_code == 400
+    assert client.post(action, data={**fields, "version": str(dead["version"] + 1)}).status_code == 409
+    assert jobs(app)[0]["state"] == "DEAD"  # neither a forged form nor a stale one changed it
+
+    assert client.post(action, data=fields).status_code == 303
+    assert (jobs(app)[0]["state"], jobs(app)[0]["attempts"]) == ("PENDING", 0)
+    assert client.post(action, data=fields).status_code == 409  # the version moved on
+    with app.app_context(), ext(app)["db"].engine.connect() as conn:
+        events = conn.execute(sa.text("SELECT kind, actor FROM idempotency_events")).all()
+    assert [tuple(e) for e in events] == [("outbox_redeliver", "ann")]
