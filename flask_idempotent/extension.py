@@ -66,6 +66,7 @@ class Idempotency:
         for name, value in DEFAULTS.items():
             app.config.setdefault(name, value)
         check_docs_url(app.config[ConfigKey.DOCS_URL])
+        self.outbox.check_config(app.config)
         register(app, AppState(app, db, self._callbacks, self.clock_offset))
         self._apps.add(app)
         app.extensions["idempotency"] = self

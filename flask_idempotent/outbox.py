@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -102,6 +102,18 @@ class Outbox:
         if store is None:
             store = self._stores[state] = OutboxStore(state.tables.outbox, state.store.offset)
         return store
+
+    @staticmethod
+    def check_config(config: Mapping[str, Any]) -> None:
+        """Refuse, at ``init_app``, outbox settings that would only fail at the first commit or drain."""
+        attempts = config[ConfigKey.OUTBOX_MAX_ATTEMPTS]
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"{ConfigKey.OUTBOX_MAX_ATTEMPTS} must be an int of at least 1, not {attempts!r}")
+        bound = config[ConfigKey.OUTBOX_HANDOFF_SECONDS]
+        if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not 0 <= bound <= 3600:
+            raise ValueError(
+                f"{ConfigKey.OUTBOX_HANDOFF_SECONDS} must be a number of seconds (0 to 3600), not {bound!r}"
+            )
 
     def install(self, db: Any) -> None:
         """Listen to ``db.session``: hand off after each commit, forget a rolled-back transaction's jobs."""

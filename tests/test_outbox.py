@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import flask_sqlalchemy
 import prometheus_client
 import pytest
 import sqlalchemy as sa
@@ -638,3 +639,22 @@ def test_the_dashboards_outbox_page_lists_jobs_and_redelivers_a_dead_one_under_t
     with app.app_context(), ext(app)["db"].engine.connect() as conn:
         events = conn.execute(sa.text("SELECT kind, actor FROM idempotency_events")).all()
     assert [tuple(e) for e in events] == [("outbox_redeliver", "ann")]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("IDEMPOTENCY_OUTBOX_MAX_ATTEMPTS", 0),
+        ("IDEMPOTENCY_OUTBOX_MAX_ATTEMPTS", "10"),
+        ("IDEMPOTENCY_OUTBOX_HANDOFF_SECONDS", -1),
+        ("IDEMPOTENCY_OUTBOX_HANDOFF_SECONDS", float("nan")),
+        ("IDEMPOTENCY_OUTBOX_HANDOFF_SECONDS", "2"),
+    ],
+)
+def test_unusable_outbox_settings_are_refused_at_init_app(name: str, value: Any, tmp_path: Any) -> None:
+    app = Flask(__name__)
+    app.config.update(SQLALCHEMY_DATABASE_URI=f"sqlite:///{tmp_path / 'x.db'}", **{name: value})
+    db = flask_sqlalchemy.SQLAlchemy()
+    db.init_app(app)
+    with pytest.raises(ValueError, match=name):
+        Idempotency(app, db)
