@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar
@@ -81,10 +81,29 @@ def _json_argument(where: str, value: Any) -> None:
         raise TypeError(f"{where} holds NaN or an infinity, which JSON cannot store") from None
 
 
+@dataclass(frozen=True)
+class StagedJob:
+    """A job as its staging process knows it: what its hand-off delivers without reading the row back."""
+
+    key: str
+    scope: str
+    target: str
+    kind: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    attempts: int = 0
+    id: int | None = None
+
+
 @dataclass
 class _Staged:
+    """The jobs one transaction staged for one app: those leased to its hand-off at staging (``token``) and the
+    others (ordered or delayed), which the hand-off takes like a drainer."""
+
     state: AppState
     app: Flask
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    leased: list[StagedJob] = field(default_factory=list)
     keys: list[str] = field(default_factory=list)
 
 
@@ -206,16 +225,29 @@ class Outbox:
             "ordered": ordered,
         }
         session = state.db.session
-        self.store(state).insert(session, values, delay=delay, eta=when)
         staged: list[_Staged] = session.info.setdefault(_STAGED, [])
         if not staged or staged[-1].state is not state:
             staged.append(_Staged(state, current_app._get_current_object()))  # type: ignore[attr-defined]
-        staged[-1].keys.append(key)
+        batch = staged[-1]
+        lease = None
+        if (
+            float(current_app.config[ConfigKey.OUTBOX_HANDOFF_SECONDS]) > 0
+            and not delay
+            and when is None
+            and not ordered
+        ):
+            # Leased to this transaction's hand-off from the start: after the commit it delivers without taking
+            # the job first (one commit less per request), and a drainer waits for the lease as for any other.
+            lease = (batch.token, self._lease(state))
+            batch.leased.append(StagedJob(key, scope, name, kind, list(args), dict(kwargs)))
+        else:
+            batch.keys.append(key)
+        self.store(state).insert(session, values, delay=delay, eta=when, lease=lease)
         return key
 
     def _after_commit(self, session: Any) -> None:
         for staged in session.info.pop(_STAGED, ()):
-            self.hand_off(staged.app, staged.state, staged.keys)
+            self.hand_off(staged)
 
     @staticmethod
     def _after_transaction_end(session: Any, transaction: Any) -> None:
@@ -224,59 +256,69 @@ class Outbox:
 
     # Delivery -------------------------------------------------------------------------------------------------
 
-    def hand_off(self, app: Flask, state: AppState, keys: list[str]) -> None:
+    def hand_off(self, staged: _Staged) -> None:
         """Deliver the jobs just committed, waiting at most ``IDEMPOTENCY_OUTBOX_HANDOFF_SECONDS``.
 
         The deliveries run in a thread of their own: a broker that hangs holds that thread, never the response.
         A job not confirmed by then stays PENDING under its lease; when the lease ends the drainer delivers it.
         """
-        budget = float(app.config[ConfigKey.OUTBOX_HANDOFF_SECONDS])
-        if budget <= 0 or not keys:
+        budget = float(staged.app.config[ConfigKey.OUTBOX_HANDOFF_SECONDS])
+        if budget <= 0 or not (staged.leased or staged.keys):
             return
         deadline = time.monotonic() + budget
         thread = threading.Thread(
             target=self._hand_off_now,
-            args=(app, state, list(keys), deadline),
+            args=(staged, deadline),
             name="flask_idempotent-outbox-hand-off",
             daemon=True,
         )
         thread.start()
         thread.join(budget)
 
-    def _hand_off_now(self, app: Flask, state: AppState, keys: list[str], deadline: float) -> None:
+    def _hand_off_now(self, staged: _Staged, deadline: float) -> None:
+        state = staged.state
         try:
-            with app.app_context():
-                for key in keys:  # one at a time, in staging order: an ordered job waits for the one before it
+            with staged.app.app_context():
+                if staged.leased:  # known without reading them back: the transaction that wrote them committed
+                    self._deliver_taken(state, (staged.token, staged.leased), deadline=deadline)
+                for key in staged.keys:  # one at a time, in staging order: an ordered job waits for the one before
                     if time.monotonic() >= deadline:
                         return
                     self._deliver_taken(state, self._take(state, limit=1, keys=[key]))
         except Exception as exc:  # the drainer delivers what is left; the response is not the place for it
             logger.warning("outbox hand-off stopped, the drainer delivers the rest: %s", _error_line(exc))
 
+    @staticmethod
+    def _lease(state: AppState) -> float:
+        return state.defaults.lease or 60.0
+
     def _take(self, state: AppState, *, limit: int, keys: list[str] | None = None) -> tuple[str, list[Row[Any]]]:
         token = uuid.uuid4().hex
         with _take_connection(state) as conn, conn.begin():
-            jobs = self.store(state).take(conn, token, state.defaults.lease or 60.0, limit=limit, keys=keys or ())
+            jobs = self.store(state).take(conn, token, self._lease(state), limit=limit, keys=keys or ())
         return token, jobs
 
-    def _deliver_taken(self, state: AppState, taken: tuple[str, list[Row[Any]]]) -> dict[str, int]:
+    def _deliver_taken(
+        self, state: AppState, taken: tuple[str, Sequence[Any]], *, deadline: float | None = None
+    ) -> dict[str, int]:
         token, jobs = taken
         tally = {"delivered": 0, "failed": 0, "dead": 0}
         max_attempts = int(current_app.config[ConfigKey.OUTBOX_MAX_ATTEMPTS])
         ttl = state.defaults.ttl or 86400.0
         store = self.store(state)
         for job in jobs:
+            if deadline is not None and time.monotonic() >= deadline:
+                break  # the rest keep their lease: the drainer delivers them when it ends
             try:
                 self.deliver(state, job)
             except Exception as exc:
                 error = storable_text(_error_line(exc), ERROR_MAX)
-                with state.engine.connect() as conn:
-                    store.failed(conn, job.id, token, error, max_attempts=max_attempts)
+                with _mark_connection(state) as conn:
+                    store.failed(conn, job.key, token, error, max_attempts=max_attempts)
                 dead = job.attempts + 1 >= max_attempts
                 tally["dead" if dead else "failed"] += 1
                 logger.warning(
-                    "outbox job %s (%s, key %s) failed delivery %s%s: %s",
-                    job.id,
+                    "outbox job %s (key %s) failed delivery %s%s: %s",
                     job.target,
                     job.key,
                     job.attempts + 1,
@@ -284,8 +326,8 @@ class Outbox:
                     error,
                 )
                 continue
-            with state.engine.connect() as conn:
-                store.delivered(conn, job.id, token, ttl)
+            with _mark_connection(state) as conn:
+                store.delivered(conn, job.key, token, ttl)
             tally["delivered"] += 1
         return tally
 
@@ -454,3 +496,14 @@ def _take_connection(state: AppState) -> Iterator[sa.Connection]:
     gap locks that would hold a staging INSERT while a take is open); SQLite as it is."""
     with state.db.engine.connect() as conn:
         yield conn if conn.dialect.name == "sqlite" else conn.execution_options(isolation_level="READ COMMITTED")
+
+
+@contextlib.contextmanager
+def _mark_connection(state: AppState) -> Iterator[sa.Connection]:
+    """A transaction for marking a job delivered or failed: on PostgreSQL committed without waiting for its WAL
+    flush. A database crash can lose the mark of the last moments: the job is then delivered again, which its
+    keyed consumer makes harmless (at least once), and never lost."""
+    with state.db.engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
+        yield conn

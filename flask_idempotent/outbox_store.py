@@ -78,11 +78,16 @@ class OutboxStore:
 
     # Staging --------------------------------------------------------------------------------------------
 
-    def insert(self, conn: Executor, values: dict[str, Any], *, delay: float, eta: Any) -> None:
-        """Stage one job through ``conn`` (the caller's ``db.session``: it commits with its transaction)."""
+    def insert(
+        self, conn: Executor, values: dict[str, Any], *, delay: float, eta: Any, lease: tuple[str, float] | None
+    ) -> None:
+        """Stage one job through ``conn`` (the caller's ``db.session``: it commits with its transaction);
+        ``lease``: ``(token, seconds)`` it is leased to from the start (the staging process's hand-off)."""
         now = self.now
+        leased = {} if lease is None else {"lease_token": lease[0], "locked_until": _at("_lease_s")}
         statement = sa.insert(self.table).values(
             **values,
+            **leased,
             state=JobState.PENDING.value,
             attempts=0,
             version=1,
@@ -90,7 +95,7 @@ class OutboxStore:
             created_at=now,
             updated_at=now,
         )
-        conn.execute(statement, self.times(delay=delay))
+        conn.execute(statement, self.times(delay=delay, lease=0.0 if lease is None else lease[1]))
 
     # Taking and settling ----------------------------------------------------------------------------------
 
@@ -124,14 +129,22 @@ class OutboxStore:
             ),
             params,
         )
-        return list(conn.execute(sa.select(*self.columns).where(o.c.lease_token == token).order_by(o.c.id), params))
+        return self.leased_to(conn, token)
 
-    def delivered(self, conn: Executor, job_id: int, token: str, ttl: float) -> bool:
-        """The lease holder's delivery returned: DELIVERED, purged after ``ttl``. False: it lost the lease."""
+    def leased_to(self, conn: Executor, token: str) -> list[Row[Any]]:
+        """The jobs ``token`` holds, in id order."""
+        o = self.table
+        return list(
+            conn.execute(sa.select(*self.columns).where(o.c.lease_token == token).order_by(o.c.id), self.times())
+        )
+
+    def delivered(self, conn: Executor, key: str, token: str, ttl: float) -> bool:
+        """The lease holder's delivery of the job ``key`` returned: DELIVERED, purged after ``ttl``. False: it
+        lost the lease (fenced by the lease token; keys are unique)."""
         o = self.table
         statement = (
             sa.update(o)
-            .where(o.c.id == job_id, o.c.lease_token == token)
+            .where(o.c.key == key, o.c.lease_token == token)
             .values(
                 state=JobState.DELIVERED.value,
                 attempts=o.c.attempts + 1,
@@ -145,11 +158,11 @@ class OutboxStore:
         )
         return bool(conn.execute(statement, self.times(ttl=ttl)).rowcount == 1)
 
-    def failed(self, conn: Executor, job_id: int, token: str, error: str, *, max_attempts: int) -> bool:
+    def failed(self, conn: Executor, key: str, token: str, error: str, *, max_attempts: int) -> bool:
         """The lease holder's delivery failed: attempts + 1 and backoff, or DEAD after ``max_attempts``."""
         o = self.table
         row = conn.execute(
-            sa.select(o.c.attempts).where(o.c.id == job_id, o.c.lease_token == token), self.times()
+            sa.select(o.c.attempts).where(o.c.key == key, o.c.lease_token == token), self.times()
         ).first()
         if row is None:
             return False
@@ -157,7 +170,7 @@ class OutboxStore:
         state = JobState.DEAD if failures >= max_attempts else JobState.PENDING
         statement = (
             sa.update(o)
-            .where(o.c.id == job_id, o.c.lease_token == token)
+            .where(o.c.key == key, o.c.lease_token == token)
             .values(
                 state=state.value,
                 attempts=failures,

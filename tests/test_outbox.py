@@ -254,7 +254,7 @@ def test_a_job_delivered_twice_runs_its_handler_once(app: Flask, effects: Effect
 
 @pytest.mark.usefixtures("routes")
 def test_a_broker_that_hangs_holds_the_response_no_longer_than_the_hand_off_bound(
-    app: Flask, client: FlaskClient, task: FakeTask, clock: Any
+    app: Flask, client: FlaskClient, task: FakeTask, effects: Effects, clock: Any
 ) -> None:
     app.config["IDEMPOTENCY_OUTBOX_HANDOFF_SECONDS"] = 0.2
     task.hang = threading.Event()
@@ -262,17 +262,20 @@ def test_a_broker_that_hangs_holds_the_response_no_longer_than_the_hand_off_boun
         response = post(client, "/outbox/atomic", json={"amount": 1})
         assert response.status_code == 201  # answered while apply_async still hangs
         receipt, reindex = jobs(app)
-        assert receipt["state"] == "PENDING" and receipt["lease_token"] is not None  # the hand-off's lease
-        assert reindex["state"] == "PENDING"  # never reached within the bound: the drainer's
-        assert drain(app)["delivered"] == 1  # the reindex; the receipt is leased to the hanging hand-off
+        # Both PENDING under the hand-off's lease: the receipt in its broker call, the reindex never reached.
+        assert [(j["state"], j["lease_token"] is not None) for j in (receipt, reindex)] == [("PENDING", True)] * 2
+        assert drain(app)["delivered"] == 0  # a drainer leaves leased jobs alone
     finally:
         task.hang.set()
     for thread in threading.enumerate():
         if thread.name == "flask_idempotent-outbox-hand-off":
             thread.join(30)
-    receipt, _ = jobs(app)
+    receipt, reindex = jobs(app)
     assert receipt["state"] == "DELIVERED"  # the late hand-off still confirms its job, under its lease
-    assert [call["task_id"] for call in task.calls] == [receipt["key"]]
+    assert reindex["state"] == "PENDING" and effects.runs == []  # past the bound: not started
+    clock.advance(seconds=61)  # the hand-off's lease ran out: the drainer's now
+    assert drain(app) == {"delivered": 1, "failed": 0, "dead": 0}
+    assert [call["task_id"] for call in task.calls] == [receipt["key"]] and len(effects.runs) == 1
 
 
 @pytest.mark.usefixtures("routes")
@@ -499,8 +502,8 @@ def test_a_delivery_whose_lease_ran_out_cannot_overwrite_the_next_drainers_outco
         clock.advance(seconds=61)  # the slow drainer's lease ran out: presumed dead
         assert drain(app)["delivered"] == 1
         with state.engine.connect() as conn:
-            assert not store.failed(conn, job.id, "slow-drainer", "late", max_attempts=10)
-            assert not store.delivered(conn, job.id, "slow-drainer", 60.0)
+            assert not store.failed(conn, job.key, "slow-drainer", "late", max_attempts=10)
+            assert not store.delivered(conn, job.key, "slow-drainer", 60.0)
 
     (row,) = jobs(app)
     assert (row["state"], row["attempts"], row["last_error"]) == ("DELIVERED", 1, None)
