@@ -4,12 +4,18 @@ rule's words), on the dashboard's own blueprint, access check and CSRF token."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+import sqlalchemy as sa
 from flask import abort, current_app, flash, redirect, request, url_for
 from flask.typing import ResponseReturnValue
 
 from .dashboard import _FLASH_OK, _VERSION, _check_csrf, _exempt, _render, _require_operator, blueprint
 from .operations import RecordChanged, RecordNotFound, TransitionError
 from .outbox import Outbox, refusal
+
+logger = logging.getLogger("flask_idempotent")
 
 #: Jobs listed per state on the page (oldest first); the CLI's ``outbox list --limit`` shows more.
 PAGE_JOBS = 50
@@ -19,6 +25,21 @@ ACTIONS = ("redeliver", "discard")
 def _outbox() -> Outbox:
     outbox: Outbox = current_app.extensions["idempotency"].outbox
     return outbox
+
+
+@blueprint.context_processor
+def _outbox_card() -> dict[str, Any]:
+    """``fi_outbox_stats()`` for the overview's Outbox card: ``None`` when the outbox cannot be read (a database
+    without the outbox table), so that the overview still shows the records."""
+
+    def stats() -> dict[str, Any] | None:
+        try:
+            return _outbox().stats()
+        except sa.exc.SQLAlchemyError as exc:
+            logger.warning("the overview's outbox card is left out: %s", type(exc).__name__)
+            return None
+
+    return {"fi_outbox_stats": stats}
 
 
 @blueprint.get("/outbox")

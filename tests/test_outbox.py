@@ -624,6 +624,10 @@ def test_the_dashboards_outbox_page_lists_jobs_and_redelivers_a_dead_one_under_t
     drain(app, limit=1, max_batches=1)
     dead, pending = jobs(app)
 
+    overview = client.get("/idempotency/").get_data(as_text=True)
+    assert '<span class="fi-card-value" data-fi-count="outbox_pending">1</span>' in overview
+    assert "· 1 dead" in overview
+
     page = client.get("/idempotency/outbox")
     assert page.status_code == 200
     text = page.get_data(as_text=True)
@@ -661,3 +665,17 @@ def test_unusable_outbox_settings_are_refused_at_init_app(name: str, value: Any,
     db.init_app(app)
     with pytest.raises(ValueError, match=name):
         Idempotency(app, db)
+
+
+@pytest.mark.usefixtures("routes")
+def test_a_crash_between_the_commit_and_the_hand_off_delays_the_job_by_its_lease_and_never_loses_it(
+    app: Flask, client: FlaskClient, task: FakeTask, effects: Effects, clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ext(app)["idempotency"].outbox, "hand_off", lambda staged: None)  # died after the commit
+    assert post(client, "/outbox/atomic", json={"amount": 4}).status_code == 201
+
+    assert drain(app)["delivered"] == 0  # leased to the hand-off that never came
+    clock.advance(seconds=61)
+    assert drain(app) == {"delivered": 2, "failed": 0, "dead": 0}
+    receipt, _ = jobs(app)
+    assert [call["task_id"] for call in task.calls] == [receipt["key"]] and len(effects.runs) == 1
