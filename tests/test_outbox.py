@@ -13,6 +13,7 @@ import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import flask_sqlalchemy
@@ -245,7 +246,8 @@ def test_a_job_delivered_twice_runs_its_handler_once(app: Flask, effects: Effect
         idempotency.stage("reindex", 9, note="x")
         ext(app)["db"].session.commit()
         state = idempotency.state()
-        (job,) = idempotency.outbox.store(state).listing(state.engine.connect(), JobState.PENDING, 10)
+        with state.engine.connect() as conn:
+            (job,) = idempotency.outbox.store(state).listing(conn, JobState.PENDING, 10)
         idempotency.outbox.deliver(state, job)
         idempotency.outbox.deliver(state, job)  # by hand, or by a drainer whose lease ran out mid-delivery
 
@@ -336,12 +338,16 @@ def test_failed_deliveries_back_off_exponentially_and_the_job_is_dead_after_max_
 def test_countdown_and_eta_delay_a_job_by_the_databases_clock(app: Flask, effects: Effects, clock: Any) -> None:
     with app.app_context():
         ext(app)["idempotency"].stage("reindex", 1, countdown=60)
+        ext(app)["idempotency"].stage("reindex", 2, eta=datetime.now(timezone.utc) + timedelta(seconds=120))
         ext(app)["db"].session.commit()
 
     assert drain(app)["delivered"] == 0
     clock.advance(seconds=61)
     assert drain(app)["delivered"] == 1
     assert effects.runs == [(1, "")]
+    clock.advance(seconds=60)
+    assert drain(app)["delivered"] == 1
+    assert effects.runs == [(1, ""), (2, "")]
 
 
 @pytest.mark.usefixtures("no_hand_off")
@@ -431,6 +437,11 @@ def test_operators_list_show_redeliver_and_discard_jobs_under_the_rules(
     assert drain(app)["delivered"] == 2
     assert sorted(effects.runs) == [(1, ""), (2, "")]
 
+    code, done = outbox_cli(app, "redeliver", str(pending["id"]))  # delivered: a broker that lost it, say
+    assert code == 0 and done["from"] == "DELIVERED"
+    assert drain(app)["delivered"] == 1
+    assert sorted(effects.runs) == [(1, ""), (2, "")]  # delivered again, its effect still once
+
     code, error = outbox_cli(app, "discard", str(dead["id"]))
     assert code == 1 and error["error"]["code"] == "refused"
     assert "was delivered; only pending and dead jobs are discarded" in error["error"]["message"]
@@ -447,7 +458,8 @@ def test_operators_list_show_redeliver_and_discard_jobs_under_the_rules(
     assert [j["id"] for j in jobs(app)] == [dead["id"], pending["id"]]
     with app.app_context(), ext(app)["db"].engine.connect() as conn:
         events = conn.execute(sa.text("SELECT kind, actor FROM idempotency_events ORDER BY id")).all()
-    assert [tuple(e) for e in events] == [("outbox_redeliver", events[0][1]), ("outbox_discard", "ops:ann")]
+    assert [tuple(e)[0] for e in events] == ["outbox_redeliver", "outbox_redeliver", "outbox_discard"]
+    assert events[-1][1] == "ops:ann" and events[0][1].startswith("cli")
 
 
 @pytest.mark.usefixtures("no_hand_off")
@@ -532,7 +544,8 @@ def test_an_idempotency_task_consumer_keyed_by_outbox_key_runs_once_when_celery_
         db.session.commit()
         assert drain(app)["delivered"] == 1
         state = idempotency.state()
-        (job,) = idempotency.outbox.store(state).listing(state.engine.connect(), JobState.DELIVERED, 10)
+        with state.engine.connect() as conn:
+            (job,) = idempotency.outbox.store(state).listing(conn, JobState.DELIVERED, 10)
         idempotency.outbox.deliver(state, job)  # the same job handed to the broker again
         assert db.session.execute(sa.select(sa.func.count()).select_from(Charge)).scalar() == 1
         records = state.tables.records
