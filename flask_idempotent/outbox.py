@@ -81,20 +81,6 @@ def _json_argument(where: str, value: Any) -> None:
         raise TypeError(f"{where} holds NaN or an infinity, which JSON cannot store") from None
 
 
-@dataclass(frozen=True)
-class StagedJob:
-    """A job as its staging process knows it: what its hand-off delivers without reading the row back."""
-
-    key: str
-    scope: str
-    target: str
-    kind: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-    attempts: int = 0
-    id: int | None = None
-
-
 @dataclass
 class _Staged:
     """The jobs one transaction staged for one app: those leased to its hand-off at staging (``token``) and the
@@ -103,7 +89,7 @@ class _Staged:
     state: AppState
     app: Flask
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
-    leased: list[StagedJob] = field(default_factory=list)
+    leased: int = 0
     keys: list[str] = field(default_factory=list)
 
 
@@ -239,7 +225,7 @@ class Outbox:
             # Leased to this transaction's hand-off from the start: after the commit it delivers without taking
             # the job first (one commit less per request), and a drainer waits for the lease as for any other.
             lease = (batch.token, self._lease(state))
-            batch.leased.append(StagedJob(key, scope, name, kind, list(args), dict(kwargs)))
+            batch.leased += 1
         else:
             batch.keys.append(key)
         self.store(state).insert(session, values, delay=delay, eta=when, lease=lease)
@@ -279,8 +265,11 @@ class Outbox:
         state = staged.state
         try:
             with staged.app.app_context():
-                if staged.leased:  # known without reading them back: the transaction that wrote them committed
-                    self._deliver_taken(state, (staged.token, staged.leased), deadline=deadline)
+                if staged.leased:
+                    # Read back, not remembered: a savepoint rolled back (begin_nested) took its jobs with it.
+                    with state.engine.connect() as conn:
+                        jobs = self.store(state).leased_to(conn, staged.token)
+                    self._deliver_taken(state, (staged.token, jobs), deadline=deadline)
                 for key in staged.keys:  # one at a time, in staging order: an ordered job waits for the one before
                     if time.monotonic() >= deadline:
                         return

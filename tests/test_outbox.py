@@ -692,3 +692,18 @@ def test_a_crash_between_the_commit_and_the_hand_off_delays_the_job_by_its_lease
     assert drain(app) == {"delivered": 2, "failed": 0, "dead": 0}
     receipt, _ = jobs(app)
     assert [call["task_id"] for call in task.calls] == [receipt["key"]] and len(effects.runs) == 1
+
+
+@pytest.mark.usefixtures("routes")
+def test_a_job_staged_in_a_rolled_back_savepoint_is_never_handed_on(app: Flask, effects: Effects) -> None:
+    idempotency: Idempotency = ext(app)["idempotency"]
+    db = ext(app)["db"]
+    with app.app_context():
+        savepoint = db.session.begin_nested()
+        idempotency.stage("reindex", 1)
+        savepoint.rollback()
+        idempotency.stage("reindex", 2)
+        db.session.commit()
+
+    assert effects.runs == [(2, "")]
+    assert [(j["args"], j["state"]) for j in jobs(app)] == [([2], "DELIVERED")]
