@@ -707,3 +707,39 @@ def test_a_job_staged_in_a_rolled_back_savepoint_is_never_handed_on(app: Flask, 
 
     assert effects.runs == [(2, "")]
     assert [(j["args"], j["state"]) for j in jobs(app)] == [([2], "DELIVERED")]
+
+
+@pytest.mark.usefixtures("no_hand_off")
+def test_three_concurrent_drainers_deliver_every_job_exactly_once(
+    app: Flask, task: FakeTask, database_url: str
+) -> None:
+    if database_url.startswith("sqlite"):
+        pytest.skip("SQLite has one writer: one drainer at a time (docs: The outbox)")
+    idempotency: Idempotency = ext(app)["idempotency"]
+    with app.app_context():
+        for order_id in range(300):
+            idempotency.stage(task, order_id)
+        ext(app)["db"].session.commit()
+    start = threading.Barrier(3)
+    errors: list[BaseException] = []
+
+    def drainer() -> None:
+        try:
+            start.wait(10)
+            with app.app_context():
+                while idempotency.outbox.drain(limit=10, max_batches=1)["delivered"]:
+                    pass
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=drainer) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert errors == [] and not any(thread.is_alive() for thread in threads)
+    rows = jobs(app)
+    assert {j["state"] for j in rows} == {"DELIVERED"} and all(j["attempts"] == 1 for j in rows)
+    delivered = [call["task_id"] for call in task.calls]
+    assert sorted(delivered) == sorted(j["key"] for j in rows)  # each job handed to the broker once
