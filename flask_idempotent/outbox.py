@@ -17,6 +17,7 @@ import contextvars
 import json
 import logging
 import math
+import select
 import sys
 import threading
 import time
@@ -50,6 +51,8 @@ _JOB_KEY: contextvars.ContextVar[str | None] = contextvars.ContextVar("flask_ide
 #: Characters of a delivery's error kept in ``last_error``.
 ERROR_MAX = 2000
 KINDS = ("celery", "handler")
+#: PostgreSQL: the channel a commit that staged a job for the drainer NOTIFYs, and a following drainer LISTENs on.
+CHANNEL = "idempotency_outbox"
 
 
 def outbox_key(*_args: Any, **_kwargs: Any) -> str:
@@ -229,6 +232,10 @@ class Outbox:
         else:
             batch.keys.append(key)
         self.store(state).insert(session, values, delay=delay, eta=when, lease=lease)
+        if lease is None and not delay and when is None and state.db.engine.dialect.name == "postgresql":
+            # A job for the drainer now: wake a following drainer when this transaction commits (PostgreSQL
+            # delivers a NOTIFY only then, and once per transaction for the same payload).
+            session.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
         return key
 
     def _after_commit(self, session: Any) -> None:
@@ -375,18 +382,29 @@ class Outbox:
         interval: float,
         limit: int = 100,
         stop: Callable[[], bool] = lambda: False,
-        wait: Callable[[float], Any] = time.sleep,
+        wait: Callable[[float], Any] | None = None,
     ) -> None:
         """Drain every ``interval`` seconds until ``stop()``; a database that cannot be reached is one log line
-        per interval, never the end of the loop."""
-        while not stop():
-            try:
-                self.drain(limit=limit)
-            except sa.exc.SQLAlchemyError as exc:
-                logger.warning(
-                    "outbox drainer: the database cannot be reached, retrying in %ss: %s", interval, _error_line(exc)
-                )
-            wait(interval)
+        per interval, never the end of the loop. On PostgreSQL the drainer LISTENs on :data:`CHANNEL` between
+        rounds and drains at once when a commit staged a job for it (``wait``: how to wait instead)."""
+        state = app_state()
+        listener = _Listener(state) if wait is None and state.db.engine.dialect.name == "postgresql" else None
+        if listener is not None:
+            listener.listen()  # before the first round: a job committed after it wakes the next wait
+        try:
+            while not stop():
+                try:
+                    self.drain(limit=limit)
+                except sa.exc.SQLAlchemyError as exc:
+                    logger.warning(
+                        "outbox drainer: the database cannot be reached, retrying in %ss: %s",
+                        interval,
+                        _error_line(exc),
+                    )
+                (wait or (listener.wait if listener else time.sleep))(interval)
+        finally:
+            if listener is not None:
+                listener.close()
 
     # Operators --------------------------------------------------------------------------------------------
 
@@ -496,3 +514,46 @@ def _mark_connection(state: AppState) -> Iterator[sa.Connection]:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
         yield conn
+
+
+class _Listener:
+    """A following drainer's LISTEN on PostgreSQL (psycopg2 or psycopg 3): :meth:`wait` returns early when a
+    notification arrives. Any trouble with its connection falls back to sleeping, and it listens again on the
+    next wait: the poll interval still bounds how long a job waits."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self.conn: sa.Connection | None = None
+
+    def listen(self) -> Any:
+        """The raw driver connection, LISTENing (connected on first use)."""
+        if self.conn is None:
+            conn = self.state.engine.connect()  # autocommit: LISTEN takes effect at once
+            try:
+                conn.exec_driver_sql(f"LISTEN {CHANNEL}")
+            except Exception:
+                conn.close()
+                raise
+            self.conn = conn
+        return self.conn.connection.dbapi_connection
+
+    def wait(self, timeout: float) -> None:
+        try:
+            raw = self.listen()
+            if hasattr(raw, "poll"):  # psycopg2
+                if select.select([raw], [], [], timeout)[0]:
+                    raw.poll()
+                    raw.notifies.clear()
+            else:  # psycopg 3
+                for _ in raw.notifies(timeout=timeout, stop_after=1):
+                    pass
+        except Exception as exc:  # a lost connection: sleep this round, listen again on the next
+            logger.warning("outbox drainer: LISTEN failed, polling this round: %s", _error_line(exc))
+            self.close()
+            time.sleep(timeout)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            with contextlib.suppress(Exception):
+                conn.close()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import threading
 from typing import Any
 
 import click
@@ -55,15 +54,18 @@ def drain_command(once: bool, interval: float | None, limit: int, as_json: bool)
             lambda d: click.echo(f"delivered {d['delivered']}, failed {d['failed']}, dead {d['dead']}"),
         )
         return
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         logger.info("outbox drainer: following every %ss", interval)
-        outbox.follow(interval=interval, limit=limit, stop=stop.is_set, wait=stop.wait)
+        outbox.follow(interval=interval, limit=limit)
     except KeyboardInterrupt:
-        pass
+        pass  # SIGTERM or ^C: a delivery cut short keeps its lease, and the next drainer delivers that job
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # out of a LISTEN's wait too, which a flag would only end at the interval
 
 
 outbox_group = OperatorGroup("outbox", help="List, show, redeliver and discard outbox jobs.")

@@ -743,3 +743,45 @@ def test_three_concurrent_drainers_deliver_every_job_exactly_once(
     assert {j["state"] for j in rows} == {"DELIVERED"} and all(j["attempts"] == 1 for j in rows)
     delivered = [call["task_id"] for call in task.calls]
     assert sorted(delivered) == sorted(j["key"] for j in rows)  # each job handed to the broker once
+
+
+@pytest.mark.usefixtures("no_hand_off")
+@pytest.mark.parametrize("database_url", ["postgresql", "postgresql-psycopg"], indirect=True)
+def test_a_following_drainer_on_postgresql_wakes_on_the_commits_notify_not_at_its_interval(app: Flask) -> None:
+    idempotency: Idempotency = ext(app)["idempotency"]
+    delivered = threading.Event()
+    stopping = threading.Event()
+
+    @idempotency.handler("wake")
+    def wake(n: int) -> None:
+        delivered.set()
+
+    def follow() -> None:
+        with app.app_context():
+            idempotency.outbox.follow(interval=60.0, stop=stopping.is_set)
+
+    drainer = threading.Thread(target=follow, daemon=True)
+    drainer.start()
+    with app.app_context(), ext(app)["db"].engine.connect() as conn:
+        listening = sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = :q"
+        ).bindparams(q="LISTEN idempotency_outbox")
+        for _ in range(200):  # until the drainer listens (a condition, not an ordering hoped for)
+            if conn.execute(listening).scalar():
+                break
+            conn.rollback()  # pg_stat_activity is a snapshot per transaction
+            stopping.wait(0.05)
+        assert conn.execute(listening).scalar() == 1
+
+    with app.app_context():
+        idempotency.stage("wake", 1)
+        ext(app)["db"].session.commit()
+    assert delivered.wait(15), "the drainer slept through the NOTIFY (its interval is 60 s)"
+
+    stopping.set()
+    with app.app_context():  # wakes it once more, to see it stop
+        idempotency.stage("wake", 2)
+        ext(app)["db"].session.commit()
+    drainer.join(15)
+    assert not drainer.is_alive()
+    assert [j["state"] for j in jobs(app)][0] == "DELIVERED"
