@@ -34,6 +34,7 @@ from sqlalchemy.engine import Row
 
 from .constants import ConfigKey, EventKind
 from .context import get_current
+from .errors import SchemaVersionError
 from .models import storable_text
 from .operations import RecordChanged, RecordNotFound, TransitionError
 from .outbox_store import JobState, OutboxStore
@@ -104,12 +105,27 @@ class Outbox:
         self.tasks: dict[str, Any] = {}
         self._stores: weakref.WeakKeyDictionary[AppState, OutboxStore] = weakref.WeakKeyDictionary()
         self._sessions: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._tables_seen: weakref.WeakSet[AppState] = weakref.WeakSet()
 
     def store(self, state: AppState) -> OutboxStore:
         store = self._stores.get(state)
         if store is None:
             store = self._stores[state] = OutboxStore(state.tables.outbox, state.store.offset)
         return store
+
+    def check_table(self, state: AppState) -> None:
+        """Once per process: a database without the outbox table is a :class:`SchemaVersionError` naming the fix,
+        at the first ``stage()``, instead of a failed INSERT in the middle of the caller's transaction."""
+        if state in self._tables_seen:
+            return
+        with state.engine.connect() as conn:
+            present = sa.inspect(conn).has_table(state.tables.outbox.name)
+        if not present:
+            raise SchemaVersionError(
+                f"there is no {state.tables.outbox.name} table: create it with `flask idempotency upgrade-schema`,"
+                " or a migration that calls flask_idempotent.migrations.create_outbox(op) (docs: The outbox)"
+            )
+        self._tables_seen.add(state)
 
     @staticmethod
     def check_config(config: Mapping[str, Any]) -> None:
@@ -201,6 +217,7 @@ class Outbox:
         if not has_app_context():
             raise RuntimeError("stage() needs an app context: it writes through the app's db.session")
         state = app_state()
+        self.check_table(state)
         ctx = get_current()
         scope = ctx.command.scope if ctx is not None and ctx.claimed else ""
         key = f"outbox:{uuid.uuid4().hex}"

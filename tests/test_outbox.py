@@ -24,7 +24,7 @@ from flask import Flask, jsonify, request
 from flask.testing import FlaskClient
 from helpers import ext, post
 
-from flask_idempotent import Idempotency, idempotent, outbox_key
+from flask_idempotent import Idempotency, SchemaVersionError, idempotent, outbox_key
 from flask_idempotent.metrics import instrument_prometheus
 from flask_idempotent.outbox_store import JobState
 
@@ -785,3 +785,17 @@ def test_a_following_drainer_on_postgresql_wakes_on_the_commits_notify_not_at_it
     drainer.join(15)
     assert not drainer.is_alive()
     assert [j["state"] for j in jobs(app)][0] == "DELIVERED"
+
+
+@pytest.mark.usefixtures("effects")
+def test_staging_without_the_outbox_table_names_the_command_that_creates_it(app: Flask) -> None:
+    with app.app_context():
+        ext(app)["idempotency"].state().tables.outbox.drop(ext(app)["db"].engine)
+        with pytest.raises(SchemaVersionError, match="flask idempotency upgrade-schema"):
+            ext(app)["idempotency"].stage("reindex", 1)
+    result = app.test_cli_runner().invoke(args=["idempotency", "upgrade-schema", "--json"])
+    assert json.loads(result.output) == {"added": ["idempotency_outbox"]}
+    with app.app_context():
+        ext(app)["idempotency"].stage("reindex", 1)
+        ext(app)["db"].session.commit()
+    assert [j["args"] for j in jobs(app)] == [[1]]
