@@ -249,7 +249,7 @@ class Outbox:
         else:
             batch.keys.append(key)
         self.store(state).insert(session, values, delay=delay, eta=when, lease=lease)
-        if lease is None and not delay and when is None and state.db.engine.dialect.name == "postgresql":
+        if lease is None and not delay and when is None and _engine(state).dialect.name == "postgresql":
             # A job for the drainer now: wake a following drainer when this transaction commits (PostgreSQL
             # delivers a NOTIFY only then, and once per transaction for the same payload).
             session.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
@@ -405,7 +405,7 @@ class Outbox:
         per interval, never the end of the loop. On PostgreSQL the drainer LISTENs on :data:`CHANNEL` between
         rounds and drains at once when a commit staged a job for it (``wait``: how to wait instead)."""
         state = app_state()
-        listener = _Listener(state) if wait is None and state.db.engine.dialect.name == "postgresql" else None
+        listener = _Listener(state) if wait is None and _engine(state).dialect.name == "postgresql" else None
         if listener is not None:
             listener.listen()  # before the first round: a job committed after it wakes the next wait
         try:
@@ -452,7 +452,7 @@ class Outbox:
         """``redeliver`` or ``discard`` a job under :func:`refusal`'s rules, versioned and audited."""
         state = app_state()
         store = self.store(state)
-        with state.db.engine.begin() as conn:
+        with _engine(state).begin() as conn:
             row = store.get(conn, job_id)
             if row is None:
                 raise RecordNotFound(f"no outbox job {job_id}")
@@ -514,11 +514,17 @@ def _error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def _engine(state: AppState) -> sa.Engine:
+    """The engine of the database that holds the outbox table: the records' (the outbox is staged in the same
+    transaction as an atomic view's record, so it lives where the records live)."""
+    return state.db.engine
+
+
 @contextlib.contextmanager
 def _take_connection(state: AppState) -> Iterator[sa.Connection]:
     """A connection of the app's engine for a take's transaction: READ COMMITTED on PostgreSQL and MariaDB (no
     gap locks that would hold a staging INSERT while a take is open); SQLite as it is."""
-    with state.db.engine.connect() as conn:
+    with _engine(state).connect() as conn:
         yield conn if conn.dialect.name == "sqlite" else conn.execution_options(isolation_level="READ COMMITTED")
 
 
@@ -527,7 +533,7 @@ def _mark_connection(state: AppState) -> Iterator[sa.Connection]:
     """A transaction for marking a job delivered or failed: on PostgreSQL committed without waiting for its WAL
     flush. A database crash can lose the mark of the last moments: the job is then delivered again, which its
     keyed consumer makes harmless (at least once), and never lost."""
-    with state.db.engine.begin() as conn:
+    with _engine(state).begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SET LOCAL synchronous_commit = off"))
         yield conn
