@@ -32,6 +32,7 @@ from .errors import (
     TransientError,
 )
 from .extension import Idempotency
+from .outbox import outbox_key
 
 __all__ = [
     "AtomicViewCommitted",
@@ -57,6 +58,7 @@ __all__ = [
     "TransientError",
     "current_record",
     "idempotent",
+    "outbox_key",
 ]
 
 

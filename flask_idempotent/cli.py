@@ -633,6 +633,12 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
 )
 @json_option
 def purge_command(batch_size: int, max_batches: int | None, pause: float, as_json: bool) -> None:
-    """Delete expired COMPLETED and FAILED records in batches (run it on a schedule)."""
+    """Delete expired COMPLETED and FAILED records, and delivered outbox jobs past their ttl, in batches (run it
+    on a schedule)."""
     deleted = ops.purge(batch_size=batch_size, max_batches=max_batches, pause=pause)
-    _emit({"deleted": deleted}, as_json, lambda d: click.echo(f"deleted {d['deleted']} expired records"))
+    jobs = ops.purge_outbox(batch_size=batch_size, max_batches=max_batches, pause=pause)
+    _emit(
+        {"deleted": deleted, "outbox_deleted": jobs},
+        as_json,
+        lambda d: click.echo(f"deleted {d['deleted']} expired records and {d['outbox_deleted']} delivered jobs"),
+    )

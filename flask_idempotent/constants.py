@@ -33,6 +33,8 @@ class ConfigKey:
     OUTCOME_SYNCHRONOUS_COMMIT = "IDEMPOTENCY_OUTCOME_SYNCHRONOUS_COMMIT"
     ENABLED = "IDEMPOTENCY_ENABLED"
     BIND_KEY = "IDEMPOTENCY_BIND_KEY"
+    OUTBOX_MAX_ATTEMPTS = "IDEMPOTENCY_OUTBOX_MAX_ATTEMPTS"
+    OUTBOX_HANDOFF_SECONDS = "IDEMPOTENCY_OUTBOX_HANDOFF_SECONDS"
 
 
 #: Defaults applied with ``app.config.setdefault`` in ``init_app``.
@@ -67,6 +69,10 @@ DEFAULTS: dict[str, object] = {
     ConfigKey.ENABLED: True,
     # The Flask-SQLAlchemy bind (a key of SQLALCHEMY_BINDS) that holds the records; None: the default engine.
     ConfigKey.BIND_KEY: None,
+    # The outbox (docs: "The outbox"): failed deliveries of a job before it is dead (an operator decides), and the
+    # most a commit waits for its own jobs' hand-off before the response goes on (the rest is the drainer's).
+    ConfigKey.OUTBOX_MAX_ATTEMPTS: 10,
+    ConfigKey.OUTBOX_HANDOFF_SECONDS: 2.0,
 }
 
 #: Methods the layer protects; the key is ignored on every other method.
@@ -99,5 +105,8 @@ class EventKind(str, enum.Enum):
     MARK_FAILED = "mark_failed"
     ACKNOWLEDGE = "acknowledge"
     RELEASE = "release"
+    #: Operator actions on an outbox job (``record_id`` is NULL; ``detail["job"]`` is the job's id).
+    OUTBOX_REDELIVER = "outbox_redeliver"
+    OUTBOX_DISCARD = "outbox_discard"
     #: Not about one record: how many replays a process answered (``detail["count"]``), for the overview's chart.
     REPLAYS = "replays"

@@ -6,17 +6,18 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flask import Flask, current_app, has_app_context
 
-from . import openapi, pipeline
+from . import openapi, outbox_cli, outbox_dashboard, pipeline  # noqa: F401 - outbox_*: add the commands and page
 from .binds import WRITE_BINDS
 from .cli import cli
 from .constants import DEFAULTS, ConfigKey
 from .dashboard import init_dashboard
 from .errors import check_docs_url
+from .outbox import Outbox
 from .state import AppState, Callbacks, app_state, register
 from .tasks import Operation, command_of, run_once, task_decorator
 
@@ -28,13 +29,14 @@ AccessCheck = TypeVar("AccessCheck", bound=Callable[[], Any])
 Labeler = TypeVar("Labeler", bound=Callable[[str], Any])
 Finder = TypeVar("Finder", bound=Callable[[str], Any])
 Linker = TypeVar("Linker", bound=Callable[[Any], Any])
+Handler = TypeVar("Handler", bound=Callable[..., Any])
 
 
 class Idempotency:
     """The Flask extension: protects views marked with :func:`idempotent`.
 
     ``init_app(app, db)`` registers the request hooks, the ``flask idempotency`` CLI group and the dashboard
-    blueprint, and adds the extension's tables to ``db.metadata``.
+    blueprint, and adds the extension's tables to the metadata of the records' bind (``db.metadata`` by default).
 
     ``clock_offset`` (a callable returning seconds or a ``timedelta``) is for tests that need a lease to run
     out: it is added to the database's clock, which decides every lease, expiry and "stuck"
@@ -51,6 +53,8 @@ class Idempotency:
         self.clock_offset = clock_offset
         self._callbacks = Callbacks()
         self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
+        #: The outbox's handlers and its operator functions (``jobs``, ``show``, ``stats``, ``act``).
+        self.outbox = Outbox()
         if app is not None:
             if db is None:
                 raise TypeError("Idempotency(app, db) needs the app's Flask-SQLAlchemy instance")
@@ -63,11 +67,13 @@ class Idempotency:
         for name, value in DEFAULTS.items():
             app.config.setdefault(name, value)
         check_docs_url(app.config[ConfigKey.DOCS_URL])
+        self.outbox.check_config(app.config)
         register(app, AppState(app, db, self._callbacks, self.clock_offset))
         self._apps.add(app)
         app.extensions["idempotency"] = self
         pipeline.COMMIT_GUARD.install(db)
         WRITE_BINDS.install(db)
+        self.outbox.install(db)
         app.cli.add_command(cli)
         init_dashboard(app)
         app.before_request(pipeline.before_request)
@@ -216,11 +222,53 @@ class Idempotency:
         ):
             yield operation
 
+    # The outbox -------------------------------------------------------------------------------------------
+
+    def stage(
+        self,
+        target: Any,
+        *args: Any,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        ordered: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """Stage a job in ``db.session``'s transaction; it is handed on after that transaction commits.
+
+        docs: "The outbox". ``target`` is a Celery task (anything with ``name`` and ``apply_async``), a function
+        registered with :meth:`handler`, or a handler's name; ``args`` and ``kwargs`` are JSON. Anything else is
+        a ``TypeError`` here, at the call, and nothing is staged. A rolled-back transaction stages nothing.
+        ``countdown`` (seconds, by the database's clock) or ``eta`` (a datetime; naive means UTC) delay it;
+        ``ordered=True``: the scope's ordered jobs are delivered in staging order. The scope is the protected
+        request's (``current_record.scope``), else ``""``. Returns the job's key (``outbox:<uuid>``), which its
+        delivery carries: the Celery task id, or the ``once()`` key a handler runs under.
+        """
+        return self.outbox.stage(target, args, kwargs, countdown=countdown, eta=eta, ordered=ordered)
+
+    def handler(self, name: str) -> Callable[[Handler], Handler]:
+        """Register an outbox handler: work that is not a Celery task, staged with ``stage(func, ...)`` or
+        ``stage("name", ...)``. Each delivery runs it under ``once(scope, job key)``: a job delivered twice runs it
+        once. A handler that raises is a failed delivery (retried with backoff, then dead)."""
+        return self.outbox.handler(name)
+
+    def drain(self, *, limit: int = 100, max_batches: int | None = None) -> dict[str, int]:
+        """Deliver the outbox's due jobs (for a periodic task; ``flask idempotency drain`` on the command line).
+
+        Jobs are taken under leases, ``limit`` per batch (``FOR UPDATE SKIP LOCKED`` on PostgreSQL and MariaDB:
+        drainers on several hosts never take one job; SQLite: one drainer), until a batch comes back short or
+        after ``max_batches``. Returns the counts ``delivered``, ``failed`` (retried later, with backoff) and
+        ``dead`` (``IDEMPOTENCY_OUTBOX_MAX_ATTEMPTS`` reached). Outside an app context it pushes the context of
+        the app it was registered on.
+        """
+        _, app_context = self._bound()
+        with app_context():
+            return self.outbox.drain(limit=limit, max_batches=max_batches)
+
     def create_all(self) -> None:
         """Create the extension's tables if missing, on the records' bind (apps without migrations; needs an app
         context)."""
         state = app_state()
-        tables = [state.tables.records, state.tables.events]
+        tables = [state.tables.records, state.tables.events, state.tables.outbox]
         state.tables.records.metadata.create_all(state.records_engine, tables=tables)
 
 

@@ -100,6 +100,11 @@ FAILED_RECORDS = "idempotency_failed_records"
 #: Prometheus: records awaiting an operator's decision (stuck, plus final failures nobody acknowledged): the
 #: number a pager watches. ``idempotency_failed_records{retryable="false"}`` still counts acknowledged ones.
 AWAITING_DECISION_RECORDS = "idempotency_awaiting_decision_records"
+#: Prometheus: outbox jobs not yet delivered, the age in seconds of the oldest of them (0 without one), and dead
+#: jobs (an operator decides): read at scrape time like the record gauges (docs: "The outbox").
+OUTBOX_PENDING = "idempotency_outbox_pending"
+OUTBOX_OLDEST_SECONDS = "idempotency_outbox_oldest_seconds"
+OUTBOX_DEAD = "idempotency_outbox_dead"
 
 _EXTENSION = "idempotency_metrics"
 _lock = threading.Lock()
@@ -189,7 +194,7 @@ class StoreGauges:
         self._app = weakref.ref(app)
 
     def describe(self) -> list[Metric]:
-        return list(_gauge_families())
+        return [*_gauge_families(), *_outbox_families()]
 
     def collect(self) -> list[Metric]:
         app = self._app()
@@ -208,7 +213,7 @@ class StoreGauges:
         failed.add_metric(["true"], numbers["failed_retryable"])
         failed.add_metric(["false"], numbers["failed_final"])
         awaiting.add_metric([], numbers["stuck"] + numbers["awaiting_decision"])
-        return [stuck, failed, awaiting]
+        return [stuck, failed, awaiting, *_outbox_gauges(app)]
 
 
 @dataclass
@@ -280,6 +285,29 @@ def prometheus_view(registry: CollectorRegistry | None = None) -> Callable[[], R
 
 
 # Helpers -------------------------------------------------------------------------------------------------------
+
+
+def _outbox_gauges(app: Flask) -> list[Metric]:
+    """The outbox gauges, or none when the outbox cannot be read (logged; the record gauges still go out)."""
+    try:
+        with app.app_context():
+            numbers = app.extensions["idempotency"].outbox.stats()
+    except Exception as exc:  # e.g. an installation that has not created the outbox table
+        logger.warning("idempotency outbox gauges skipped in this scrape: %s", _error_line(exc))
+        return []
+    pending, oldest, dead = _outbox_families()
+    pending.add_metric([], numbers["pending"])
+    oldest.add_metric([], numbers["oldest_seconds"])
+    dead.add_metric([], numbers["dead"])
+    return [pending, oldest, dead]
+
+
+def _outbox_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    return (
+        GaugeMetricFamily(OUTBOX_PENDING, "Outbox jobs staged and not yet delivered (dead ones not included)."),
+        GaugeMetricFamily(OUTBOX_OLDEST_SECONDS, "Age of the oldest pending outbox job, by the database's clock."),
+        GaugeMetricFamily(OUTBOX_DEAD, "Outbox jobs that failed IDEMPOTENCY_OUTBOX_MAX_ATTEMPTS deliveries."),
+    )
 
 
 def _gauge_families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:

@@ -14,6 +14,9 @@ MySQL and MariaDB: :func:`mysql_column_types` gives tables that a migration writ
 created there the column types the models now carry for it, and :func:`mysql_no_pad_collation` scopes and keys
 compared byte for byte where an older release created them ``utf8mb4_bin`` (no schema version of their own:
 elsewhere nothing changes). ``upgrade_schema`` does the latter too.
+
+The outbox (docs: "The outbox") is a table of its own beside schema version 2: :func:`create_outbox` in a
+revision, or ``upgrade_schema``, creates ``idempotency_outbox`` where it is missing.
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.schema import CreateColumn
 
-from .models import RECORDS_TABLE, define_tables, no_pad_collation, v2_columns
+from .models import (
+    OUTBOX_INDEXES,
+    OUTBOX_TABLE,
+    RECORDS_TABLE,
+    define_outbox,
+    define_tables,
+    no_pad_collation,
+    outbox_columns,
+    v2_columns,
+)
 
 #: SQLAlchemy's names for a MySQL or MariaDB server.
 _MYSQL_DIALECTS = ("mysql", "mariadb")
@@ -41,6 +53,18 @@ def downgrade_2_to_1(op: Any) -> None:
     with op.batch_alter_table(RECORDS_TABLE) as batch:
         for column in reversed(v2_columns()):
             batch.drop_column(column.name)
+
+
+def create_outbox(op: Any) -> None:
+    """Call from an Alembic revision's ``upgrade()``: creates the ``idempotency_outbox`` table and its indexes."""
+    op.create_table(OUTBOX_TABLE, *outbox_columns())
+    for name, columns in OUTBOX_INDEXES:
+        op.create_index(name, OUTBOX_TABLE, list(columns))
+
+
+def drop_outbox(op: Any) -> None:
+    """Call from an Alembic revision's ``downgrade()``: drops the outbox table (its jobs with it)."""
+    op.drop_table(OUTBOX_TABLE)
 
 
 def mysql_column_types(op: Any) -> None:
@@ -89,7 +113,7 @@ def upgrade_schema(engine: sa.Engine) -> list[str]:
     For apps without migrations (``create_all``). Each missing column of a later version is added with
     ``ALTER TABLE ... ADD COLUMN`` in one transaction; a table already current is left alone. On MySQL and
     MariaDB, scopes and keys in another collation get the NO PAD binary one (as :func:`mysql_no_pad_collation`),
-    listed as ``table.column COLLATE name``.
+    listed as ``table.column COLLATE name``. A missing outbox table is created (listed as its name).
     """
     with engine.begin() as conn:
         inspector = sa.inspect(conn)
@@ -107,6 +131,9 @@ def upgrade_schema(engine: sa.Engine) -> list[str]:
             added.append(column.name)
         if conn.dialect.name in _MYSQL_DIALECTS:
             added += _no_pad_names(conn)
+        if not inspector.has_table(OUTBOX_TABLE):
+            define_outbox(sa.MetaData()).create(conn)
+            added.append(OUTBOX_TABLE)
     return added
 
 

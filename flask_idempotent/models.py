@@ -1,6 +1,7 @@
-"""The extension's tables: ``idempotency_records`` and ``idempotency_events``.
+"""The extension's tables: ``idempotency_records``, ``idempotency_events`` and ``idempotency_outbox``.
 
-They are defined on the application's own ``db.metadata`` so ``db.create_all()``, Flask-Migrate and Alembic's
+They are defined on the metadata of the records' bind (the application's own ``db.metadata``, or
+``db.metadatas[IDEMPOTENCY_BIND_KEY]``) so ``db.create_all()``, Flask-Migrate and Alembic's
 autogenerate see them like the app's own tables (and never try to drop them). Times are naive UTC.
 
 Schema version 2 (version 1 plus ``version``, ``kind``, ``summary``, ``acknowledged_at`` and
@@ -22,6 +23,10 @@ SCHEMA_VERSION = 2
 
 RECORDS_TABLE = "idempotency_records"
 EVENTS_TABLE = "idempotency_events"
+#: Jobs staged with ``idempotency.stage()`` (docs: "The outbox"). A table of its own, added beside the records'
+#: schema version 2: installations that never stage a job need nothing; the others create it (a migration that
+#: calls ``flask_idempotent.migrations.create_outbox``, or ``flask idempotency upgrade-schema``).
+OUTBOX_TABLE = "idempotency_outbox"
 
 _BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")  # SQLite autoincrements INTEGER only
 
@@ -123,6 +128,7 @@ class Tables:
 
     records: sa.Table
     events: sa.Table
+    outbox: sa.Table
 
 
 def define_tables(metadata: sa.MetaData, bind_key: str | None = None) -> Tables:
@@ -133,7 +139,7 @@ def define_tables(metadata: sa.MetaData, bind_key: str | None = None) -> Tables:
     says the same for tools that read it from the table (docs: "Where records live").
     """
     if RECORDS_TABLE in metadata.tables:
-        return Tables(metadata.tables[RECORDS_TABLE], metadata.tables[EVENTS_TABLE])
+        return Tables(metadata.tables[RECORDS_TABLE], metadata.tables[EVENTS_TABLE], metadata.tables[OUTBOX_TABLE])
     info = {"bind_key": bind_key}
     records = sa.Table(
         RECORDS_TABLE,
@@ -191,4 +197,53 @@ def define_tables(metadata: sa.MetaData, bind_key: str | None = None) -> Tables:
         sa.Index("ix_idempotency_events_scope_key", "scope", "key"),
         info=dict(info),
     )
-    return Tables(records, events)
+    return Tables(records, events, define_outbox(metadata, bind_key))
+
+
+def define_outbox(metadata: sa.MetaData, bind_key: str | None = None) -> sa.Table:
+    """The outbox table on ``metadata``, next to the records (it commits with an atomic view's record): one row
+    per staged job (docs: "The outbox")."""
+    return sa.Table(
+        OUTBOX_TABLE,
+        metadata,
+        *outbox_columns(),
+        *(sa.Index(name, *columns) for name, columns in OUTBOX_INDEXES),
+        info={"bind_key": bind_key},
+    )
+
+
+#: The outbox's indexes: what a drainer takes (PENDING jobs that are due, in staging order); the earlier PENDING
+#: ordered jobs of a scope, which an ordered job waits for; delivered jobs to purge.
+OUTBOX_INDEXES = (
+    ("ix_idempotency_outbox_state_available_at", ("state", "available_at")),
+    ("ix_idempotency_outbox_scope_id", ("scope", "id")),
+    ("ix_idempotency_outbox_expires_at", ("expires_at",)),
+)
+
+
+def outbox_columns() -> list[Any]:
+    """The outbox's columns and unique constraint, new objects on each call (a migration creates them)."""
+    return [
+        sa.Column("id", _BigId, primary_key=True, autoincrement=True),
+        sa.Column("scope", _name(255), nullable=False),
+        # The job's key (``outbox:<uuid>``): the Celery task id of its delivery, the once() key of a handler's.
+        sa.Column("key", _name(255), nullable=False),
+        sa.Column("target", sa.String(255), nullable=False),  # the Celery task's or the handler's name
+        sa.Column("kind", sa.String(16), nullable=False),  # celery | handler
+        sa.Column("args", sa.JSON(), nullable=False),
+        sa.Column("kwargs", sa.JSON(), nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),  # PENDING | DELIVERED | DEAD
+        sa.Column("attempts", sa.Integer(), nullable=False, default=0),
+        # +1 on every write: every change is a compare-and-set on (id, version), a delivery's also on its lease.
+        sa.Column("version", sa.Integer(), nullable=False, default=1),
+        sa.Column("lease_token", sa.String(64), nullable=True),
+        sa.Column("locked_until", _Time, nullable=True),
+        sa.Column("available_at", _Time, nullable=False),  # countdown/eta and backoff: not delivered before
+        sa.Column("ordered", sa.Boolean(), nullable=False, default=False),
+        sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("created_at", _Time, nullable=False),
+        sa.Column("updated_at", _Time, nullable=False),
+        sa.Column("delivered_at", _Time, nullable=True),
+        sa.Column("expires_at", _Time, nullable=True),  # set on delivery: purged after the ttl
+        sa.UniqueConstraint("key", name="uq_idempotency_outbox_key"),
+    ]

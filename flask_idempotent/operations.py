@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -27,6 +27,7 @@ from .decorator import RouteOptions, route_options
 from .display import visible
 from .machine import Action, TransitionError, lease_holder, operator_transition, record_ttl
 from .models import storable_text
+from .outbox_store import OutboxStore
 from .state import AppState, app_state
 from .store import COUNT_LIMIT, LOST_RACE_ATTEMPTS, lost_race, retry_lost_race
 
@@ -621,17 +622,42 @@ def purge(*, batch_size: int = 1000, max_batches: int | None = None, pause: floa
     if pause < 0:
         raise ValueError("pause must not be negative")
     state = _state()
+    total = _in_batches(
+        lambda: retry_lost_race(lambda: _purge_batch(state, batch_size)), batch_size, max_batches, pause
+    )
+    with state.records_engine.begin() as conn:  # the replay counts behind the overview's last-24-hours chart
+        state.store.purge_replays(conn, REPLAY_COUNTS_KEPT.total_seconds())
+    return total
+
+
+def purge_outbox(*, batch_size: int = 1000, max_batches: int | None = None, pause: float = PURGE_PAUSE) -> int:
+    """Delete DELIVERED outbox jobs past their ttl (docs: "The outbox") in batches, as :func:`purge` does
+    records; return how many. PENDING and DEAD jobs are never purged. Without an outbox table: 0."""
+    state = _state()
+    with state.records_engine.connect() as conn:
+        if not sa.inspect(conn).has_table(state.tables.outbox.name):
+            return 0
+    store = OutboxStore(state.tables.outbox, state.store.offset)
+
+    def batch() -> int:
+        with state.records_engine.begin() as conn:
+            return store.purge_batch(conn, batch_size)
+
+    return _in_batches(batch, batch_size, max_batches, pause)
+
+
+def _in_batches(batch: Callable[[], int], batch_size: int, max_batches: int | None, pause: float) -> int:
+    """Run ``batch()`` (deleting up to ``batch_size``) until one comes back short or after ``max_batches``,
+    resting ``pause`` seconds between batches; return the total deleted."""
     total = batches = 0
     while max_batches is None or batches < max_batches:
-        deleted = retry_lost_race(lambda: _purge_batch(state, batch_size))
+        deleted = batch()
         total += deleted
         batches += 1
         if deleted < batch_size or batches == max_batches:
             break
         if pause:
             time.sleep(pause)
-    with state.records_engine.begin() as conn:  # the replay counts behind the overview's last-24-hours chart
-        state.store.purge_replays(conn, REPLAY_COUNTS_KEPT.total_seconds())
     return total
 
 

@@ -26,7 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from flask_idempotent import ConfigurationError, Idempotency, idempotent
 from flask_idempotent import operations as ops
 
-TABLES = {"idempotency_records", "idempotency_events"}
+TABLES = {"idempotency_records", "idempotency_events", "idempotency_outbox"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -241,7 +241,7 @@ def test_the_cli_and_the_operations_read_and_purge_the_bind(
     app.extensions["test"]["clock"].value = timedelta(days=2)  # past the 24 h ttl
     purged = runner.invoke(args=["idempotency", "purge", "--json"])
     assert purged.exit_code == 0, purged.output
-    assert json.loads(purged.output) == {"deleted": 1}
+    assert json.loads(purged.output) == {"deleted": 1, "outbox_deleted": 0}
     assert rows(records, "idempotency_records") == []
     assert len(rows(default, "charges")) == 1
 
