@@ -50,10 +50,12 @@ from .errors import (
     ResponseNotStored,
     ScopeError,
     StoreUnavailable,
+    problem_class,
 )
 from .fingerprint import BodyTooLarge, custom_command, hash_command, limit_body, request_fingerprint
 from .keys import KeyFormatError, parse_key
 from .machine import (
+    ANSWERS,
     CLAIMING,
     Claim,
     Command,
@@ -61,7 +63,7 @@ from .machine import (
     claim_existing,
     claim_new,
     classify_exception,
-    classify_status,
+    classify_response,
     decide,
     keeps_view_writes,
     lease_holder,
@@ -300,20 +302,21 @@ def _claim(ctx: RequestContext) -> ResponseReturnValue | None:
 
 
 def _answer(ctx: RequestContext, decision: Decision, row: Row[Any] | None) -> Response:
-    """The answer to a request that may not claim its key: the replay, or the problem it raises."""
-    state, options = ctx.state, ctx.options
-    if decision is Decision.REPLAY:
+    """The answer to a request that may not claim its key (``machine.ANSWERS``): the replay, or its problem."""
+    state, rule = ctx.state, ANSWERS[decision]
+    if rule.problem is None:
         assert row is not None
         return _replay(ctx, row)
+    if row is not None and rule.event is not None:
+        client_event(ctx, row, rule.event)
     if decision is Decision.CONFLICT:
         assert row is not None
-        client_event(ctx, row, EventKind.CONFLICT)
         signals.key_conflict.send(_app(), record=RecordView.of(row._mapping))
-        raise KeyReused(
+        detail = (
             f"This {state.header} was first used for {row.method} {row.path} with a different request."
             " Use a new key for a new request."
         )
-    if decision is Decision.STUCK:
+    elif decision is Decision.STUCK:
         assert row is not None
         logger.warning(
             "record %s (key %r, scope %r) is stuck: its lease (held by %s) expired without an outcome;"
@@ -323,17 +326,17 @@ def _answer(ctx: RequestContext, decision: Decision, row: Row[Any] | None) -> Re
             row.scope,
             lease_holder(row.lease_token) or "an unnamed process",
         )
-        client_event(ctx, row, EventKind.STALE_HIT)
-        raise RecordStuck(
+        detail = (
             "The first request with this key stopped without recording an outcome. It may have had an"
             " effect, so it is not run again until an operator decides."
         )
-    if row is not None:
-        client_event(ctx, row, EventKind.IN_PROGRESS_HIT)
-    raise RequestInProgress(
-        "A request with this key is still being processed. Retry after the time in Retry-After.",
-        retry_after=state.retry_after,
-        status=options.in_progress_status,
+    else:
+        detail = "A request with this key is still being processed. Retry after the time in Retry-After."
+    later = rule.retry_later  # an in-progress answer: when to retry, in the route's status (409 or 202)
+    raise problem_class(rule.problem)(
+        detail,
+        retry_after=state.retry_after if later else None,
+        status=ctx.options.in_progress_status if later else None,
     )
 
 
@@ -623,10 +626,7 @@ def after_request(response: BaseResponse) -> BaseResponse:
         _report(ctx, "executed")
         _rollback_quietly(ctx.state)
         return _atomic_lost_race(ctx, exc)
-    if exc is not None and isinstance(exc, ctx.options.transient):
-        state, retryable = State.FAILED, True
-    else:
-        state, retryable = classify_status(response.status_code, atomic=ctx.atomic)
+    state, retryable = classify_response(response.status_code, exc, ctx.options.transient, atomic=ctx.atomic)
     return _settle(ctx, response, state, retryable, error=describe_error(exc))
 
 
@@ -809,7 +809,7 @@ def _stored_while_sent(
         if broken is not None:
             values.update(
                 state=State.FAILED.value,
-                retryable=ctx.atomic,
+                retryable=classify_exception(broken, (), atomic=ctx.atomic),  # the view's effect may have happened
                 response_status=500,
                 error=describe_error(broken) if not isinstance(broken, GeneratorExit) else "the client left mid-stream",
             )
