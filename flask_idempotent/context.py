@@ -15,10 +15,10 @@ from typing import Any
 from flask import has_request_context, request
 from werkzeug.local import LocalProxy
 
+from .dberrors import retry_lost_race
 from .errors import LeaseLost
 from .machine import Command
 from .state import AppState, Resolved, app_state
-from .store import retry_lost_race
 
 _ENVIRON_KEY = "flask_idempotent.request"
 UNSET: Any = object()

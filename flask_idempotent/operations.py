@@ -23,12 +23,13 @@ from flask import current_app
 
 from . import signals
 from .context import RecordView
+from .dberrors import LOST_RACE_ATTEMPTS, lost_race, retry_lost_race
 from .decorator import RouteOptions, route_options
 from .display import visible
 from .machine import Action, TransitionError, lease_holder, operator_transition, record_ttl
 from .models import storable_text
 from .state import AppState, app_state
-from .store import COUNT_LIMIT, LOST_RACE_ATTEMPTS, lost_race, retry_lost_race
+from .store import COUNT_LIMIT
 
 logger = logging.getLogger("flask_idempotent")
 

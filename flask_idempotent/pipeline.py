@@ -20,9 +20,10 @@ from sqlalchemy.engine import Row
 from werkzeug.exceptions import HTTPException, InternalServerError, NotFound
 from werkzeug.wrappers import Response as BaseResponse
 
-from . import binds, signals
+from . import binds, dberrors, signals
 from .constants import REPLAYED_HEADER, UNSAFE_METHODS, ConfigKey, EventKind, State
 from .context import UNSET, RecordView, RequestContext, get_current, set_current
+from .dberrors import LOST_RACE_ATTEMPTS, STORE_ERRORS, is_lock_wait, lost_race, pause_after_lost_race, retry_lost_race
 from .decorator import (
     RouteOptions,
     hidden,
@@ -72,7 +73,7 @@ from .machine import (
 )
 from .models import storable_text
 from .state import AppState, Resolved, app_state
-from .store import LOST_RACE_ATTEMPTS, Executor, dialect_of, lost_race, pause_after_lost_race, retry_lost_race
+from .store import Executor, dialect_of
 
 logger = logging.getLogger("flask_idempotent")
 
@@ -355,7 +356,7 @@ def claim_once(ctx: RequestContext) -> _Answer:
                 return decision, row
             with state.engine.connect() as conn:
                 return _decide_and_claim(ctx, conn, write)
-        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+        except STORE_ERRORS as exc:
             if ctx.atomic:
                 _rollback_quietly(state)  # the claim was in the rolled-back transaction: nothing was written
             if not lost_race(exc):
@@ -365,7 +366,9 @@ def claim_once(ctx: RequestContext) -> _Answer:
             if ctx.claimed and not ctx.atomic:
                 return None, None  # the claim had committed; what lost came after it (the takeover's event)
             _unclaim(ctx)
-            logger.info("the claim of %r lost a race (%s); deciding again", ctx.command.key, _db_error(exc))
+            logger.info(
+                "the claim of %r lost a race (%s); deciding again", ctx.command.key, dberrors.message(exc, named=True)
+            )
             if attempt + 1 < LOST_RACE_ATTEMPTS:
                 pause_after_lost_race(attempt)
     logger.warning("the claim of %r kept losing races; answering as a duplicate", ctx.command.key)
@@ -382,7 +385,7 @@ def _as_duplicate(ctx: RequestContext) -> tuple[Decision, Row[Any] | None]:
     try:
         with state.engine.connect() as conn:
             row = state.store.find(conn, command.scope, command.key)
-    except (sa.exc.DBAPIError, sa.exc.TimeoutError):
+    except STORE_ERRORS:
         return Decision.IN_PROGRESS, None
     decision = None if row is None else decide(row._mapping, command.request_hash, ctx.options.on_stale)
     if decision is None or decision in CLAIMING:
@@ -403,10 +406,10 @@ class _ClaimWrite:
     previous: Mapping[Any, Any] | None = None
 
 
-def _claim_failed(ctx: RequestContext, write: _ClaimWrite, exc: sa.exc.DBAPIError | sa.exc.TimeoutError) -> _Answer:
+def _claim_failed(ctx: RequestContext, write: _ClaimWrite, exc: Exception) -> _Answer:
     """The claim met a database error other than a lost race: 503, unless a leased claim did commit."""
     state = ctx.state
-    if _is_lock_wait(exc):
+    if is_lock_wait(exc):
         # SQLite: another connection held the write lock past the busy timeout. Nothing was claimed, and
         # nothing says the key is in progress (it may be brand new): the store is busy, retry later.
         logger.warning("idempotency store busy (locked) while claiming %r", ctx.command.key)
@@ -416,7 +419,9 @@ def _claim_failed(ctx: RequestContext, write: _ClaimWrite, exc: sa.exc.DBAPIErro
         ) from exc
     if not ctx.atomic and _recover_lost_claim(ctx, write):
         return None, None
-    logger.error("idempotency store unavailable while claiming %r: %s", ctx.command.key, _db_error(exc))
+    logger.error(
+        "idempotency store unavailable while claiming %r: %s", ctx.command.key, dberrors.message(exc, named=True)
+    )
     raise StoreUnavailable(
         "The idempotency store cannot be reached, so the request was not run. Retry later.",
         retry_after=state.retry_after,
@@ -435,7 +440,7 @@ def _recover_lost_claim(ctx: RequestContext, write: _ClaimWrite) -> bool:
         try:
             with state.engine.connect() as conn:
                 row = state.store.find(conn, command.scope, command.key)
-        except (sa.exc.DBAPIError, sa.exc.TimeoutError):
+        except STORE_ERRORS:
             continue
         if row is None or row.lease_token != write.token or write.claim is None:
             return False
@@ -558,7 +563,9 @@ def client_event(ctx: RequestContext, row: Row[Any], kind: EventKind) -> None:
     try:
         retry_lost_race(write)  # many duplicates of one key count on its row at once: under SERIALIZABLE they race
     except sa.exc.SQLAlchemyError as exc:  # the answer matters more than its audit trail
-        logger.warning("could not store %s event for record %s: %s", kind.value, row.id, _db_error(exc))
+        logger.warning(
+            "could not store %s event for record %s: %s", kind.value, row.id, dberrors.message(exc, named=True)
+        )
 
 
 def _replay(ctx: RequestContext, row: Row[Any]) -> Response:
@@ -642,7 +649,9 @@ def teardown_request(exc: BaseException | None) -> None:
         try:
             _withdraw(ctx)
         except Exception as error:  # teardown must not raise
-            logger.error("could not withdraw the claim of record %s: %s", ctx.record_id, _db_error(error))
+            logger.error(
+                "could not withdraw the claim of record %s: %s", ctx.record_id, dberrors.message(error, named=True)
+            )
         return
     # The request ended in an exception that skipped after_request (e.g. PROPAGATE_EXCEPTIONS).
     exc = exc or view_exception() or InternalServerError()
@@ -652,7 +661,7 @@ def teardown_request(exc: BaseException | None) -> None:
     try:
         _settle(ctx, fallback, State.FAILED, retryable, error=describe_error(exc), status=status)
     except Exception as error:  # teardown must not raise
-        logger.error("could not settle idempotency record %s: %s", ctx.record_id, _db_error(error))
+        logger.error("could not settle idempotency record %s: %s", ctx.record_id, dberrors.message(error, named=True))
 
 
 def _withdraw(ctx: RequestContext) -> None:
@@ -671,7 +680,7 @@ def _withdraw(ctx: RequestContext) -> None:
         retry_lost_race(lambda: _withdraw_once(ctx))
     except sa.exc.SQLAlchemyError as exc:
         # The view did not run; the record stays IN_PROGRESS and shows as stuck once its lease ends.
-        logger.error("could not withdraw the claim of record %s: %s", ctx.record_id, _db_error(exc))
+        logger.error("could not withdraw the claim of record %s: %s", ctx.record_id, dberrors.message(exc, named=True))
 
 
 def _withdraw_once(ctx: RequestContext) -> None:
@@ -738,36 +747,31 @@ def store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
     """The lease owner's outcome write (leased mode), fenced by its version and lease token."""
     state = ctx.state
     assert ctx.record_id is not None and ctx.lease_token is not None
+
     # The view ran: its outcome is worth waiting for. SQLite's write lock held past the busy timeout (an
     # atomic request in flight) is waited out, within the lease, before the record is left to be stuck.
     # A write that lost a race (SERIALIZABLE: an operator or a takeover changed the row meanwhile) wrote
     # nothing; written again, the compare-and-set finds out whether this request still owns the record.
-    deadline = time.monotonic() + ctx.options.lease
-    delay = 0.05
-    races = 0
+    def write() -> bool:
+        assert ctx.record_id is not None and ctx.lease_token is not None
+        with state.engine.connect() as conn:
+            return state.store.settle(
+                conn, ctx.record_id, ctx.version, ctx.lease_token, values, ttl=ctx.options.ttl, leased=True
+            )
+
+    def waits() -> None:
+        logger.warning("outcome of record %s waits for the store's write lock", ctx.record_id)
+
     try:
-        while True:
-            try:
-                with state.engine.connect() as conn:
-                    stored = state.store.settle(
-                        conn, ctx.record_id, ctx.version, ctx.lease_token, values, ttl=ctx.options.ttl, leased=True
-                    )
-                break
-            except sa.exc.DBAPIError as exc:
-                if lost_race(exc) and races + 1 < LOST_RACE_ATTEMPTS:
-                    pause_after_lost_race(races)
-                    races += 1
-                    continue
-                if not _is_lock_wait(exc) or time.monotonic() + delay > deadline:
-                    raise
-                logger.warning("outcome of record %s waits for the store's write lock", ctx.record_id)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        stored = retry_lost_race(write, lock_wait_until=time.monotonic() + ctx.options.lease, on_lock_wait=waits)
     except sa.exc.SQLAlchemyError as exc:
         # The view ran; the record stays IN_PROGRESS and shows up as stuck once its lease ends. The client still
         # gets the view's response: the view's own session is closed quietly at teardown (see teardown_request).
         logger.error(
-            "could not store the outcome of record %s (key %r): %s", ctx.record_id, ctx.command.key, _db_error(exc)
+            "could not store the outcome of record %s (key %r): %s",
+            ctx.record_id,
+            ctx.command.key,
+            dberrors.message(exc, named=True),
         )
         ctx.store_failed = True
         return
@@ -851,12 +855,12 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
             _rollback_quietly(state)
             if lost_race(exc):
                 return _atomic_lost_race(ctx, exc)
-            logger.error("could not commit atomic request %s: %s", ctx.record_id, _db_error(exc))
+            logger.error("could not commit atomic request %s: %s", ctx.record_id, dberrors.message(exc, named=True))
             if isinstance(exc, (sa.exc.IntegrityError, sa.exc.DataError)):
                 # The database refused the view's writes (a constraint): nothing was written. Say so, and
                 # record a retryable failure in a transaction of its own, for the dashboard.
                 values.update(state=State.FAILED.value, retryable=True, response_body=None, response_status=500)
-                values["error"] = f"the commit was refused: {_db_error(exc)}"
+                values["error"] = f"the commit was refused: {dberrors.message(exc, named=True)}"
                 _store_record_alone(ctx, values)
                 return CommitFailed(  # type: ignore[return-value]
                     "The database refused to commit this request's changes (for example a uniqueness rule), so"
@@ -963,7 +967,9 @@ def _atomic_lost_race(ctx: RequestContext, exc: BaseException) -> BaseResponse:
     409 ``in-progress``, ``stuck`` or 422 ``key-reused`` when another request holds the key; when nobody does,
     503 ``commit-conflict`` with ``Retry-After`` (the retry runs it, once). Never 500, never ``store-unavailable``.
     """
-    logger.warning("atomic request %r lost a race (%s); nothing was written", ctx.command.key, _db_error(exc))
+    logger.warning(
+        "atomic request %r lost a race (%s); nothing was written", ctx.command.key, dberrors.message(exc, named=True)
+    )
     decision, row = _as_duplicate(ctx)
     if row is None:
         return CommitConflict(
@@ -1005,7 +1011,9 @@ def _store_record_alone(ctx: RequestContext, values: dict[str, Any]) -> None:
     try:
         record_id, version, stored = retry_lost_race(write)
     except sa.exc.SQLAlchemyError as exc:
-        logger.warning("could not store the outcome of atomic record %s: %s", ctx.command.key, _db_error(exc))
+        logger.warning(
+            "could not store the outcome of atomic record %s: %s", ctx.command.key, dberrors.message(exc, named=True)
+        )
         return
     if stored:
         ctx.record_id, ctx.version = record_id, version + 1
@@ -1040,23 +1048,11 @@ def describe_error(exc: BaseException | None) -> str | None:
     return storable_text(f"{type(exc).__name__}: {exc}", 2000)  # a message may quote what a client sent
 
 
-def _db_error(exc: BaseException) -> str:
-    """An error for the log without SQLAlchemy's ``[SQL: ...] [parameters: ...]``: parameters carry bodies."""
-    orig = getattr(exc, "orig", None) or exc
-    lines = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {lines[0] if lines else ''}"[:500]
-
-
-def _is_lock_wait(exc: BaseException) -> bool:
-    """SQLite's busy timeout ran out: another connection holds the write lock (an atomic owner)."""
-    return "database is locked" in str(getattr(exc, "orig", ""))
-
-
 def _remove_session_quietly(state: AppState) -> None:
     try:
         state.db.session.remove()
     except sa.exc.SQLAlchemyError as exc:
-        logger.warning("closing the view's session failed: %s", _db_error(exc))
+        logger.warning("closing the view's session failed: %s", dberrors.message(exc, named=True))
         state.db.session.registry.clear()  # drop it: a later remove() must not touch the dead connection
 
 
@@ -1064,7 +1060,7 @@ def _rollback_quietly(state: AppState) -> None:
     try:
         state.db.session.rollback()
     except sa.exc.SQLAlchemyError as exc:
-        logger.warning("rollback failed: %s", _db_error(exc))
+        logger.warning("rollback failed: %s", dberrors.message(exc, named=True))
 
 
 class CommitGuard:

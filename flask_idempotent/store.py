@@ -14,11 +14,9 @@ lease to run out (``Idempotency(clock_offset=...)``).
 from __future__ import annotations
 
 import hashlib
-import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -42,20 +40,6 @@ SUPPORTED_DIALECTS = ("postgresql", "sqlite", "mysql", "mariadb")
 MYSQL_DIALECTS = frozenset({"mysql", "mariadb"})
 #: MySQL's ER_DUP_ENTRY: an INSERT refused by a unique index.
 MYSQL_DUPLICATE_KEY = 1062
-
-#: SQLSTATEs of a transaction the database aborted because it lost a race with a concurrent one: serialization
-#: failure (PostgreSQL under SERIALIZABLE or REPEATABLE READ; CockroachDB and YugabyteDB send it for any
-#: conflict) and deadlock. Nothing of that transaction was committed.
-LOST_RACE_SQLSTATES = frozenset({"40001", "40P01"})
-#: MySQL and MariaDB error numbers of the same: 1213, a deadlock, which is also how a MariaDB Galera node fails
-#: the COMMIT of a transaction that lost certification to another node's.
-LOST_RACE_MYSQL_ERRNOS = frozenset({1213})
-#: Runs of a statement (or transaction) that lost such a race before the caller gives up and answers as a
-#: duplicate would. Each loser retries after a random pause of up to ``LOST_RACE_PAUSE * 2**attempt`` seconds.
-LOST_RACE_ATTEMPTS = 5
-LOST_RACE_PAUSE = 0.005
-
-T = TypeVar("T")
 
 
 class Executor(Protocol):
@@ -93,45 +77,6 @@ def _db_time_sqlite(element: db_time, compiler: SQLCompiler, **kw: Any) -> str:
 def _db_time_mysql(element: db_time, compiler: SQLCompiler, **kw: Any) -> str:
     seconds = compiler.process(element.clauses, **kw)
     return f"TIMESTAMPADD(MICROSECOND, ROUND(({seconds}) * 1000000), UTC_TIMESTAMP(6))"
-
-
-def lost_race(exc: BaseException) -> bool:
-    """Whether ``exc`` is the database aborting a transaction that lost a race at commit or in a statement.
-
-    PostgreSQL's SQLSTATE (psycopg 3 ``sqlstate``, psycopg2 ``pgcode``) in :data:`LOST_RACE_SQLSTATES`, or a
-    MySQL/MariaDB error number (the DB-API exception's first argument, as PyMySQL and mysqlclient raise it) in
-    :data:`LOST_RACE_MYSQL_ERRNOS`. Nothing of the aborted transaction was written: running it again is safe
-    whenever it holds only the layer's statements.
-    """
-    if not isinstance(exc, sa.exc.DBAPIError) or exc.orig is None:
-        return False
-    orig = exc.orig
-    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if sqlstate is not None:
-        return sqlstate in LOST_RACE_SQLSTATES
-    args: tuple[Any, ...] = getattr(orig, "args", ())
-    return bool(args) and isinstance(args[0], int) and args[0] in LOST_RACE_MYSQL_ERRNOS
-
-
-def pause_after_lost_race(attempt: int) -> None:
-    """A random pause before the ``attempt``-th rerun (from 0), so that two losers do not collide again."""
-    time.sleep(random.uniform(0, LOST_RACE_PAUSE * 2**attempt))
-
-
-def retry_lost_race(run: Callable[[], T], attempts: int = LOST_RACE_ATTEMPTS) -> T:
-    """``run()``, run again (up to ``attempts`` runs in all) while it raises an error :func:`lost_race` names.
-
-    Only for work that is safe to repeat: each run must be a whole transaction of the layer's own statements.
-    The last run's error is raised as it is.
-    """
-    for attempt in range(attempts - 1):
-        try:
-            return run()
-        except sa.exc.DBAPIError as exc:
-            if not lost_race(exc):
-                raise
-            pause_after_lost_race(attempt)
-    return run()
 
 
 def advisory_key(scope: str, key: str) -> int:
