@@ -73,7 +73,7 @@ from .machine import (
 )
 from .models import storable_text
 from .state import AppState, Resolved, app_state
-from .store import Executor, dialect_of
+from .store import dialect_of
 
 logger = logging.getLogger("flask_idempotent")
 
@@ -451,7 +451,7 @@ def _recover_lost_claim(ctx: RequestContext, write: _ClaimWrite) -> bool:
     return False
 
 
-def _decide_and_claim(ctx: RequestContext, conn: Executor, write: _ClaimWrite) -> _Answer:
+def _decide_and_claim(ctx: RequestContext, conn: sa.Connection, write: _ClaimWrite) -> _Answer:
     store, options, command = ctx.state.store, ctx.options, ctx.command
     # An atomic owner's claim stays uncommitted until its view returns; duplicates must neither run nor block
     # on its row, so in atomic mode the read also takes a transaction-scoped lock on the key (PostgreSQL).
