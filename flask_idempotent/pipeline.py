@@ -366,9 +366,7 @@ def claim_once(ctx: RequestContext) -> _Answer:
             if ctx.claimed and not ctx.atomic:
                 return None, None  # the claim had committed; what lost came after it (the takeover's event)
             _unclaim(ctx)
-            logger.info(
-                "the claim of %r lost a race (%s); deciding again", ctx.command.key, dberrors.message(exc, named=True)
-            )
+            logger.info("the claim of %r lost a race (%s); deciding again", ctx.command.key, _db_error(exc))
             if attempt + 1 < LOST_RACE_ATTEMPTS:
                 pause_after_lost_race(attempt)
     logger.warning("the claim of %r kept losing races; answering as a duplicate", ctx.command.key)
@@ -419,9 +417,7 @@ def _claim_failed(ctx: RequestContext, write: _ClaimWrite, exc: Exception) -> _A
         ) from exc
     if not ctx.atomic and _recover_lost_claim(ctx, write):
         return None, None
-    logger.error(
-        "idempotency store unavailable while claiming %r: %s", ctx.command.key, dberrors.message(exc, named=True)
-    )
+    logger.error("idempotency store unavailable while claiming %r: %s", ctx.command.key, _db_error(exc))
     raise StoreUnavailable(
         "The idempotency store cannot be reached, so the request was not run. Retry later.",
         retry_after=state.retry_after,
@@ -563,9 +559,7 @@ def client_event(ctx: RequestContext, row: Row[Any], kind: EventKind) -> None:
     try:
         retry_lost_race(write)  # many duplicates of one key count on its row at once: under SERIALIZABLE they race
     except sa.exc.SQLAlchemyError as exc:  # the answer matters more than its audit trail
-        logger.warning(
-            "could not store %s event for record %s: %s", kind.value, row.id, dberrors.message(exc, named=True)
-        )
+        logger.warning("could not store %s event for record %s: %s", kind.value, row.id, _db_error(exc))
 
 
 def _replay(ctx: RequestContext, row: Row[Any]) -> Response:
@@ -649,9 +643,7 @@ def teardown_request(exc: BaseException | None) -> None:
         try:
             _withdraw(ctx)
         except Exception as error:  # teardown must not raise
-            logger.error(
-                "could not withdraw the claim of record %s: %s", ctx.record_id, dberrors.message(error, named=True)
-            )
+            logger.error("could not withdraw the claim of record %s: %s", ctx.record_id, _db_error(error))
         return
     # The request ended in an exception that skipped after_request (e.g. PROPAGATE_EXCEPTIONS).
     exc = exc or view_exception() or InternalServerError()
@@ -661,7 +653,7 @@ def teardown_request(exc: BaseException | None) -> None:
     try:
         _settle(ctx, fallback, State.FAILED, retryable, error=describe_error(exc), status=status)
     except Exception as error:  # teardown must not raise
-        logger.error("could not settle idempotency record %s: %s", ctx.record_id, dberrors.message(error, named=True))
+        logger.error("could not settle idempotency record %s: %s", ctx.record_id, _db_error(error))
 
 
 def _withdraw(ctx: RequestContext) -> None:
@@ -680,7 +672,7 @@ def _withdraw(ctx: RequestContext) -> None:
         retry_lost_race(lambda: _withdraw_once(ctx))
     except sa.exc.SQLAlchemyError as exc:
         # The view did not run; the record stays IN_PROGRESS and shows as stuck once its lease ends.
-        logger.error("could not withdraw the claim of record %s: %s", ctx.record_id, dberrors.message(exc, named=True))
+        logger.error("could not withdraw the claim of record %s: %s", ctx.record_id, _db_error(exc))
 
 
 def _withdraw_once(ctx: RequestContext) -> None:
@@ -771,7 +763,7 @@ def store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
             "could not store the outcome of record %s (key %r): %s",
             ctx.record_id,
             ctx.command.key,
-            dberrors.message(exc, named=True),
+            _db_error(exc),
         )
         ctx.store_failed = True
         return
@@ -855,12 +847,12 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
             _rollback_quietly(state)
             if lost_race(exc):
                 return _atomic_lost_race(ctx, exc)
-            logger.error("could not commit atomic request %s: %s", ctx.record_id, dberrors.message(exc, named=True))
+            logger.error("could not commit atomic request %s: %s", ctx.record_id, _db_error(exc))
             if isinstance(exc, (sa.exc.IntegrityError, sa.exc.DataError)):
                 # The database refused the view's writes (a constraint): nothing was written. Say so, and
                 # record a retryable failure in a transaction of its own, for the dashboard.
                 values.update(state=State.FAILED.value, retryable=True, response_body=None, response_status=500)
-                values["error"] = f"the commit was refused: {dberrors.message(exc, named=True)}"
+                values["error"] = f"the commit was refused: {_db_error(exc)}"
                 _store_record_alone(ctx, values)
                 return CommitFailed(  # type: ignore[return-value]
                     "The database refused to commit this request's changes (for example a uniqueness rule), so"
@@ -967,9 +959,7 @@ def _atomic_lost_race(ctx: RequestContext, exc: BaseException) -> BaseResponse:
     409 ``in-progress``, ``stuck`` or 422 ``key-reused`` when another request holds the key; when nobody does,
     503 ``commit-conflict`` with ``Retry-After`` (the retry runs it, once). Never 500, never ``store-unavailable``.
     """
-    logger.warning(
-        "atomic request %r lost a race (%s); nothing was written", ctx.command.key, dberrors.message(exc, named=True)
-    )
+    logger.warning("atomic request %r lost a race (%s); nothing was written", ctx.command.key, _db_error(exc))
     decision, row = _as_duplicate(ctx)
     if row is None:
         return CommitConflict(
@@ -1011,9 +1001,7 @@ def _store_record_alone(ctx: RequestContext, values: dict[str, Any]) -> None:
     try:
         record_id, version, stored = retry_lost_race(write)
     except sa.exc.SQLAlchemyError as exc:
-        logger.warning(
-            "could not store the outcome of atomic record %s: %s", ctx.command.key, dberrors.message(exc, named=True)
-        )
+        logger.warning("could not store the outcome of atomic record %s: %s", ctx.command.key, _db_error(exc))
         return
     if stored:
         ctx.record_id, ctx.version = record_id, version + 1
@@ -1048,11 +1036,16 @@ def describe_error(exc: BaseException | None) -> str | None:
     return storable_text(f"{type(exc).__name__}: {exc}", 2000)  # a message may quote what a client sent
 
 
+def _db_error(exc: BaseException) -> str:
+    """The error for the log (``dberrors.message``, named): parameters carry bodies, so no SQL and no parameters."""
+    return dberrors.message(exc, named=True)
+
+
 def _remove_session_quietly(state: AppState) -> None:
     try:
         state.db.session.remove()
     except sa.exc.SQLAlchemyError as exc:
-        logger.warning("closing the view's session failed: %s", dberrors.message(exc, named=True))
+        logger.warning("closing the view's session failed: %s", _db_error(exc))
         state.db.session.registry.clear()  # drop it: a later remove() must not touch the dead connection
 
 
@@ -1060,7 +1053,7 @@ def _rollback_quietly(state: AppState) -> None:
     try:
         state.db.session.rollback()
     except sa.exc.SQLAlchemyError as exc:
-        logger.warning("rollback failed: %s", dberrors.message(exc, named=True))
+        logger.warning("rollback failed: %s", _db_error(exc))
 
 
 class CommitGuard:
