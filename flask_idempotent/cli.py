@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from flask.cli import AppGroup
 from flask.helpers import get_debug_flag
 
+from . import dberrors
 from . import operations as ops
 from .display import event_words, iso_time, json_text, visible
 from .errors import SchemaVersionError
@@ -53,13 +54,6 @@ def _one_line(text: str) -> str:
     return re.sub(r"\s*[\r\n]+\s*", " ", text).strip() or "(no message)"
 
 
-def _db_error(exc: BaseException) -> str:
-    """The driver's words, first line only: no SQL, no parameters, no "Background on this error" link."""
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _classify(exc: Exception) -> tuple[str, str, int]:
     """``(code, message, exit status)`` for an exception a command (or its parsing) raised."""
     if isinstance(exc, click.UsageError):
@@ -75,10 +69,10 @@ def _classify(exc: Exception) -> tuple[str, str, int]:
         return "changed", str(exc), 1
     if isinstance(exc, SchemaVersionError):
         return "schema-version", str(exc), 1
-    if isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)):
-        return "database-unreachable", f"the database cannot be reached: {_db_error(exc)}", 1
+    if dberrors.unreachable(exc):
+        return "database-unreachable", f"the database cannot be reached: {dberrors.message(exc)}", 1
     if isinstance(exc, sa.exc.SQLAlchemyError):
-        return "database-error", f"the database refused the command: {_db_error(exc)}", 1
+        return "database-error", f"the database refused the command: {dberrors.message(exc)}", 1
     if isinstance(exc, (ValueError, LookupError)):
         return "invalid", str(exc), 1
     return "internal-error", f"unexpected error: {type(exc).__name__}: {exc}", 1

@@ -18,10 +18,10 @@ from flask import has_request_context, request
 from werkzeug.local import LocalProxy
 
 from .constants import EventKind
+from .dberrors import retry_lost_race
 from .errors import LeaseLost
 from .machine import Command
 from .state import AppState, Resolved, app_state
-from .store import retry_lost_race
 
 logger = logging.getLogger("flask_idempotent")
 

@@ -49,7 +49,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from flask import (
     Blueprint,
     Flask,
@@ -67,6 +66,7 @@ from flask.typing import ResponseReturnValue
 from flask.wrappers import Response
 from werkzeug.exceptions import HTTPException
 
+from . import dberrors
 from . import operations as ops
 from .constants import ConfigKey
 from .decorator import idempotent
@@ -106,7 +106,7 @@ SECURITY_HEADERS = {
 LIST_ARGS = frozenset({"page", "per_page", "kind", "record_kind", "window", "q"})
 
 #: What a dashboard page answers with 503 instead of a 500: the database (or its tables) cannot be used.
-_STORE_ERRORS = (sa.exc.DBAPIError, sa.exc.TimeoutError, SchemaVersionError)
+_STORE_ERRORS = (*dberrors.STORE_ERRORS, SchemaVersionError)
 
 
 class ReadOnly(str):
@@ -674,23 +674,18 @@ for _code in (400, 403, 404, 409):
     blueprint.register_error_handler(_code, _error_page)
 
 
-def _db_error(exc: BaseException) -> str:
-    """The first line of a database error: the driver's own words, without the SQL and parameters."""
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _outage_page(exc: Exception) -> ResponseReturnValue:
     """The database cannot be reached (or its tables are at an older schema): 503, as a dashboard page."""
     request.environ[_OUTAGE] = True
-    logger.error("dashboard %s %s: the database cannot be used: %s", request.method, request.path, _db_error(exc))
+    logger.error(
+        "dashboard %s %s: the database cannot be used: %s", request.method, request.path, dberrors.message(exc)
+    )
     if _viewer() is None:  # the access hook itself failed: say nothing about the database
         message = "The dashboard is unavailable. Try again in a moment."
     elif isinstance(exc, SchemaVersionError):
         message = str(exc)
     else:
-        message = f"The database cannot be reached: {_db_error(exc)}. Try again in a moment."
+        message = f"The database cannot be reached: {dberrors.message(exc)}. Try again in a moment."
         if request.method == "POST":
             message += (
                 " If your action was applied before the connection failed, sending it again is refused as"

@@ -283,3 +283,11 @@ class ResponseNotStored(IdempotencyError, InternalServerError):
     code = 500
     problem_code = "response-not-stored"
     title = "The original response was too large to replay"
+
+
+def problem_class(code: str) -> type[IdempotencyError]:
+    """The problem response class whose ``problem_code`` is ``code`` (as ``machine.ANSWERS`` names them)."""
+    return _BY_CODE[code]
+
+
+_BY_CODE = {cls.problem_code: cls for cls in (KeyReused, RecordStuck, RequestInProgress)}

@@ -17,7 +17,7 @@ import enum
 import os
 import secrets
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +91,27 @@ class Decision(enum.Enum):
 
 #: Decisions under which the request claims the record and the view runs.
 CLAIMING = frozenset({Decision.REPLACE, Decision.RETRY, Decision.TAKEOVER})
+
+
+@dataclass(frozen=True)
+class Answer:
+    """How a request (or task call) that may not claim its key is answered."""
+
+    #: The client-caused event stored on the record (capped per record), if any.
+    event: EventKind | None
+    #: The problem raised, by its code (``errors.problem_class`` gives the class); ``None``: replay the outcome.
+    problem: str | None
+    #: The answer says when to try again (``Retry-After``): the key's holder may still finish.
+    retry_later: bool = False
+
+
+#: The answer to each decision that does not claim (the docs' "Behaviour" table).
+ANSWERS: Mapping[Decision, Answer] = {
+    Decision.REPLAY: Answer(None, None),
+    Decision.CONFLICT: Answer(EventKind.CONFLICT, "key-reused"),
+    Decision.STUCK: Answer(EventKind.STALE_HIT, "stuck"),
+    Decision.IN_PROGRESS: Answer(EventKind.IN_PROGRESS_HIT, "in-progress", retry_later=True),
+}
 
 
 def decide(seen: Mapping[Any, Any], request_hash: str, on_stale: str) -> Decision:
@@ -224,9 +245,27 @@ def classify_status(status: int, *, atomic: bool) -> tuple[State, bool]:
     return State.COMPLETED, False
 
 
-def classify_exception(exc: BaseException, transient: tuple[type[BaseException], ...], *, atomic: bool) -> bool:
-    """Return whether an exception that ended the view leaves the record retryable (it is FAILED either way)."""
-    return atomic or isinstance(exc, transient)
+def classify_exception(
+    exc: BaseException,
+    transient: tuple[type[BaseException], ...],
+    *,
+    atomic: bool,
+    runs_again: Callable[[BaseException], bool] | None = None,
+) -> bool:
+    """Return whether an exception that ended the view (or a task) leaves the record retryable (it is FAILED
+    either way): in atomic mode always (nothing was committed), else for the ``transient`` types and, for a
+    task, whatever ``runs_again`` says its runner will run again (Celery's retries, ``tasks.celery_retries``)."""
+    return atomic or isinstance(exc, transient) or (runs_again is not None and runs_again(exc))
+
+
+def classify_response(
+    status: int, exc: BaseException | None, transient: tuple[type[BaseException], ...], *, atomic: bool
+) -> tuple[State, bool]:
+    """``(state, retryable)`` for the response a view gave, with the exception it raised (``None``: it returned
+    one): a transient exception is a retryable failure whatever its status, else the status decides."""
+    if exc is not None and isinstance(exc, transient):
+        return State.FAILED, True
+    return classify_status(status, atomic=atomic)
 
 
 def keeps_view_writes(state: State, status: int, *, commit_4xx: bool) -> bool:

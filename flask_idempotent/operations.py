@@ -21,15 +21,16 @@ from typing import Any
 import sqlalchemy as sa
 from flask import current_app
 
-from . import signals
+from . import reports, signals
 from .context import RecordView
+from .dberrors import LOST_RACE_ATTEMPTS, lost_race, retry_lost_race
 from .decorator import RouteOptions, route_options
 from .display import visible
 from .machine import Action, TransitionError, lease_holder, operator_transition, record_ttl
 from .models import storable_text
 from .outbox_store import OutboxStore
+from .reports import COUNT_LIMIT
 from .state import AppState, app_state
-from .store import COUNT_LIMIT, LOST_RACE_ATTEMPTS, lost_race, retry_lost_race
 
 logger = logging.getLogger("flask_idempotent")
 
@@ -170,8 +171,8 @@ def _page(query: Any, where: Any, page: Any, per_page: Any) -> Page:
     store = state.store
     page_n, size = bounds(page, per_page)
     with state.records_engine.connect() as conn:
-        total, capped = store.bounded_count(conn, store.records, where)
-        rows = store.page(conn, query, size, (page_n - 1) * size)
+        total, capped = reports.bounded_count(store, conn, store.records, where)
+        rows = reports.page(store, conn, query, size, (page_n - 1) * size)
     return Page([record_dict(r) for r in rows], total, page_n, size, total_capped=capped)
 
 
@@ -225,7 +226,7 @@ def stats() -> dict[str, Any]:
     state = _state()
     engine = state.records_engine
     with engine.connect() as conn:
-        raw = state.store.stats(conn, postgresql_estimate=engine.dialect.name == "postgresql")
+        raw = reports.stats(state.store, conn, postgresql_estimate=engine.dialect.name == "postgresql")
     by_state = raw.pop("by_state")
     oldest = raw.pop("oldest_stuck_lease_end")
     now = raw.pop("db_now")
@@ -251,7 +252,7 @@ def _kind(kind: str | None) -> str | None:
 def list_stuck(page: Any = 1, per_page: Any = DEFAULT_PER_PAGE, *, kind: str | None = None) -> Page:
     """IN_PROGRESS records whose lease expired (by the database's clock), longest stuck first; ``kind``
     (``http`` or ``task``) keeps only records of that kind."""
-    query, where = _state().store.stuck_query(_kind(kind))
+    query, where = reports.stuck(_state().store, _kind(kind))
     return _page(query, where, page, per_page)
 
 
@@ -265,7 +266,7 @@ def list_failed(
 ) -> Page:
     """FAILED records, newest first; ``retryable`` filters retryable (True) or final (False) ones; ``awaiting``
     lists only final failures nobody acknowledged yet ("awaiting a decision"); ``kind`` as for stuck."""
-    query, where = _state().store.failed_query(retryable, awaiting, _kind(kind))
+    query, where = reports.failed(_state().store, retryable, awaiting, _kind(kind))
     return _page(query, where, page, per_page)
 
 
@@ -275,7 +276,7 @@ def list_conflicts(since: datetime | None = None, page: Any = 1, per_page: Any =
     state = _state()
     page_n, size = bounds(page, per_page)
     with state.records_engine.connect() as conn:
-        total, capped, events, originals = state.store.conflicts(conn, since, size, (page_n - 1) * size)
+        total, capped, events, originals = reports.conflicts(state.store, conn, since, size, (page_n - 1) * size)
     items = []
     for ev in events:
         original = originals.get(ev.record_id)
@@ -291,7 +292,7 @@ def search(query: str, page: Any = 1, per_page: Any = DEFAULT_PER_PAGE, *, scope
     """Records whose key or scope equals ``query`` exactly (bound parameters; index-served), and those of
     ``scopes`` (the scopes a label names: ``scope_search``; the first :data:`MAX_SEARCH_SCOPES` are used)."""
     page_n, size = bounds(page, per_page)
-    select, where = _state().store.search_query(query, page_n, size, list(scopes)[:MAX_SEARCH_SCOPES])
+    select, where = reports.search(_state().store, query, page_n, size, list(scopes)[:MAX_SEARCH_SCOPES])
     return _page(select, where, page, per_page)
 
 
@@ -320,7 +321,7 @@ def activity(hours: int = 24, limit: int = ACTIVITY_LIMIT) -> dict[str, Any]:
         start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
         raw = {
             name: ([(t, 1) for t in times], capped)
-            for name, (times, capped) in state.store.activity(conn, start, limit).items()
+            for name, (times, capped) in reports.activity(state.store, conn, start, limit).items()
         }
         raw["replays"] = state.store.replays_since(conn, start, limit)
     starts = [start + timedelta(hours=i) for i in range(hours)]
@@ -552,14 +553,14 @@ def select_records(
     state = _state()
     store = state.store
     if which == "stuck":
-        query, _ = store.stuck_query(_kind(kind))
+        query, _ = reports.stuck(store, _kind(kind))
     else:
         retryable = {"failed": None, "awaiting": False, "final": False, "retryable": True}[which]
-        query, _ = store.failed_query(retryable, which == "awaiting", _kind(kind))
+        query, _ = reports.failed(store, retryable, which == "awaiting", _kind(kind))
     with state.records_engine.connect() as conn:
         cutoff = None if older_than is None else store.now(conn) - older_than
-        query = store.narrow(query, endpoint=endpoint, recovery_point=recovery_point, changed_before=cutoff)
-        rows = store.page(conn, query, limit, 0)
+        query = reports.narrow(store, query, endpoint=endpoint, recovery_point=recovery_point, changed_before=cutoff)
+        rows = reports.page(store, conn, query, limit, 0)
     return [record_dict(row) for row in rows]
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
 
-from .store import MYSQL_DIALECTS, Executor, db_time, dialect_of
+from .store import MYSQL_DIALECTS, db_time, dialect_of
 
 
 class JobState(str, enum.Enum):
@@ -79,7 +79,13 @@ class OutboxStore:
     # Staging --------------------------------------------------------------------------------------------
 
     def insert(
-        self, conn: Executor, values: dict[str, Any], *, delay: float, eta: Any, lease: tuple[str, float] | None
+        self,
+        conn: sa.orm.Session | sa.orm.scoped_session[Any],
+        values: dict[str, Any],
+        *,
+        delay: float,
+        eta: Any,
+        lease: tuple[str, float] | None,
     ) -> None:
         """Stage one job through ``conn`` (the caller's ``db.session``: it commits with its transaction);
         ``lease``: ``(token, seconds)`` it is leased to from the start (the staging process's hand-off)."""
@@ -131,14 +137,14 @@ class OutboxStore:
         )
         return self.leased_to(conn, token)
 
-    def leased_to(self, conn: Executor, token: str) -> list[Row[Any]]:
+    def leased_to(self, conn: sa.Connection, token: str) -> list[Row[Any]]:
         """The jobs ``token`` holds, in id order."""
         o = self.table
         return list(
             conn.execute(sa.select(*self.columns).where(o.c.lease_token == token).order_by(o.c.id), self.times())
         )
 
-    def delivered(self, conn: Executor, key: str, token: str, ttl: float) -> bool:
+    def delivered(self, conn: sa.Connection, key: str, token: str, ttl: float) -> bool:
         """The lease holder's delivery of the job ``key`` returned: DELIVERED, purged after ``ttl``. False: it
         lost the lease (fenced by the lease token; keys are unique)."""
         o = self.table
@@ -158,7 +164,7 @@ class OutboxStore:
         )
         return bool(conn.execute(statement, self.times(ttl=ttl)).rowcount == 1)
 
-    def failed(self, conn: Executor, key: str, token: str, error: str, *, max_attempts: int) -> bool:
+    def failed(self, conn: sa.Connection, key: str, token: str, error: str, *, max_attempts: int) -> bool:
         """The lease holder's delivery failed: attempts + 1 and backoff, or DEAD after ``max_attempts``."""
         o = self.table
         row = conn.execute(
@@ -186,19 +192,19 @@ class OutboxStore:
 
     # Operators ----------------------------------------------------------------------------------------------
 
-    def get(self, conn: Executor, job_id: int) -> Row[Any] | None:
+    def get(self, conn: sa.Connection, job_id: int) -> Row[Any] | None:
         row: Row[Any] | None = conn.execute(
             sa.select(*self.columns).where(self.table.c.id == job_id), self.times()
         ).first()
         return row
 
-    def listing(self, conn: Executor, state: JobState, limit: int) -> list[Row[Any]]:
+    def listing(self, conn: sa.Connection, state: JobState, limit: int) -> list[Row[Any]]:
         """Jobs in ``state``, oldest first."""
         o = self.table
         statement = sa.select(*self.columns).where(o.c.state == state.value).order_by(o.c.id).limit(limit)
         return list(conn.execute(statement, self.times()))
 
-    def counts(self, conn: Executor) -> Row[Any]:
+    def counts(self, conn: sa.Connection) -> Row[Any]:
         """``pending``, ``dead`` and ``oldest`` (the created_at of the oldest PENDING job) with ``db_now``."""
         o = self.table
         pending = o.c.state == JobState.PENDING.value
@@ -211,7 +217,7 @@ class OutboxStore:
         row: Row[Any] = conn.execute(statement, self.times()).one()
         return row
 
-    def redeliver(self, conn: Executor, job_id: int, version: int) -> bool:
+    def redeliver(self, conn: sa.Connection, job_id: int, version: int) -> bool:
         """PENDING, due now, attempts from 0 again; a compare-and-set on ``(id, version)``."""
         o = self.table
         statement = (
@@ -231,12 +237,12 @@ class OutboxStore:
         )
         return bool(conn.execute(statement, self.times()).rowcount == 1)
 
-    def discard(self, conn: Executor, job_id: int, version: int) -> bool:
+    def discard(self, conn: sa.Connection, job_id: int, version: int) -> bool:
         o = self.table
         statement = sa.delete(o).where(o.c.id == job_id, o.c.version == version, sa.not_(self.lease_live))
         return bool(conn.execute(statement, self.times()).rowcount == 1)
 
-    def purge_batch(self, conn: Executor, batch_size: int) -> int:
+    def purge_batch(self, conn: sa.Connection, batch_size: int) -> int:
         """Delete up to ``batch_size`` DELIVERED jobs past their ``expires_at``; return how many."""
         o = self.table
         expired = sa.and_(o.c.state == JobState.DELIVERED.value, o.c.expires_at <= self.now)

@@ -20,9 +20,10 @@ from sqlalchemy.engine import Row
 from werkzeug.exceptions import HTTPException, InternalServerError, NotFound
 from werkzeug.wrappers import Response as BaseResponse
 
-from . import binds, signals
+from . import binds, dberrors, signals
 from .constants import REPLAYED_HEADER, UNSAFE_METHODS, ConfigKey, EventKind, State
 from .context import UNSET, RecordView, RequestContext, get_current, set_current
+from .dberrors import LOST_RACE_ATTEMPTS, STORE_ERRORS, is_lock_wait, lost_race, pause_after_lost_race, retry_lost_race
 from .decorator import (
     RouteOptions,
     hidden,
@@ -50,10 +51,12 @@ from .errors import (
     ResponseNotStored,
     ScopeError,
     StoreUnavailable,
+    problem_class,
 )
 from .fingerprint import BodyTooLarge, custom_command, hash_command, limit_body, request_fingerprint
 from .keys import KeyFormatError, parse_key
 from .machine import (
+    ANSWERS,
     CLAIMING,
     Claim,
     Command,
@@ -61,7 +64,7 @@ from .machine import (
     claim_existing,
     claim_new,
     classify_exception,
-    classify_status,
+    classify_response,
     decide,
     keeps_view_writes,
     lease_holder,
@@ -70,7 +73,7 @@ from .machine import (
 )
 from .models import storable_text
 from .state import AppState, Resolved, app_state
-from .store import LOST_RACE_ATTEMPTS, Executor, dialect_of, lost_race, pause_after_lost_race, retry_lost_race
+from .store import dialect_of
 
 logger = logging.getLogger("flask_idempotent")
 
@@ -300,20 +303,21 @@ def _claim(ctx: RequestContext) -> ResponseReturnValue | None:
 
 
 def _answer(ctx: RequestContext, decision: Decision, row: Row[Any] | None) -> Response:
-    """The answer to a request that may not claim its key: the replay, or the problem it raises."""
-    state, options = ctx.state, ctx.options
-    if decision is Decision.REPLAY:
+    """The answer to a request that may not claim its key (``machine.ANSWERS``): the replay, or its problem."""
+    state, rule = ctx.state, ANSWERS[decision]
+    if rule.problem is None:
         assert row is not None
         return _replay(ctx, row)
+    if row is not None and rule.event is not None:
+        client_event(ctx, row, rule.event)
     if decision is Decision.CONFLICT:
         assert row is not None
-        client_event(ctx, row, EventKind.CONFLICT)
         signals.key_conflict.send(_app(), record=RecordView.of(row._mapping))
-        raise KeyReused(
+        detail = (
             f"This {state.header} was first used for {row.method} {row.path} with a different request."
             " Use a new key for a new request."
         )
-    if decision is Decision.STUCK:
+    elif decision is Decision.STUCK:
         assert row is not None
         logger.warning(
             "record %s (key %r, scope %r) is stuck: its lease (held by %s) expired without an outcome;"
@@ -323,17 +327,17 @@ def _answer(ctx: RequestContext, decision: Decision, row: Row[Any] | None) -> Re
             row.scope,
             lease_holder(row.lease_token) or "an unnamed process",
         )
-        client_event(ctx, row, EventKind.STALE_HIT)
-        raise RecordStuck(
+        detail = (
             "The first request with this key stopped without recording an outcome. It may have had an"
             " effect, so it is not run again until an operator decides."
         )
-    if row is not None:
-        client_event(ctx, row, EventKind.IN_PROGRESS_HIT)
-    raise RequestInProgress(
-        "A request with this key is still being processed. Retry after the time in Retry-After.",
-        retry_after=state.retry_after,
-        status=options.in_progress_status,
+    else:
+        detail = "A request with this key is still being processed. Retry after the time in Retry-After."
+    later = rule.retry_later  # an in-progress answer: when to retry, in the route's status (409 or 202)
+    raise problem_class(rule.problem)(
+        detail,
+        retry_after=state.retry_after if later else None,
+        status=ctx.options.in_progress_status if later else None,
     )
 
 
@@ -352,7 +356,7 @@ def claim_once(ctx: RequestContext) -> _Answer:
                 return decision, row
             with state.engine.connect() as conn:
                 return _decide_and_claim(ctx, conn, write)
-        except (sa.exc.DBAPIError, sa.exc.TimeoutError) as exc:
+        except STORE_ERRORS as exc:
             if ctx.atomic:
                 _rollback_quietly(state)  # the claim was in the rolled-back transaction: nothing was written
             if not lost_race(exc):
@@ -379,7 +383,7 @@ def _as_duplicate(ctx: RequestContext) -> tuple[Decision, Row[Any] | None]:
     try:
         with state.engine.connect() as conn:
             row = state.store.find(conn, command.scope, command.key)
-    except (sa.exc.DBAPIError, sa.exc.TimeoutError):
+    except STORE_ERRORS:
         return Decision.IN_PROGRESS, None
     decision = None if row is None else decide(row._mapping, command.request_hash, ctx.options.on_stale)
     if decision is None or decision in CLAIMING:
@@ -400,10 +404,10 @@ class _ClaimWrite:
     previous: Mapping[Any, Any] | None = None
 
 
-def _claim_failed(ctx: RequestContext, write: _ClaimWrite, exc: sa.exc.DBAPIError | sa.exc.TimeoutError) -> _Answer:
+def _claim_failed(ctx: RequestContext, write: _ClaimWrite, exc: Exception) -> _Answer:
     """The claim met a database error other than a lost race: 503, unless a leased claim did commit."""
     state = ctx.state
-    if _is_lock_wait(exc):
+    if is_lock_wait(exc):
         # SQLite: another connection held the write lock past the busy timeout. Nothing was claimed, and
         # nothing says the key is in progress (it may be brand new): the store is busy, retry later.
         logger.warning("idempotency store busy (locked) while claiming %r", ctx.command.key)
@@ -432,7 +436,7 @@ def _recover_lost_claim(ctx: RequestContext, write: _ClaimWrite) -> bool:
         try:
             with state.engine.connect() as conn:
                 row = state.store.find(conn, command.scope, command.key)
-        except (sa.exc.DBAPIError, sa.exc.TimeoutError):
+        except STORE_ERRORS:
             continue
         if row is None or row.lease_token != write.token or write.claim is None:
             return False
@@ -443,7 +447,7 @@ def _recover_lost_claim(ctx: RequestContext, write: _ClaimWrite) -> bool:
     return False
 
 
-def _decide_and_claim(ctx: RequestContext, conn: Executor, write: _ClaimWrite) -> _Answer:
+def _decide_and_claim(ctx: RequestContext, conn: sa.Connection, write: _ClaimWrite) -> _Answer:
     store, options, command = ctx.state.store, ctx.options, ctx.command
     # An atomic owner's claim stays uncommitted until its view returns; duplicates must neither run nor block
     # on its row, so in atomic mode the read also takes a transaction-scoped lock on the key (PostgreSQL).
@@ -623,10 +627,7 @@ def after_request(response: BaseResponse) -> BaseResponse:
         _report(ctx, "executed")
         _rollback_quietly(ctx.state)
         return _atomic_lost_race(ctx, exc)
-    if exc is not None and isinstance(exc, ctx.options.transient):
-        state, retryable = State.FAILED, True
-    else:
-        state, retryable = classify_status(response.status_code, atomic=ctx.atomic)
+    state, retryable = classify_response(response.status_code, exc, ctx.options.transient, atomic=ctx.atomic)
     return _settle(ctx, response, state, retryable, error=describe_error(exc))
 
 
@@ -738,36 +739,31 @@ def store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
     """The lease owner's outcome write (leased mode), fenced by its version and lease token."""
     state = ctx.state
     assert ctx.record_id is not None and ctx.lease_token is not None
+
     # The view ran: its outcome is worth waiting for. SQLite's write lock held past the busy timeout (an
     # atomic request in flight) is waited out, within the lease, before the record is left to be stuck.
     # A write that lost a race (SERIALIZABLE: an operator or a takeover changed the row meanwhile) wrote
     # nothing; written again, the compare-and-set finds out whether this request still owns the record.
-    deadline = time.monotonic() + ctx.options.lease
-    delay = 0.05
-    races = 0
+    def write() -> bool:
+        assert ctx.record_id is not None and ctx.lease_token is not None
+        with state.engine.connect() as conn:
+            return state.store.settle(
+                conn, ctx.record_id, ctx.version, ctx.lease_token, values, ttl=ctx.options.ttl, leased=True
+            )
+
+    def waits() -> None:
+        logger.warning("outcome of record %s waits for the store's write lock", ctx.record_id)
+
     try:
-        while True:
-            try:
-                with state.engine.connect() as conn:
-                    stored = state.store.settle(
-                        conn, ctx.record_id, ctx.version, ctx.lease_token, values, ttl=ctx.options.ttl, leased=True
-                    )
-                break
-            except sa.exc.DBAPIError as exc:
-                if lost_race(exc) and races + 1 < LOST_RACE_ATTEMPTS:
-                    pause_after_lost_race(races)
-                    races += 1
-                    continue
-                if not _is_lock_wait(exc) or time.monotonic() + delay > deadline:
-                    raise
-                logger.warning("outcome of record %s waits for the store's write lock", ctx.record_id)
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
+        stored = retry_lost_race(write, lock_wait_until=time.monotonic() + ctx.options.lease, on_lock_wait=waits)
     except sa.exc.SQLAlchemyError as exc:
         # The view ran; the record stays IN_PROGRESS and shows up as stuck once its lease ends. The client still
         # gets the view's response: the view's own session is closed quietly at teardown (see teardown_request).
         logger.error(
-            "could not store the outcome of record %s (key %r): %s", ctx.record_id, ctx.command.key, _db_error(exc)
+            "could not store the outcome of record %s (key %r): %s",
+            ctx.record_id,
+            ctx.command.key,
+            _db_error(exc),
         )
         ctx.store_failed = True
         return
@@ -809,7 +805,7 @@ def _stored_while_sent(
         if broken is not None:
             values.update(
                 state=State.FAILED.value,
-                retryable=ctx.atomic,
+                retryable=classify_exception(broken, (), atomic=ctx.atomic),  # the view's effect may have happened
                 response_status=500,
                 error=describe_error(broken) if not isinstance(broken, GeneratorExit) else "the client left mid-stream",
             )
@@ -1041,15 +1037,8 @@ def describe_error(exc: BaseException | None) -> str | None:
 
 
 def _db_error(exc: BaseException) -> str:
-    """An error for the log without SQLAlchemy's ``[SQL: ...] [parameters: ...]``: parameters carry bodies."""
-    orig = getattr(exc, "orig", None) or exc
-    lines = str(orig).strip().splitlines()
-    return f"{type(orig).__name__}: {lines[0] if lines else ''}"[:500]
-
-
-def _is_lock_wait(exc: BaseException) -> bool:
-    """SQLite's busy timeout ran out: another connection holds the write lock (an atomic owner)."""
-    return "database is locked" in str(getattr(exc, "orig", ""))
+    """The error for the log (``dberrors.message``, named): parameters carry bodies, so no SQL and no parameters."""
+    return dberrors.message(exc, named=True)
 
 
 def _remove_session_quietly(state: AppState) -> None:

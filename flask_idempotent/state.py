@@ -24,7 +24,7 @@ from .constants import BASE_REPLAY_HEADERS, ConfigKey
 from .decorator import RouteOptions, seconds
 from .errors import ConfigurationError, SchemaVersionError, TransientError
 from .models import SCHEMA_VERSION, Tables, define_tables
-from .store import SUPPORTED_DIALECTS, Executor, RecordStore
+from .store import SUPPORTED_DIALECTS, RecordStore
 
 if TYPE_CHECKING:
     from flask_sqlalchemy import SQLAlchemy
@@ -297,7 +297,7 @@ class AppState:
             self.store.add_replays(conn, count, age)
 
     @contextlib.contextmanager
-    def connection(self, atomic: bool) -> Iterator[Executor]:
+    def connection(self, atomic: bool) -> Iterator[sa.Connection]:
         """Where a request's statements run: the view's transaction (atomic) or an autocommit connection."""
         if atomic:
             yield self.session_connection()

@@ -1,10 +1,11 @@
-"""The record store: every SQL statement the extension runs.
+"""The record store: the SQL statements of the request path and the operator actions.
 
 Functions take a ``conn``: a SQLAlchemy ``Connection``: the layer's own autocommit engine's (leased mode: each
 statement is its own short transaction) or ``db.session.connection()`` (atomic mode: the view's own
 transaction). Correctness rests on the unique constraint on ``(scope, key)``, on compare-and-set updates of
 ``(id, version)`` (the lease owner's also on its lease token) and on the database's clock, never on
-process-local locks or a host's clock.
+process-local locks or a host's clock. The operators' listings, counts and charts, built per call from their
+filters, are in ``reports.py``.
 
 Time. Every time that decides something or is written comes from the database, inside the statement that uses
 it (:func:`db_time`). The store adds ``offset()`` seconds to it: zero in production, moved by tests that need a
@@ -14,11 +15,9 @@ lease to run out (``Idempotency(clock_offset=...)``).
 from __future__ import annotations
 
 import hashlib
-import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -31,37 +30,12 @@ from .constants import EventKind, State
 from .machine import Claim
 from .models import Tables
 
-#: Counts shown on the dashboard and by the CLI stop here ("10000+"): counting is linear in what matches, and a
-#: hostile client can make conflicts numerous (measured: 1M conflict events took stats to 51 ms).
-COUNT_LIMIT = 10_000
-#: Above this many rows (the planner's estimate) PostgreSQL's COMPLETED count is estimated, not counted.
-EXACT_COUNT_LIMIT = 100_000
 #: The dialects the store has statements for (``init_app`` refuses any other).
 SUPPORTED_DIALECTS = ("postgresql", "sqlite", "mysql", "mariadb")
 #: SQLAlchemy's names for a MySQL or MariaDB server (``mysql://`` also reaches MariaDB).
 MYSQL_DIALECTS = frozenset({"mysql", "mariadb"})
 #: MySQL's ER_DUP_ENTRY: an INSERT refused by a unique index.
 MYSQL_DUPLICATE_KEY = 1062
-
-#: SQLSTATEs of a transaction the database aborted because it lost a race with a concurrent one: serialization
-#: failure (PostgreSQL under SERIALIZABLE or REPEATABLE READ; CockroachDB and YugabyteDB send it for any
-#: conflict) and deadlock. Nothing of that transaction was committed.
-LOST_RACE_SQLSTATES = frozenset({"40001", "40P01"})
-#: MySQL and MariaDB error numbers of the same: 1213, a deadlock, which is also how a MariaDB Galera node fails
-#: the COMMIT of a transaction that lost certification to another node's.
-LOST_RACE_MYSQL_ERRNOS = frozenset({1213})
-#: Runs of a statement (or transaction) that lost such a race before the caller gives up and answers as a
-#: duplicate would. Each loser retries after a random pause of up to ``LOST_RACE_PAUSE * 2**attempt`` seconds.
-LOST_RACE_ATTEMPTS = 5
-LOST_RACE_PAUSE = 0.005
-
-T = TypeVar("T")
-
-
-class Executor(Protocol):
-    """Anything with ``execute``: a ``Connection`` or a ``Session``."""
-
-    def execute(self, statement: Any, params: Any = ..., /) -> Any: ...
 
 
 class db_time(sa.sql.functions.FunctionElement[datetime]):  # noqa: N801 - reads like the SQL function it is
@@ -95,59 +69,23 @@ def _db_time_mysql(element: db_time, compiler: SQLCompiler, **kw: Any) -> str:
     return f"TIMESTAMPADD(MICROSECOND, ROUND(({seconds}) * 1000000), UTC_TIMESTAMP(6))"
 
 
-def lost_race(exc: BaseException) -> bool:
-    """Whether ``exc`` is the database aborting a transaction that lost a race at commit or in a statement.
-
-    PostgreSQL's SQLSTATE (psycopg 3 ``sqlstate``, psycopg2 ``pgcode``) in :data:`LOST_RACE_SQLSTATES`, or a
-    MySQL/MariaDB error number (the DB-API exception's first argument, as PyMySQL and mysqlclient raise it) in
-    :data:`LOST_RACE_MYSQL_ERRNOS`. Nothing of the aborted transaction was written: running it again is safe
-    whenever it holds only the layer's statements.
-    """
-    if not isinstance(exc, sa.exc.DBAPIError) or exc.orig is None:
-        return False
-    orig = exc.orig
-    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if sqlstate is not None:
-        return sqlstate in LOST_RACE_SQLSTATES
-    args: tuple[Any, ...] = getattr(orig, "args", ())
-    return bool(args) and isinstance(args[0], int) and args[0] in LOST_RACE_MYSQL_ERRNOS
-
-
-def pause_after_lost_race(attempt: int) -> None:
-    """A random pause before the ``attempt``-th rerun (from 0), so that two losers do not collide again."""
-    time.sleep(random.uniform(0, LOST_RACE_PAUSE * 2**attempt))
-
-
-def retry_lost_race(run: Callable[[], T], attempts: int = LOST_RACE_ATTEMPTS) -> T:
-    """``run()``, run again (up to ``attempts`` runs in all) while it raises an error :func:`lost_race` names.
-
-    Only for work that is safe to repeat: each run must be a whole transaction of the layer's own statements.
-    The last run's error is raised as it is.
-    """
-    for attempt in range(attempts - 1):
-        try:
-            return run()
-        except sa.exc.DBAPIError as exc:
-            if not lost_race(exc):
-                raise
-            pause_after_lost_race(attempt)
-    return run()
-
-
 def advisory_key(scope: str, key: str) -> int:
     """A signed 64-bit lock id for ``(scope, key)``; a collision only makes a request wait, never run twice."""
     digest = hashlib.blake2b(f"{len(scope)}:{scope}{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
 
 
-def dialect_of(conn: Any) -> str:
-    if isinstance(conn, sa.engine.Connection):
-        return conn.dialect.name
-    return str(conn.get_bind().dialect.name)
+def dialect_of(conn: sa.Connection) -> str:
+    return conn.dialect.name
 
 
 def _now(name: str = "_now_s") -> db_time:
     return db_time(sa.bindparam(name, type_=sa.Float))
+
+
+def now_at(name: str = "_now_s") -> db_time:
+    """The database's clock plus the seconds bound as ``name`` (one of :meth:`RecordStore.clock_params`), as SQL."""
+    return _now(name)
 
 
 class RecordStore:
@@ -302,13 +240,17 @@ class RecordStore:
             sa.update(r).where(r.c.id == bind("_id")).values(event_count=sa.func.last_insert_id(r.c.event_count + 1))
         )
 
+    def clock_params(self) -> dict[str, float]:
+        """The parameters a statement using :func:`now_at` binds (the store's clock offset)."""
+        return self._times()
+
     def _times(self, lease: float = 0.0, ttl: float = 0.0) -> dict[str, float]:
         offset = float(self.offset())
         return {"_now_s": offset, "_lease_s": offset + lease, "_ttl_s": offset + ttl}
 
     # Reads ------------------------------------------------------------------------------------------------
 
-    def find(self, conn: Executor, scope: str, key: str, *, current: bool = False) -> Row[Any] | None:
+    def find(self, conn: sa.Connection, scope: str, key: str, *, current: bool = False) -> Row[Any] | None:
         """The record of ``(scope, key)`` with the predicates ``is_stuck``, ``is_expired``, ``is_undecided`` and
         ``db_now``, or ``None``.
 
@@ -318,20 +260,20 @@ class RecordStore:
         held until the transaction ends.
         """
         stmt = self._find_current if current and dialect_of(conn) in MYSQL_DIALECTS else self._find
-        return conn.execute(stmt, {"_scope": scope, "_key": key, **self._times()}).first()  # type: ignore[no-any-return]
+        return conn.execute(stmt, {"_scope": scope, "_key": key, **self._times()}).first()
 
-    def get(self, conn: Executor, record_id: int) -> Row[Any] | None:
+    def get(self, conn: sa.Connection, record_id: int) -> Row[Any] | None:
         """The record ``record_id`` with the predicates and ``db_now`` (as :meth:`find`), or ``None``."""
-        return conn.execute(self._get, {"_id": record_id, **self._times()}).first()  # type: ignore[no-any-return]
+        return conn.execute(self._get, {"_id": record_id, **self._times()}).first()
 
-    def now(self, conn: Executor) -> datetime:
+    def now(self, conn: sa.Connection) -> datetime:
         """The database's clock (plus the offset)."""
         value: datetime = conn.execute(sa.select(_now()), self._times()).scalar_one()
         return value
 
     # Claims -----------------------------------------------------------------------------------------------
 
-    def find_and_lock(self, conn: Executor, scope: str, key: str) -> tuple[bool, Row[Any] | None]:
+    def find_and_lock(self, conn: sa.Connection, scope: str, key: str) -> tuple[bool, Row[Any] | None]:
         """Read the record and, on PostgreSQL, try a transaction-scoped advisory lock on ``(scope, key)``.
 
         One statement. ``locked`` is ``False`` when another transaction holds the key (an atomic request in
@@ -347,7 +289,7 @@ class RecordStore:
         row = conn.execute(self._find_and_lock, params).one()
         return bool(row._locked), (None if row.id is None else row)
 
-    def claim_new(self, conn: Executor, claim: Claim, *, lease: float, ttl: float, lock: bool) -> int | None:
+    def claim_new(self, conn: sa.Connection, claim: Claim, *, lease: float, ttl: float, lock: bool) -> int | None:
         """PostgreSQL: insert the claim of a new key in one statement; its id, or ``None`` if the key is taken
         (or, with ``lock``, its advisory lock is held elsewhere): read it then (:meth:`find`/:meth:`find_and_lock`).
         ``lock`` is ignored with ``advisory_locks`` off: the INSERT then waits for an open claim's transaction.
@@ -359,7 +301,7 @@ class RecordStore:
         row = conn.execute(self._claim_new[lock], params).first()
         return None if row is None else int(row[0])
 
-    def insert(self, conn: Executor, claim: Claim, *, lease: float, ttl: float) -> int | None:
+    def insert(self, conn: sa.Connection, claim: Claim, *, lease: float, ttl: float) -> int | None:
         """Insert the record ``claim`` creates; return its id, or ``None`` if ``(scope, key)`` is already taken."""
         params = {**claim.values, **self._times(lease, ttl)}
         stmt = self._insert.get(dialect_of(conn))
@@ -372,21 +314,25 @@ class RecordStore:
                 if getattr(exc.orig, "args", (None,))[0] != MYSQL_DUPLICATE_KEY:
                     raise
                 return None
-            return int(result.inserted_primary_key[0])
+            inserted = result.inserted_primary_key
+            assert inserted is not None
+            return int(inserted[0])
         row = conn.execute(stmt, params).first()
         return None if row is None else int(row[0])
 
-    def reclaim(self, conn: Executor, record_id: int, version: int, claim: Claim, *, lease: float, ttl: float) -> bool:
+    def reclaim(
+        self, conn: sa.Connection, record_id: int, version: int, claim: Claim, *, lease: float, ttl: float
+    ) -> bool:
         """Take the record ``record_id`` with ``claim`` if it is still at ``version`` (nobody changed it since)."""
         params = {**claim.values, "_id": record_id, "_version": version, **self._times(lease, ttl)}
         return bool(conn.execute(self._reclaim[claim.restart], params).rowcount == 1)
 
-    def withdraw(self, conn: Executor, record_id: int, lease_token: str) -> bool:
+    def withdraw(self, conn: sa.Connection, record_id: int, lease_token: str) -> bool:
         """Delete a fresh claim that never ran its view (only while ``lease_token`` still owns it)."""
         return bool(conn.execute(self._withdraw, {"_id": record_id, "_lease_token": lease_token}).rowcount == 1)
 
     def restore(
-        self, conn: Executor, record_id: int, version: int, lease_token: str, previous: Mapping[str, Any]
+        self, conn: sa.Connection, record_id: int, version: int, lease_token: str, previous: Mapping[str, Any]
     ) -> bool:
         """Put back the record a claim took (``previous``, as read) when that claim's view never ran.
 
@@ -402,7 +348,7 @@ class RecordStore:
 
     def settle(
         self,
-        conn: Executor,
+        conn: sa.Connection,
         record_id: int,
         version: int,
         lease_token: str,
@@ -424,7 +370,7 @@ class RecordStore:
 
     def checkpoint(
         self,
-        conn: Executor,
+        conn: sa.Connection,
         record_id: int,
         version: int,
         lease_token: str,
@@ -442,7 +388,7 @@ class RecordStore:
 
     def update_at_version(
         self,
-        conn: Executor,
+        conn: sa.Connection,
         record_id: int,
         version: int,
         values: Mapping[str, Any],
@@ -455,14 +401,14 @@ class RecordStore:
         params = {**values, "_id": record_id, "_version": version, **self._times(ttl=ttl)}
         return bool(conn.execute(self._operator_update[acknowledge], params).rowcount == 1)
 
-    def delete_at_version(self, conn: Executor, record_id: int, version: int) -> bool:
+    def delete_at_version(self, conn: sa.Connection, record_id: int, version: int) -> bool:
         return bool(conn.execute(self._operator_delete, {"_id": record_id, "_version": version}).rowcount == 1)
 
     # Events -----------------------------------------------------------------------------------------------
 
     def add_event(
         self,
-        conn: Executor,
+        conn: sa.Connection,
         *,
         record_id: int | None,
         scope: str,
@@ -484,7 +430,7 @@ class RecordStore:
             },
         )
 
-    def add_replays(self, conn: Executor, count: int, age: float) -> None:
+    def add_replays(self, conn: sa.Connection, count: int, age: float) -> None:
         """Store a process's count of ``count`` replays, dated ``age`` seconds ago by the database's clock."""
         times = self._times()
         times["_now_s"] -= age
@@ -499,7 +445,9 @@ class RecordStore:
         }
         conn.execute(self._add_event, params)
 
-    def replays_since(self, conn: Executor, since: datetime, limit: int) -> tuple[list[tuple[datetime, int]], bool]:
+    def replays_since(
+        self, conn: sa.Connection, since: datetime, limit: int
+    ) -> tuple[list[tuple[datetime, int]], bool]:
         """The replay counts written since ``since`` (newest first, at most ``limit``; ``True`` if capped)."""
         e = self.events
         query = (
@@ -512,7 +460,7 @@ class RecordStore:
         counts = [(row.created_at, int((row.detail or {}).get("count", 0))) for row in rows[:limit]]
         return counts, len(rows) > limit
 
-    def purge_replays(self, conn: Executor, older_than: float) -> int:
+    def purge_replays(self, conn: sa.Connection, older_than: float) -> int:
         """Delete replay counts older than ``older_than`` seconds (the chart shows the last 24 hours)."""
         e = self.events
         where = sa.and_(e.c.kind == EventKind.REPLAYS.value, e.c.created_at < _now())
@@ -521,7 +469,7 @@ class RecordStore:
         return int(conn.execute(sa.delete(e).where(where), times).rowcount)
 
     def add_client_event(
-        self, conn: Executor, *, record: Row[Any], kind: EventKind, detail: Mapping[str, Any], cap: int
+        self, conn: sa.Connection, *, record: Row[Any], kind: EventKind, detail: Mapping[str, Any], cap: int
     ) -> None:
         """Count an event a client caused on ``record`` and store it while the record's count is within ``cap``.
 
@@ -545,7 +493,7 @@ class RecordStore:
         }
         conn.execute(self._add_client_event, params)
 
-    def count_client_event(self, conn: Executor, record_id: int) -> int:
+    def count_client_event(self, conn: sa.Connection, record_id: int) -> int:
         """Count an event a client caused on ``record_id``; return the new count (0 if the record is gone)."""
         if dialect_of(conn) in MYSQL_DIALECTS:
             result = conn.execute(self._count_client_event_mysql, {"_id": record_id})
@@ -553,199 +501,11 @@ class RecordStore:
         row = conn.execute(self._count_client_event, {"_id": record_id}).first()
         return 0 if row is None else int(row[0])
 
-    def events_of(self, conn: Executor, record_id: int, limit: int = 200) -> Sequence[Row[Any]]:
+    def events_of(self, conn: sa.Connection, record_id: int, limit: int = 200) -> Sequence[Row[Any]]:
         e = self.events
-        return conn.execute(  # type: ignore[no-any-return]
-            sa.select(e).where(e.c.record_id == record_id).order_by(e.c.id.desc()).limit(limit)
-        ).all()
+        return conn.execute(sa.select(e).where(e.c.record_id == record_id).order_by(e.c.id.desc()).limit(limit)).all()
 
-    # Listings for the operations API (dashboard and CLI) ---------------------------------------------------
-
-    def bounded_count(self, conn: Executor, table: sa.Table, where: Any) -> tuple[int, bool]:
-        """How many rows of ``table`` match ``where``, counting at most :data:`COUNT_LIMIT`; and whether it stopped."""
-        matching = sa.select(sa.literal(1)).select_from(table).where(where).limit(COUNT_LIMIT + 1).subquery()
-        params = {**self._times(), "_day_ago_s": self._times()["_now_s"] - 86400}
-        n = int(conn.execute(sa.select(sa.func.count()).select_from(matching), params).scalar_one())
-        return min(n, COUNT_LIMIT), n > COUNT_LIMIT
-
-    def page(self, conn: Executor, query: sa.Select[Any], limit: int, offset: int) -> Sequence[Row[Any]]:
-        return conn.execute(query.limit(limit).offset(offset), self._times()).all()  # type: ignore[no-any-return]
-
-    def stuck_query(self, kind: str | None = None) -> tuple[sa.Select[Any], Any]:
-        """IN_PROGRESS records whose lease ended (``machine.stuck``), longest stuck first; and the filter.
-
-        ``kind`` (``http`` or ``task``) keeps only records of that kind.
-        """
-        r = self.records
-        where = machine.stuck(r, _now())
-        if kind is not None:
-            where = sa.and_(where, r.c.kind == kind)
-        query = sa.select(*self.seen_columns).where(where).order_by(r.c.locked_until, r.c.id)
-        return query, where
-
-    def failed_query(
-        self, retryable: bool | None, awaiting: bool = False, kind: str | None = None
-    ) -> tuple[sa.Select[Any], Any]:
-        """FAILED records, newest first; ``awaiting``: final failures nobody acknowledged yet; ``kind`` as above."""
-        r = self.records
-        where: Any = machine.awaiting_decision(r) if awaiting else r.c.state == State.FAILED.value
-        if kind is not None:
-            where = sa.and_(where, r.c.kind == kind)
-        if retryable is not None and not awaiting:
-            where = sa.and_(where, r.c.retryable == retryable)
-        query = sa.select(*self.seen_columns).where(where).order_by(r.c.updated_at.desc(), r.c.id.desc())
-        return query, where
-
-    def narrow(
-        self,
-        query: sa.Select[Any],
-        *,
-        endpoint: str | None = None,
-        recovery_point: str | None = None,
-        changed_before: datetime | None = None,
-    ) -> sa.Select[Any]:
-        """A listing's ``query`` keeping only the records of ``endpoint``, at ``recovery_point``, or last changed
-        (``updated_at``) before ``changed_before``: what a bulk action selects."""
-        r = self.records
-        if endpoint is not None:
-            query = query.where(r.c.endpoint == endpoint)
-        if recovery_point is not None:
-            query = query.where(r.c.recovery_point == recovery_point)
-        if changed_before is not None:
-            query = query.where(r.c.updated_at < changed_before)
-        return query
-
-    def search_query(self, text: str, page: int, size: int, scopes: Sequence[str] = ()) -> tuple[sa.Select[Any], Any]:
-        """Records whose key or scope equals ``text`` exactly, newest first (bound parameters; index-served).
-
-        One branch per column, each walking its (column, id) index newest first and cut to the rows this page
-        can need, then merged: with a single "key = q OR scope = q ORDER BY id DESC" PostgreSQL walks the
-        primary key backwards and, for a rare or missing value, reads the whole table (160 ms at 1M records).
-        ``scopes`` (the app's ``scope_search`` answer for ``text``, a few) adds the records of those scopes, on
-        the same (scope, id) index.
-        """
-        r = self.records
-        branches = [r.c.key == text, sa.and_(r.c.scope == text, r.c.key != text)]
-        extra = sorted({scope for scope in scopes if scope != text})
-        if extra:
-            branches.append(sa.and_(r.c.scope.in_(extra), r.c.key != text))
-        newest = [
-            sa.select(*self.seen_columns).where(where).order_by(r.c.id.desc()).limit(page * size).subquery()
-            for where in branches
-        ]
-        merged = sa.union_all(*(sa.select(branch) for branch in newest)).subquery()
-        return sa.select(merged).order_by(merged.c.id.desc()), sa.or_(*branches)
-
-    def conflicts(
-        self, conn: Executor, since: datetime | None, limit: int, offset: int
-    ) -> tuple[int, bool, Sequence[Row[Any]], dict[int, Row[Any]]]:
-        """Conflict events, newest first, with the records they were about (by id; missing once released)."""
-        r, e = self.records, self.events
-        where: Any = e.c.kind == EventKind.CONFLICT.value
-        if since is not None:
-            where = sa.and_(where, e.c.created_at >= since)
-        total, capped = self.bounded_count(conn, e, where)
-        events = conn.execute(
-            sa.select(e).where(where).order_by(e.c.created_at.desc(), e.c.id.desc()).limit(limit).offset(offset)
-        ).all()
-        ids = {ev.record_id for ev in events if ev.record_id is not None}
-        originals: dict[int, Row[Any]] = {}
-        if ids:
-            query = sa.select(*self.seen_columns).where(r.c.id.in_(ids))
-            originals = {row.id: row for row in conn.execute(query, self._times())}
-        return total, capped, events, originals
-
-    def activity(self, conn: Executor, since: datetime, limit: int) -> dict[str, tuple[list[datetime], bool]]:
-        """Times of the last day's activity for the overview's charts: each list holds at most ``limit``
-        times (newest first) and says whether it stopped there (the chart then shows "at least").
-
-        - ``created``: records' ``created_at``, read newest first along the primary key (ids grow with time;
-          ``created_at`` has no index of its own), so at most ``limit`` rows are read; a record whose claim
-          was restarted keeps its old id and is missed here;
-        - ``conflicts``: conflict events on the (kind, created_at) index;
-        - ``failed``: ``updated_at`` of FAILED records on the (state, updated_at) index: when each became
-          FAILED, or was last changed since (a later operator action moves it).
-        """
-        r, e = self.records, self.events
-        queries = {
-            "created": sa.select(r.c.created_at).order_by(r.c.id.desc()),
-            "conflicts": sa.select(e.c.created_at)
-            .where(e.c.kind == EventKind.CONFLICT.value, e.c.created_at >= since)
-            .order_by(e.c.created_at.desc()),
-            "failed": sa.select(r.c.updated_at)
-            .where(r.c.state == State.FAILED.value, r.c.updated_at >= since)
-            .order_by(r.c.updated_at.desc()),
-        }
-        result: dict[str, tuple[list[datetime], bool]] = {}
-        for name, query in queries.items():
-            times = [t for t in conn.execute(query.limit(limit + 1)).scalars() if t is not None]
-            capped = len(times) > limit
-            times = times[:limit]
-            if name == "created":
-                capped = capped and times[-1] >= since
-                times = [t for t in times if t >= since]
-            result[name] = (times, capped)
-        return result
-
-    def stats(self, conn: Executor, postgresql_estimate: bool) -> dict[str, Any]:
-        """Counts by state, stuck records and the oldest one's lease end, failures, conflicts in the last 24 h."""
-        r, e = self.records, self.events
-        now = _now()
-
-        def count(where: Any) -> int:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(r).where(where)).scalar_one())
-
-        # Per-state counts on the (state, ...) indexes: a GROUP BY would scan the whole table. COMPLETED is
-        # the bulk of a large table, so PostgreSQL reports it from the planner's row estimate.
-        by_state = {
-            State.IN_PROGRESS.value: count(r.c.state == State.IN_PROGRESS.value),
-            State.FAILED.value: count(r.c.state == State.FAILED.value),
-        }
-        estimate = -1.0
-        if postgresql_estimate:
-            estimate = float(
-                conn.execute(
-                    sa.text("SELECT reltuples FROM pg_class WHERE oid = to_regclass(:t)"), {"t": r.name}
-                ).scalar()
-                or -1
-            )
-        completed_estimated = estimate >= EXACT_COUNT_LIMIT
-        if completed_estimated:
-            by_state[State.COMPLETED.value] = max(0, int(estimate) - sum(by_state.values()))
-        else:  # small, never analyzed, or SQLite: counting exactly is cheap enough
-            by_state[State.COMPLETED.value] = count(r.c.state == State.COMPLETED.value)
-        stuck_n, oldest, db_now = conn.execute(
-            sa.select(sa.func.count(), sa.func.min(r.c.locked_until), sa.func.max(now)).where(machine.stuck(r, now)),
-            self._times(),
-        ).one()
-        if db_now is None:
-            db_now = self.now(conn)
-        failed = {
-            bool(row.retryable): int(row.n)
-            for row in conn.execute(
-                sa.select(r.c.retryable, sa.func.count().label("n"))
-                .where(r.c.state == State.FAILED.value)
-                .group_by(r.c.retryable)
-            )
-        }
-        awaiting = count(machine.awaiting_decision(r))
-        conflicts, conflicts_capped = self.bounded_count(
-            conn, e, sa.and_(e.c.kind == EventKind.CONFLICT.value, e.c.created_at >= _now("_day_ago_s"))
-        )
-        return {
-            "by_state": by_state,
-            "completed_estimated": completed_estimated,
-            "stuck": int(stuck_n),
-            "oldest_stuck_lease_end": oldest,
-            "failed_final": failed.get(False, 0),
-            "failed_retryable": failed.get(True, 0),
-            "awaiting_decision": awaiting,
-            "conflicts_24h": conflicts,
-            "conflicts_24h_capped": conflicts_capped,
-            "db_now": db_now,
-        }
-
-    def purge_batch(self, conn: Executor, batch_size: int) -> int:
+    def purge_batch(self, conn: sa.Connection, batch_size: int) -> int:
         """Delete up to ``batch_size`` expired records (``machine.expired``: never one awaiting a decision); return
         how many.
 

@@ -25,13 +25,13 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from .constants import EventKind, State
+from .constants import State
 from .context import RequestContext
 from .decorator import RouteOptions
-from .errors import KeyReused, RecordStuck, RequestFailed, RequestInProgress
+from .errors import RequestFailed, problem_class
 from .fingerprint import hash_command
 from .keys import KeyFormatError, parse_key
-from .machine import Command, Decision, classify_exception, outcome
+from .machine import ANSWERS, Command, Decision, classify_exception, outcome
 from .models import storable_text
 from .pipeline import claim_once, client_event, describe_error, store_outcome
 from .state import AppState
@@ -172,7 +172,9 @@ class Operation:
         assert ctx is not None
         ctx.settled = True
         if retryable is None:
-            retryable = classify_exception(exc, ctx.options.transient, atomic=False) or celery_retries(exc, self._task)
+            retryable = classify_exception(
+                exc, ctx.options.transient, atomic=False, runs_again=lambda e: celery_retries(e, self._task)
+            )
         values = outcome(
             State.FAILED, retryable, status=500, headers=_JSON, body=None, resource_ref=None, error=describe_error(exc)
         )
@@ -230,23 +232,21 @@ def run_once(
 
 
 def _answer(ctx: RequestContext, decision: Decision, row: Any) -> Operation:
-    """A call that does not run: the stored result, or the exception that says why not."""
-    if decision is Decision.REPLAY:
+    """A call that does not run (``machine.ANSWERS``): the stored result, or the exception that says why not."""
+    rule = ANSWERS[decision]
+    if rule.problem is None:
         if row.state == State.COMPLETED and row.response_body is not None:
             return Operation(None, done=True, result=json.loads(row.response_body))
         raise RequestFailed(f"The operation {row.path} with this key failed for good: {row.error or 'no detail'}.")
+    if row is not None and rule.event is not None:
+        client_event(ctx, row, rule.event)
     if decision is Decision.CONFLICT:
-        client_event(ctx, row, EventKind.CONFLICT)
-        raise KeyReused(f"The key {row.key!r} was first used for {row.path} with other arguments.")
-    if decision is Decision.STUCK:
-        client_event(ctx, row, EventKind.STALE_HIT)
-        raise RecordStuck(f"The operation {row.path} with this key stopped without an outcome; an operator decides.")
-    if row is not None:
-        client_event(ctx, row, EventKind.IN_PROGRESS_HIT)
-    raise RequestInProgress(
-        "Another call holds this key's lease and is still running. Retry after retry_after seconds.",
-        retry_after=ctx.state.retry_after,
-    )
+        detail = f"The key {row.key!r} was first used for {row.path} with other arguments."
+    elif decision is Decision.STUCK:
+        detail = f"The operation {row.path} with this key stopped without an outcome; an operator decides."
+    else:
+        detail = "Another call holds this key's lease and is still running. Retry after retry_after seconds."
+    raise problem_class(rule.problem)(detail, retry_after=ctx.state.retry_after if rule.retry_later else None)
 
 
 def task_decorator(

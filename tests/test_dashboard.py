@@ -637,9 +637,9 @@ def test_an_async_access_hook_works(app: Flask, client: FlaskClient) -> None:
 def test_counts_past_the_limit_show_a_plus_and_pages_go_on(
     app: Flask, client: FlaskClient, clock: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from flask_idempotent import store
+    from flask_idempotent import reports
 
-    monkeypatch.setattr(store, "COUNT_LIMIT", 3)
+    monkeypatch.setattr(reports, "COUNT_LIMIT", 3)
     allow(app)
     for i in range(5):
         insert(app, clock, f"f{i}")

@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 from helpers import charges, events, ext, in_app, post, problem_code, record, records
 
 from flask_idempotent import operations as ops
-from flask_idempotent import store
+from flask_idempotent import reports
 
 
 def test_stats_lists_and_search_show_what_needs_a_decision(app: Flask, client: FlaskClient, clock: Any) -> None:
@@ -242,7 +242,7 @@ def test_stats_counts_run_on_indexes_and_estimate_completed_on_large_tables(
         sa.event.remove(engine, "before_cursor_execute", listener)
     assert not any("GROUP BY idempotency_records.state" in s for s in seen)
     if engine.dialect.name == "postgresql":
-        monkeypatch.setattr(store, "EXACT_COUNT_LIMIT", 0)
+        monkeypatch.setattr(reports, "EXACT_COUNT_LIMIT", 0)
         with app.app_context(), engine.begin() as conn:
             conn.execute(sa.text("ANALYZE idempotency_records"))
         s = in_app(app, ops.stats)
@@ -250,7 +250,7 @@ def test_stats_counts_run_on_indexes_and_estimate_completed_on_large_tables(
 
 
 def test_counts_stop_at_the_limit_and_say_so(app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "COUNT_LIMIT", 3)
+    monkeypatch.setattr(reports, "COUNT_LIMIT", 3)
     post(client, "/payments", key="c", json={"amount": 1})
     for amount in range(2, 5):
         post(client, "/payments", key="c", json={"amount": amount})

@@ -29,8 +29,8 @@ from procs import poll
 
 from flask_idempotent import operations as ops
 from flask_idempotent import pipeline
+from flask_idempotent.dberrors import LOST_RACE_ATTEMPTS, lost_race
 from flask_idempotent.machine import claim_new
-from flask_idempotent.store import LOST_RACE_ATTEMPTS, lost_race
 
 #: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
 PG_VARIANTS = True
