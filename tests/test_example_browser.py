@@ -146,9 +146,11 @@ def test_operator_marks_a_stuck_payment_retryable_and_the_retry_charges_once(
         assert re.fullmatch(r"\S+:\d+ \(host:pid of the process that made the latest claim\)", holder), holder
         assert [e.inner_text() for e in page.locator(".fi-timeline .fi-event-kind").all()] == [
             "First request claimed the key (attempt 1)",
+            "Reached a recovery point",
             "The lease ran out without an outcome: stuck",
             "Now: stuck",
         ]
+        assert "provider-charged, attempt 1" in page.locator(".fi-timeline").inner_text()
         assert "last recovery point provider-charged" in page.locator('[data-fi-note="now"]').inner_text()
         # The route's runbook decides between the buttons: none is drawn as the one to press, Release not in red.
         assert page.locator(".fi-button-primary").count() == 0
