@@ -30,7 +30,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -779,15 +779,31 @@ class LeaseClock:
     The layer decides leases, expiry and "stuck" with the database's clock plus an offset; :meth:`advance`
     moves that offset forward for every app :meth:`install` was called on (the fixture undoes it afterwards).
     It adds to any ``Idempotency(clock_offset=...)`` the app already has.
+
+    A clock is also a ``clock_offset`` itself (calling it returns the offset): ``Idempotency(clock_offset=clock)``
+    makes an app a test builds read it from the start, with no :meth:`install`.
     """
 
     def __init__(self) -> None:
         self.offset = timedelta(0)
         self._installed: dict[Flask, Callable[[], float]] = {}
 
+    def __call__(self) -> timedelta:
+        """The offset, for ``Idempotency(clock_offset=clock)``."""
+        return self.offset
+
+    @property
+    def now(self) -> datetime:
+        """This host's UTC time plus the offset, naive like the stored times: what the layer's database clock
+        reads when the database runs on this machine's clock (for times a test stores, or compares within a
+        margin)."""
+        return datetime.now(timezone.utc).replace(tzinfo=None) + self.offset
+
     def install(self, app: Flask) -> LeaseClock:
-        """Make ``app``'s layer read this clock (idempotent per app); returns the clock."""
-        if app not in self._installed:
+        """Make ``app``'s layer read this clock (idempotent per app); returns the clock. An app whose
+        ``clock_offset`` is this clock reads it already and is left as it is."""
+        reads_already = getattr(app.extensions.get("idempotency"), "clock_offset", None) is self
+        if app not in self._installed and not reads_already:
             store = app_state(app).store
             original = store.offset
             self._installed[app] = original

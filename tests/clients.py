@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import requests
+from helpers import code_of
 
 from flask_idempotent.client import IdempotentSession, IdempotentTransport, sent_key, was_replayed
 
@@ -29,7 +30,7 @@ class Answer:
 
     @property
     def problem(self) -> str:
-        return str(self.json()["type"]).rsplit(":", 1)[-1]
+        return code_of(str(self.json()["type"]))
 
 
 Call = Callable[..., Answer]  # call(method, url, **request_kwargs)

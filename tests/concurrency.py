@@ -4,53 +4,69 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask
+from testapp import Hold
 from werkzeug.test import TestResponse
 
 
-class Background:
-    """Send one request from a thread; ``result()`` joins and returns the response (or raises its error)."""
+class InThread:
+    """Run ``call`` in a thread; ``result()`` joins it and returns what it returned (or raises what it raised)."""
 
-    def __init__(self, app: Flask, path: str, key: str | None = "k-1", **kwargs: Any) -> None:
-        self._response: TestResponse | None = None
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self._outcome: list[Any] = []
         self._error: BaseException | None = None
-        headers = dict(kwargs.pop("headers", {}))
-        if key is not None:
-            headers["Idempotency-Key"] = key
 
         def run() -> None:
             try:
-                self._response = app.test_client().post(path, headers=headers, **kwargs)
-            except BaseException as exc:  # reported by result()
+                self._outcome.append(call())
+            except BaseException as exc:  # handed to the test by result()
                 self._error = exc
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
 
-    def result(self, timeout: float = 30) -> TestResponse:
+    def result(self, timeout: float = 30) -> Any:
         self._thread.join(timeout)
-        assert not self._thread.is_alive(), "background request did not finish"
+        assert not self._thread.is_alive(), "the background call never finished"
         if self._error is not None:
             raise self._error
-        assert self._response is not None
-        return self._response
+        return self._outcome[0]
+
+
+class Background(InThread):
+    """POST one request to ``app`` from a thread (``key`` in ``Idempotency-Key``); ``held``: the hold it will
+    meet in the view, which :func:`finish` releases."""
+
+    def __init__(
+        self, app: Flask, path: str, key: str | None = "k-1", *, held: Hold | None = None, **kwargs: Any
+    ) -> None:
+        self.held = held
+        headers = dict(kwargs.pop("headers", {}))
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        super().__init__(lambda: app.test_client().post(path, headers=headers, **kwargs))
+
+    def result(self, timeout: float = 30) -> TestResponse:
+        response: TestResponse = super().result(timeout)
+        return response
 
 
 def make_stuck(app: Flask, clock: Any, key: str = "stuck-1", amount: int = 1) -> Background:
     """A real request that claimed ``key`` and hangs in the view while the test clock runs its lease out."""
-    controls = app.extensions["test"]["controls"]
-    controls.hold_at = "payments"
-    owner = Background(app, "/payments", key=key, json={"amount": amount})
-    assert controls.entered.wait(10)
+    held = app.extensions["test"]["controls"].hold("payments")
+    owner = Background(app, "/payments", key=key, json={"amount": amount}, held=held)
+    assert held.entered.wait(10)
     clock.advance(minutes=12)
     return owner
 
 
-def finish(app: Flask, owner: Background) -> None:
+def finish(owner: Background) -> None:
     """Let a held request go and wait for its answer."""
-    app.extensions["test"]["controls"].release.set()
+    assert owner.held is not None, "finish() is for a request started with held="
+    owner.held.release.set()
     owner.result()
 
 

@@ -48,13 +48,14 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
 from flask import Flask
 from testapp import Controls, build_app
+
+from flask_idempotent.testing import LeaseClock
 
 if TYPE_CHECKING:
     from galera import GaleraCluster
@@ -149,32 +150,6 @@ SERVERS = {
         "DROP DATABASE IF EXISTS {db}",
     ),
 }
-
-
-class Clock:
-    """Moves the database's clock as the layer sees it: the offset ``Idempotency(clock_offset=...)`` adds.
-
-    The database decides every lease and expiry with its own clock; a test moves that clock forward by hand
-    (``advance``) instead of waiting. ``now`` is the host's reading of it (the same machine's clock), for
-    stored times a test writes or compares within a margin.
-    """
-
-    def __init__(self) -> None:
-        self.offset = timedelta(0)
-
-    def __call__(self) -> timedelta:
-        return self.offset
-
-    def advance(self, **kwargs: float) -> None:
-        self.offset += timedelta(**kwargs)
-
-    @property
-    def now(self) -> datetime:
-        return datetime.now(timezone.utc).replace(tzinfo=None) + self.offset
-
-    def reads(self, stored: datetime, plus: timedelta = timedelta(0), margin: float = 5.0) -> bool:
-        """Whether ``stored`` is this clock's time (plus ``plus``) when written: within ``margin`` seconds."""
-        return abs((stored - plus - self.now).total_seconds()) <= margin
 
 
 @contextlib.contextmanager
@@ -374,8 +349,9 @@ def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> LeaseClock:
+    """The shipped lease clock; ``app`` reads it from the start (its ``clock_offset``)."""
+    return LeaseClock()
 
 
 @pytest.fixture
@@ -392,7 +368,7 @@ def app_config() -> dict[str, object]:
 @pytest.fixture
 def app(
     database_url: str,
-    clock: Clock,
+    clock: LeaseClock,
     controls: Controls,
     app_config: dict[str, object],
     database_config: dict[str, object],

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
+
+from flask_idempotent.testing import LeaseClock
 
 T = TypeVar("T")
 
@@ -66,9 +69,23 @@ def post(
     return client.post(path, headers=headers, **kwargs)
 
 
+def code_of(problem_type: str) -> str:
+    """The problem code a problem ``type`` ends with: the URN's last part or the docs URL's last segment."""
+    return problem_type.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+
+
+def problem_body_code(body: Any, status: int) -> str:
+    """The code of a problem+json body answered with ``status``; asserts its status, title and detail."""
+    assert body["status"] == status and body["title"] and body["detail"], body
+    return code_of(str(body["type"]))
+
+
 def problem_code(response: TestResponse) -> str:
+    """The problem code of a test client's response, which must be ``application/problem+json``."""
     assert response.mimetype == "application/problem+json", response.data
-    body = response.get_json(force=True)
-    assert body["status"] == response.status_code
-    assert body["title"] and body["detail"]
-    return str(body["type"]).rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+    return problem_body_code(response.get_json(force=True), response.status_code)
+
+
+def reads(clock: LeaseClock, stored: datetime, plus: timedelta = timedelta(0), margin: float = 5.0) -> bool:
+    """Whether ``stored`` is ``clock``'s time (plus ``plus``) when written: within ``margin`` seconds."""
+    return abs((stored - plus - clock.now).total_seconds()) <= margin

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from helpers import problem_body_code
+
 TESTS_DIR = Path(__file__).resolve().parent
 T = TypeVar("T")
 
@@ -75,9 +77,7 @@ class Reply:
         """The problem code (``in-progress``, ``stuck``...) of an ``application/problem+json`` response."""
         if not self.headers.get("content-type", "").startswith("application/problem+json"):
             return None
-        body = self.json()
-        assert body["status"] == self.status and body["title"] and body["detail"], body
-        return str(body["type"]).rsplit(":", 1)[-1].rsplit("/", 1)[-1]
+        return problem_body_code(self.json(), self.status)
 
 
 #: What a client sees when the server process died under its request.

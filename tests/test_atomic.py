@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from concurrency import Background, observe_polling
 from flask import Flask, Response, abort, jsonify, request, send_file
 from flask.testing import FlaskClient
-from helpers import charges, ext, post, problem_code, record
+from helpers import charges, ext, post, problem_code, reads, record
 
 from flask_idempotent import idempotent
 
@@ -82,13 +82,13 @@ def test_atomic_view_that_commits_gets_a_clear_error_and_nothing_is_persisted(ap
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_atomic_duplicate_in_flight_gets_409_without_running(app: Flask, client: FlaskClient) -> None:
     controls = ext(app)["controls"]
-    controls.hold_at = "transfers"
+    held = controls.hold("transfers")
     first = Background(app, "/transfers", json={"amount": 30})
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     duplicate = post(client, "/transfers", json={"amount": 30})
     assert duplicate.status_code == 409 and problem_code(duplicate) == "in-progress"
     assert duplicate.headers["Retry-After"] == "1"
-    controls.release.set()
+    held.release.set()
     assert first.result().status_code == 201
     assert controls.runs["transfers"] == 1 and charges(app) == 1
 
@@ -98,12 +98,12 @@ def test_atomic_duplicate_in_flight_gets_409_without_running(app: Flask, client:
 def test_atomic_duplicate_waits_for_the_first_commit_and_replays(app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
     waiting = observe_polling(monkeypatch)
     controls = ext(app)["controls"]
-    controls.hold_at = "transfers"
+    held = controls.hold("transfers")
     first = Background(app, "/transfers", json={"amount": 30})
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     duplicate = Background(app, "/transfers", json={"amount": 30})
     assert waiting.wait(10)
-    controls.release.set()
+    held.release.set()
     original, replay = first.result(), duplicate.result()
     assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
     assert replay.data == original.data
@@ -122,7 +122,7 @@ def test_atomic_failure_after_replacing_an_expired_record_keeps_the_new_command(
     failed = record(app, "k-1")
     assert (failed["state"], failed["retryable"], failed["attempts"]) == ("FAILED", True, 1)
     assert failed["request_hash"] != old["request_hash"]
-    assert clock.reads(failed["created_at"])
+    assert reads(clock, failed["created_at"])
     controls.status = None
     assert post(client, "/transfers", json={"amount": 99}).status_code == 201  # the same command, not a conflict
     assert charges(app, "transfers") == 2

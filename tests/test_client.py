@@ -32,6 +32,7 @@ import httpx
 import pytest
 import requests
 from clients import FLAVOURS, Flavour
+from concurrency import InThread
 from flask import Flask, jsonify, redirect, request
 from helpers import charges, ext, records
 from procs import ResponseDroppingProxy, TcpProxy
@@ -149,28 +150,6 @@ def served(app: Flask) -> Iterator[Served]:
 @pytest.fixture(params=FLAVOURS, ids=repr)
 def flavour(request: pytest.FixtureRequest) -> Flavour:
     return request.param  # type: ignore[no-any-return]
-
-
-def in_thread(func: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = func()
-        except BaseException as exc:  # handed to the test, which re-raises it
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, result
-
-
-def joined(thread: threading.Thread, result: dict[str, Any]) -> Any:
-    thread.join(60)
-    assert not thread.is_alive(), "the call never finished"
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def only_record(served: Served) -> dict[str, Any]:
@@ -291,13 +270,11 @@ def test_a_response_that_never_came_is_retried_until_the_replay(served: Served, 
     controls = ext(served.app)["controls"]
     held = controls.hold("payments")
     options = {**FAST, "deadline": 30}
-    thread, result = in_thread(
-        lambda: flavour.call("POST", f"{served.url}/payments", options, json={"amount": 3}, timeout=2)
-    )
+    thread = InThread(lambda: flavour.call("POST", f"{served.url}/payments", options, json={"amount": 3}, timeout=2))
     assert held.entered.wait(30)
     served.recorder.wait_for("a 409 in-progress", lambda seen: any(s.status == 409 for s in seen))
     held.release.set()
-    answer = joined(thread, result)
+    answer = thread.result(60)
 
     assert (answer.status, answer.replayed) == (201, True)
     statuses = [s.status for s in served.recorder.requests(key=answer.key)]
@@ -312,16 +289,12 @@ def test_in_progress_is_retried_honouring_retry_after_until_the_replay(served: S
     controls = ext(served.app)["controls"]
     held = controls.hold("payments")
     key = {"Idempotency-Key": "shared-key"}
-    first, first_result = in_thread(
-        lambda: requests.post(f"{served.url}/payments", json={"amount": 9}, headers=key, timeout=30)
-    )
+    first = InThread(lambda: requests.post(f"{served.url}/payments", json={"amount": 9}, headers=key, timeout=30))
     assert held.entered.wait(30)
-    second, second_result = in_thread(
-        lambda: flavour.call("POST", f"{served.url}/payments", FAST, json={"amount": 9}, headers=key)
-    )
+    second = InThread(lambda: flavour.call("POST", f"{served.url}/payments", FAST, json={"amount": 9}, headers=key))
     served.recorder.wait_for("a 409 in-progress", lambda seen: any(s.status == 409 for s in seen))
     held.release.set()
-    original, answer = joined(first, first_result), joined(second, second_result)
+    original, answer = first.result(60), second.result(60)
 
     assert original.status_code == 201 and not was_replayed(original)
     assert (answer.status, answer.replayed, answer.body) == (201, True, original.content)
@@ -338,14 +311,14 @@ def test_503_is_retried_after_retry_after_and_the_command_runs_once(served: Serv
     controls = ext(served.app)["controls"]
     controls.exception = TransientError("the provider timed out")
     first_run = controls.hold("payments")
-    thread, result = in_thread(lambda: flavour.call("POST", f"{served.url}/payments", FAST, json={"amount": 5}))
+    thread = InThread(lambda: flavour.call("POST", f"{served.url}/payments", FAST, json={"amount": 5}))
     assert first_run.entered.wait(30)
     second_run = controls.hold("payments")  # parks the retry, so the fault is lifted exactly between the two
     first_run.release.set()
     assert second_run.entered.wait(30)
     controls.exception = None
     second_run.release.set()
-    answer = joined(thread, result)
+    answer = thread.result(60)
 
     assert (answer.status, answer.replayed) == (201, False)
     assert answer.json()["attempt"] == 2
@@ -381,16 +354,14 @@ def test_409_stuck_is_not_retried(served: Served, flavour: Flavour, clock: Any) 
     controls = ext(served.app)["controls"]
     held = controls.hold("payments")
     key = {"Idempotency-Key": "stuck-key"}
-    first, first_result = in_thread(
-        lambda: requests.post(f"{served.url}/payments", json={"amount": 4}, headers=key, timeout=30)
-    )
+    first = InThread(lambda: requests.post(f"{served.url}/payments", json={"amount": 4}, headers=key, timeout=30))
     assert held.entered.wait(30)
     try:
         clock.advance(seconds=61)  # the held request's lease (60 s) is over: the record is stuck
         answer = flavour.call("POST", f"{served.url}/payments", FAST, json={"amount": 4}, headers=key)
     finally:
         held.release.set()
-    joined(first, first_result)
+    first.result(60)
     assert (answer.status, answer.problem) == (409, "stuck")
     assert [s.status for s in served.recorder.requests(key="stuck-key")][1:] == [409]  # exactly one attempt
     assert charges(served.app) == 1
@@ -409,15 +380,13 @@ def test_202_in_progress_is_an_answer_not_a_retry(served: Served, flavour: Flavo
     controls = ext(served.app)["controls"]
     held = controls.hold("payments")
     key = {"Idempotency-Key": "async-202"}
-    first, first_result = in_thread(
-        lambda: requests.post(f"{served.url}/payments", json={"amount": 4}, headers=key, timeout=30)
-    )
+    first = InThread(lambda: requests.post(f"{served.url}/payments", json={"amount": 4}, headers=key, timeout=30))
     assert held.entered.wait(30)
     try:
         answer = flavour.call("POST", f"{served.url}/payments", FAST, json={"amount": 4}, headers=key)
     finally:
         held.release.set()
-    joined(first, first_result)
+    first.result(60)
     assert (answer.status, answer.problem) == (202, "in-progress")
     assert len(served.recorder.requests(key="async-202")) == 2  # the held one and exactly one attempt
 
@@ -649,19 +618,17 @@ def test_the_async_transport_retries_in_progress_until_the_replay(served: Served
     controls = ext(served.app)["controls"]
     held = controls.hold("payments")
     key = {"Idempotency-Key": "async-shared"}
-    first, first_result = in_thread(
-        lambda: requests.post(f"{served.url}/payments", json={"amount": 2}, headers=key, timeout=30)
-    )
+    first = InThread(lambda: requests.post(f"{served.url}/payments", json={"amount": 2}, headers=key, timeout=30))
     assert held.entered.wait(30)
 
     async def call() -> httpx.Response:
         async with httpx.AsyncClient(transport=AsyncIdempotentTransport(**FAST)) as client:
             return await client.post(f"{served.url}/payments", json={"amount": 2}, headers=key)
 
-    second, second_result = in_thread(lambda: asyncio.run(call()))
+    second = InThread(lambda: asyncio.run(call()))
     served.recorder.wait_for("a 409 in-progress", lambda seen: any(s.status == 409 for s in seen))
     held.release.set()
-    original, answer = joined(first, first_result), joined(second, second_result)
+    original, answer = first.result(60), second.result(60)
     assert (answer.status_code, was_replayed(answer), answer.content) == (201, True, original.content)
     assert charges(served.app) == 1
 

@@ -17,7 +17,7 @@ THREADS = 12
 
 def test_storm_of_one_key_runs_the_view_once_and_answers_409_to_the_rest(app: Flask) -> None:
     controls = ext(app)["controls"]
-    controls.hold_at = "payments"  # whoever claims first blocks inside the view
+    held = controls.hold("payments")  # whoever claims first blocks inside the view
     answers: queue.Queue[TestResponse] = queue.Queue()
     barrier = threading.Barrier(THREADS)
 
@@ -31,9 +31,9 @@ def test_storm_of_one_key_runs_the_view_once_and_answers_409_to_the_rest(app: Fl
         t.start()
     # Everyone but the owner is answered while the owner is still held inside the view.
     early = [answers.get(timeout=30) for _ in range(THREADS - 1)]
-    assert controls.entered.is_set()
+    assert held.entered.is_set()
     assert record(app, "storm")["state"] == "IN_PROGRESS"
-    controls.release.set()
+    held.release.set()
     for t in threads:
         t.join(30)
     owner = answers.get(timeout=5)

@@ -423,7 +423,7 @@ def test_operator_marks_a_stuck_request_retryable_and_the_retry_runs(
         assert retry.status_code == 201 and retry.get_json()["attempt"] == 2
         assert ext(app)["controls"].runs["payments"] == 2
     finally:
-        finish(app, owner)
+        finish(owner)
     assert only(app, "stuck-1")["state"] == "COMPLETED"  # the presumed-dead owner could not overwrite it
 
 

@@ -55,14 +55,14 @@ def test_key_reused_links_its_documentation_and_leaves_the_record(app: Flask, cl
 
 def test_in_progress_links_its_documentation_with_retry_after(app: Flask, client: FlaskClient) -> None:
     controls: Controls = ext(app)["controls"]
-    controls.hold_at = "payments"
-    owner = Background(app, "/payments", json={"amount": 1})
-    assert controls.entered.wait(10)
+    held = controls.hold("payments")
+    owner = Background(app, "/payments", json={"amount": 1}, held=held)
+    assert held.entered.wait(10)
     response = post(client, "/payments", json={"amount": 1})
     assert_documented(response, 409, "in-progress")
     assert response.headers["Retry-After"] == "1"
     assert [r["state"] for r in records(app)] == ["IN_PROGRESS"]
-    finish(app, owner)
+    finish(owner)
     assert controls.runs["payments"] == 1 and charges(app) == 1
 
 
@@ -71,7 +71,7 @@ def test_stuck_links_its_documentation(app: Flask, client: FlaskClient, clock: A
     assert_documented(post(client, "/payments", key="stuck-1", json={"amount": 1}), 409, "stuck")
     assert ext(app)["controls"].runs["payments"] == 1
     assert [r["state"] for r in records(app)] == ["IN_PROGRESS"]
-    finish(app, owner)
+    finish(owner)
 
 
 def test_store_unavailable_links_its_documentation(app: Flask, client: FlaskClient) -> None:

@@ -13,14 +13,16 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from concurrency import InThread
 from flask import Flask
 from flask.testing import FlaskClient
+from helpers import problem_code
 from test_migrations import reset_database
 from werkzeug.test import TestResponse
 
@@ -128,13 +130,6 @@ def balances(app: Flask) -> dict[int, int]:
     return {r["id"]: r["balance"] for r in rows(app, "accounts")}
 
 
-def problem_code(response: TestResponse) -> str:
-    assert response.mimetype == "application/problem+json", response.data
-    body = response.get_json(force=True)
-    assert body["status"] == response.status_code
-    return str(body["type"]).rsplit(":", 1)[-1]
-
-
 def hidden(page: str, name: str, action: str | None = None) -> str:
     """The value of hidden input ``name`` (inside the form posting to ``action``, if given)."""
     if action is not None:
@@ -152,27 +147,6 @@ def login(client: FlaskClient, password: str = OPERATOR_PASSWORD, next_url: str 
     if next_url is not None:
         data["next"] = next_url
     return client.post("/login", data=data)
-
-
-class InThread:
-    """Run ``call`` in a thread; ``result()`` joins it and returns what it returned or raised."""
-
-    def __init__(self, call: Callable[[], Any]) -> None:
-        self._outcome: list[Any] = []
-
-        def run() -> None:
-            try:
-                self._outcome.append(("ok", call()))
-            except BaseException as exc:  # handed to the test by result()
-                self._outcome.append(("error", exc))
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def result(self) -> tuple[str, Any]:
-        self._thread.join(30)
-        assert not self._thread.is_alive(), "the background request never finished"
-        return self._outcome[0]  # type: ignore[no-any-return]
 
 
 # The walk-through -------------------------------------------------------------------------------------------
@@ -282,8 +256,8 @@ def test_concurrent_duplicate_gets_409_while_the_first_waits_on_the_provider(exa
 
     released = example.test_client().post("/provider/release", headers={"Authorization": f"Bearer {ALICE}"})
     assert released.get_json() == {"released": 1}
-    outcome, response = first.result()
-    assert outcome == "ok" and response.status_code == 201
+    response = first.result()
+    assert response.status_code == 201
 
     again = pay(example.test_client(), "order-1003")
     assert again.status_code == 201 and again.headers["Idempotent-Replayed"] == "true"
@@ -391,8 +365,8 @@ def test_crash_after_the_charge_is_stuck_until_an_operator_marks_it_retryable(
     assert (rec["state"], rec["attempts"]) == ("COMPLETED", 2)
 
     buried.set()  # the "dead" request wakes up: its late outcome is fenced off by the newer lease
-    outcome, error = dead.result()
-    assert outcome == "error" and isinstance(error, ProcessDied)
+    with pytest.raises(ProcessDied):
+        dead.result()
     rec = record(example, "order-1006")
     assert (rec["state"], rec["attempts"], rec["response_status"]) == ("COMPLETED", 2, 201)
 

@@ -14,7 +14,7 @@ import pytest
 from concurrency import Background, finish
 from flask import Flask, jsonify
 from flask.testing import FlaskClient
-from helpers import charges, ext, in_app, post, problem_code, record, records
+from helpers import charges, ext, in_app, post, problem_code, reads, record, records
 from werkzeug.test import TestResponse
 
 from flask_idempotent import idempotent
@@ -79,9 +79,9 @@ def test_a_payment_marked_failed_after_its_ttl_gets_the_failure_and_never_runs_a
     app: Flask, client: FlaskClient, clock: Any
 ) -> None:
     controls = ext(app)["controls"]
-    controls.hold_at = "payments"
-    owner = Background(app, "/payments", key="pay-1", json={"amount": 500})
-    assert controls.entered.wait(10)
+    held = controls.hold("payments")
+    owner = Background(app, "/payments", key="pay-1", json={"amount": 500}, held=held)
+    assert held.entered.wait(10)
     try:
         clock.advance(hours=26)  # stuck for 26 h: past its lease and past the ttl its claim set
         stuck = post(client, "/payments", "pay-1", json={"amount": 500})
@@ -90,10 +90,10 @@ def test_a_payment_marked_failed_after_its_ttl_gets_the_failure_and_never_runs_a
         decided = in_app(app, ops.mark_failed, record(app, "pay-1")["id"], actor="oncall")
         assert decided["never_expires"] is True  # a final failure nobody acknowledged awaits a decision
     finally:
-        finish(app, owner)  # the presumed-dead owner wakes up: its outcome is refused, the decision stands
+        finish(owner)  # the presumed-dead owner wakes up: its outcome is refused, the decision stands
     row = record(app, "pay-1")
     assert (row["state"], row["retryable"], row["attempts"], row["lease_token"]) == ("FAILED", False, 1, None)
-    assert clock.reads(row["updated_at"])
+    assert reads(clock, row["updated_at"])
     assert row["expires_at"] - row["updated_at"] == TTL  # the decision starts the record's ttl afresh
 
     for later in (timedelta(0), timedelta(hours=30), timedelta(days=7)):
@@ -116,7 +116,7 @@ def test_a_view_finishing_after_its_ttl_stores_an_outcome_that_replays(
     row = record(late, "late-1")
     assert (row["state"], row["attempts"]) == ("COMPLETED", 1)
     assert row["expires_at"] - row["created_at"] > TTL  # the ttl counts from the outcome, not the claim
-    assert clock.reads(row["updated_at"]) and row["expires_at"] - row["updated_at"] == TTL
+    assert reads(clock, row["updated_at"]) and row["expires_at"] - row["updated_at"] == TTL
 
     retry = post(client, path, "late-1", json={})
     assert retry.status_code == 201 and retry.headers.get("Idempotent-Replayed") == "true"
@@ -140,7 +140,7 @@ def test_mark_retryable_after_the_ttl_resumes_from_the_recovery_point_at_attempt
         in_app(app, ops.mark_retryable, stuck["id"], actor="oncall")
         marked = record(app, "ph-1")
         assert (marked["state"], marked["retryable"]) == ("FAILED", True)
-        assert marked["expires_at"] - marked["updated_at"] == TTL and clock.reads(marked["updated_at"])
+        assert marked["expires_at"] - marked["updated_at"] == TTL and reads(clock, marked["updated_at"])
 
         retry = post(client, "/phases", "ph-1", json={"amount": 7})
         assert retry.status_code == 201 and "Idempotent-Replayed" not in retry.headers
@@ -199,8 +199,8 @@ def test_purge_takes_a_final_failure_a_ttl_after_it_was_acknowledged(
     assert acked["never_expires"] is False
     assert "never expires" not in client.get(page).get_data(as_text=True)
     row = record(app, "p500")
-    assert row["acknowledged_by"] == "oncall" and clock.reads(row["acknowledged_at"])
-    assert row["expires_at"] - row["updated_at"] == TTL and clock.reads(row["updated_at"])
+    assert row["acknowledged_by"] == "oncall" and reads(clock, row["acknowledged_at"])
+    assert row["expires_at"] - row["updated_at"] == TTL and reads(clock, row["updated_at"])
 
     assert in_app(app, ops.purge) == 0  # acknowledging started its ttl: it is kept a day from now
     retry = post(client, "/payments", "p500", json={"amount": 9})
@@ -219,7 +219,7 @@ def test_an_operator_decision_keeps_the_routes_own_ttl(late: Flask, client: Flas
     clock.advance(days=8)
     in_app(late, ops.acknowledge, record(late, "w-1")["id"], actor="oncall")
     row = record(late, "w-1")
-    assert row["expires_at"] - row["updated_at"] == WEEK and clock.reads(row["updated_at"])
+    assert row["expires_at"] - row["updated_at"] == WEEK and reads(clock, row["updated_at"])
     clock.advance(days=6)
     assert in_app(late, ops.purge) == 0
     replay = post(client, "/weekly", "w-1", json={"amount": 9})

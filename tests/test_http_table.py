@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import charges, events, post, problem_code, record, records
+from helpers import charges, events, post, problem_code, reads, record, records
 
 
 def test_missing_key_is_rejected_with_400_and_nothing_is_stored(app: Flask, client: FlaskClient) -> None:
@@ -43,7 +43,7 @@ def test_new_key_runs_the_view_and_records_completed(app: Flask, client: FlaskCl
     assert row["request_hash"].startswith("v1:") and len(row["request_hash"]) == 3 + 64
     assert row["response_status"] == 201
     assert row["locked_until"] is None
-    assert clock.reads(row["created_at"])
+    assert reads(clock, row["created_at"])
     assert row["expires_at"] - row["updated_at"] == app.config["IDEMPOTENCY_TTL"]  # the ttl counts from the outcome
 
 
@@ -134,7 +134,7 @@ def test_expired_record_is_replaced_by_a_new_execution(app: Flask, client: Flask
     assert new["id"] == old["id"]  # replaced in place, the unique key never free for a third request
     assert new["state"] == "COMPLETED" and new["attempts"] == 1
     assert new["request_hash"] != old["request_hash"]
-    assert clock.reads(new["created_at"])
+    assert reads(clock, new["created_at"])
 
 
 def test_async_view_is_protected(app: Flask, client: FlaskClient) -> None:

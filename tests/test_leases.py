@@ -10,7 +10,7 @@ import pytest
 from concurrency import Background, observe_polling
 from flask import Flask
 from flask.testing import FlaskClient
-from helpers import charges, events, ext, in_app, post, problem_code, record
+from helpers import charges, events, ext, in_app, post, problem_code, reads, record
 
 from flask_idempotent import operations as ops
 from flask_idempotent import signals
@@ -19,16 +19,11 @@ from flask_idempotent import signals
 PG_VARIANTS = True
 
 
-def hold(app: Flask, step: str) -> Any:
-    controls = ext(app)["controls"]
-    controls.hold_at = step
-    return controls
-
-
 def test_duplicate_while_in_progress_gets_409_with_retry_after(app: Flask, client: FlaskClient) -> None:
-    controls = hold(app, "payments")
+    controls = ext(app)["controls"]
+    held = controls.hold("payments")
     first = Background(app, "/payments", json={"amount": 5})
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     duplicate = post(client, "/payments", json={"amount": 5})
     assert duplicate.status_code == 409
     assert problem_code(duplicate) == "in-progress"
@@ -36,7 +31,7 @@ def test_duplicate_while_in_progress_gets_409_with_retry_after(app: Flask, clien
     row = record(app, "k-1")
     assert row["state"] == "IN_PROGRESS" and row["locked_until"] is not None
     assert [e["kind"] for e in events(app)] == ["in_progress_hit"]
-    controls.release.set()
+    held.release.set()
     assert first.result().status_code == 201
     assert post(client, "/payments", json={"amount": 5}).headers["Idempotent-Replayed"] == "true"
     assert controls.runs["payments"] == 1 and charges(app) == 1
@@ -44,13 +39,14 @@ def test_duplicate_while_in_progress_gets_409_with_retry_after(app: Flask, clien
 
 @pytest.mark.parametrize("app_config", [{"IDEMPOTENCY_IN_PROGRESS_STATUS": 202}])
 def test_in_progress_status_202_when_configured(app: Flask, client: FlaskClient) -> None:
-    controls = hold(app, "payments")
+    controls = ext(app)["controls"]
+    held = controls.hold("payments")
     first = Background(app, "/payments", json={})
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     duplicate = post(client, "/payments", json={})
     assert duplicate.status_code == 202
     assert duplicate.headers["Retry-After"] == "1"
-    controls.release.set()
+    held.release.set()
     first.result()
     assert controls.runs["payments"] == 1
 
@@ -60,12 +56,13 @@ def test_duplicate_waits_for_the_first_and_replays_its_outcome(
     app: Flask, client: FlaskClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     waiting = observe_polling(monkeypatch)
-    controls = hold(app, "payments")
+    controls = ext(app)["controls"]
+    held = controls.hold("payments")
     first = Background(app, "/payments", json={"amount": 5})
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     duplicate = Background(app, "/payments", json={"amount": 5})
     assert waiting.wait(10)
-    controls.release.set()
+    held.release.set()
     original, replay = first.result(), duplicate.result()
     assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
     assert replay.data == original.data
@@ -73,9 +70,10 @@ def test_duplicate_waits_for_the_first_and_replays_its_outcome(
 
 
 def test_stale_lease_is_held_as_stuck_and_never_re_executed(app: Flask, client: FlaskClient, clock) -> None:
-    controls = hold(app, "payments")
+    controls = ext(app)["controls"]
+    held = controls.hold("payments")
     first = Background(app, "/payments", json={"amount": 5})
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     clock.advance(seconds=61)  # the lease (60 s) ran out: the owner is presumed dead
     stuck = post(client, "/payments", json={"amount": 5})
     assert stuck.status_code == 409
@@ -84,16 +82,17 @@ def test_stale_lease_is_held_as_stuck_and_never_re_executed(app: Flask, client: 
     assert [e["kind"] for e in events(app)] == ["stale_hit"]
     stuck_list = in_app(app, ops.list_stuck)
     assert [r["key"] for r in stuck_list.items] == ["k-1"]
-    controls.release.set()
+    held.release.set()
     first.result()
     assert controls.runs["payments"] == 1
 
 
 def test_operator_marks_stuck_record_retryable_and_the_retry_runs_once(app: Flask, client: FlaskClient, clock) -> None:
-    controls = hold(app, "payments")
+    controls = ext(app)["controls"]
+    held = controls.hold("payments")
     lost: list[Any] = []
     first = Background(app, "/payments", json={"amount": 5})
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     clock.advance(minutes=5)
     assert post(client, "/payments", json={"amount": 5}).status_code == 409
     row = record(app, "k-1")
@@ -108,7 +107,7 @@ def test_operator_marks_stuck_record_retryable_and_the_retry_runs_once(app: Flas
     ]
     # The presumed-dead owner wakes up: its late completion is fenced out.
     with signals.lease_lost.connected_to(lambda sender, **kw: lost.append(kw["record"]), app):
-        controls.release.set()
+        held.release.set()
         first.result()
     assert len(lost) == 1
     assert record(app, "k-1")["attempts"] == 2
@@ -119,12 +118,13 @@ def test_operator_marks_stuck_record_retryable_and_the_retry_runs_once(app: Flas
 def test_takeover_resumes_from_the_recovery_point_and_fences_the_old_owner(
     app: Flask, client: FlaskClient, clock
 ) -> None:
-    controls = hold(app, "phases-after-charge")
+    controls = ext(app)["controls"]
+    held = controls.hold("phases-after-charge")
     old_owner = Background(app, "/phases", json={"order": 1})
-    assert controls.entered.wait(10)  # charged and checkpointed, then "crashed"
+    assert held.entered.wait(10)  # charged and checkpointed, then "crashed"
     row = record(app, "k-1")
     assert row["recovery_point"] == "charged"
-    assert clock.reads(row["locked_until"], timedelta(seconds=30))
+    assert reads(clock, row["locked_until"], timedelta(seconds=30))
     clock.advance(seconds=31)
     takeover = post(client, "/phases", json={"order": 1})
     assert takeover.status_code == 201
@@ -134,7 +134,7 @@ def test_takeover_resumes_from_the_recovery_point_and_fences_the_old_owner(
     final = record(app, "k-1")
     assert (final["state"], final["attempts"]) == ("COMPLETED", 2)
     assert [e["kind"] for e in events(app)] == ["checkpoint", "takeover"]  # the first owner reached "charged"
-    controls.release.set()
+    held.release.set()
     assert old_owner.result().status_code == 201
     assert record(app, "k-1") == final  # the old owner's late completion changed nothing
 
@@ -174,14 +174,14 @@ def test_a_retry_never_replays_an_earlier_attempts_response(app: Flask, client: 
     controls.status = 503
     assert post(client, "/payments", json={"amount": 5}).status_code == 503
     controls.status = None
-    controls.hold_at = "payments"
+    held = controls.hold("payments")
     crashed = Background(app, "/payments", json={"amount": 5})  # attempt 2 claims, then "dies"
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     row = record(app, "k-1")
     assert (row["state"], row["attempts"], row["response_status"]) == ("IN_PROGRESS", 2, None)
     clock.advance(seconds=61)
     in_app(app, ops.mark_failed, row["id"], actor="dave")
     answer = post(client, "/payments", json={"amount": 5})
     assert answer.status_code == 500 and problem_code(answer) == "failed"  # not attempt 1's 503
-    controls.release.set()
+    held.release.set()
     crashed.result()

@@ -131,12 +131,12 @@ def test_atomic_duplicate_waits_for_the_owners_commit_then_replays(app: Flask) -
     # row. When it is refused, the duplicate's re-read must see the committed record although its REPEATABLE
     # READ snapshot (taken before the owner committed) has no row at all.
     controls = ext(app)["controls"]
-    controls.hold_at = "transfers"
+    held = controls.hold("transfers")
     first = Background(app, "/transfers", json={"amount": 30})
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     duplicate = Background(app, "/transfers", json={"amount": 30})
     wait_for_a_lock_wait(app)
-    controls.release.set()
+    held.release.set()
     original, replay = first.result(), duplicate.result()
     assert original.status_code == 201
     assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
@@ -147,13 +147,13 @@ def test_atomic_duplicate_waits_for_the_owners_commit_then_replays(app: Flask) -
 
 def test_atomic_duplicate_runs_when_the_owner_rolled_back(app: Flask) -> None:
     controls = ext(app)["controls"]
-    controls.hold_at = "transfers"
+    held = controls.hold("transfers")
     controls.status = 503  # a failure: the view's transaction, its claim included, is rolled back
     first = Background(app, "/transfers", json={"amount": 30})
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     duplicate = Background(app, "/transfers", json={"amount": 30})
     wait_for_a_lock_wait(app)
-    controls.release.set()
+    held.release.set()
     # The waiting INSERT goes through once the owner's claim is gone: the duplicate runs (and fails the same
     # way) instead of replaying an outcome that was never committed.
     assert [first.result().status_code, duplicate.result().status_code] == [503, 503]
@@ -175,13 +175,13 @@ def test_atomic_duplicate_runs_when_the_owner_rolled_back(app: Flask) -> None:
 )
 def test_atomic_duplicate_that_waits_past_the_lock_wait_timeout_answers_503(app: Flask) -> None:
     controls = ext(app)["controls"]
-    controls.hold_at = "transfers"
+    held = controls.hold("transfers")
     first = Background(app, "/transfers", json={"amount": 30})
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     duplicate = post(app.test_client(), "/transfers", json={"amount": 30})  # waits 1 s for the owner's row
     assert duplicate.status_code == 503 and problem_code(duplicate) == "store-unavailable"
     assert duplicate.headers["Retry-After"] == "1"
-    controls.release.set()
+    held.release.set()
     assert first.result().status_code == 201
     assert controls.runs["transfers"] == 1 and charges(app) == 1
     assert record(app, "k-1")["state"] == "COMPLETED"
@@ -313,14 +313,14 @@ def test_purge_keeps_a_record_an_atomic_request_replaced_while_the_batch_ran(app
     assert post(client, "/transfers", json={"amount": 30}).status_code == 201
     clock.advance(hours=25)  # the record expired: purge may delete it, a new request may replace it
     controls = ext(app)["controls"]
-    controls.hold_at = "transfers"
+    held = controls.hold("transfers")
     replacing = Background(app, "/transfers", json={"amount": 99})
-    assert controls.entered.wait(10)  # the replacement is written, uncommitted, in the view's transaction
+    assert held.entered.wait(10)  # the replacement is written, uncommitted, in the view's transaction
     purged: list[int] = []
     purging = threading.Thread(target=lambda: purged.append(in_app(app, ops.purge, batch_size=10)))
     purging.start()
     wait_for_a_lock_wait(app)  # the purge batch reached the locked row
-    controls.release.set()
+    held.release.set()
     assert replacing.result().status_code == 201
     purging.join(30)
     assert purged == [0]

@@ -12,15 +12,16 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from conftest import Clock
 from flask import Flask, jsonify, request
 from flask_sqlalchemy import SQLAlchemy
+from helpers import code_of
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from flask_idempotent import Idempotency, TransientError, idempotent
 from flask_idempotent import operations as ops
+from flask_idempotent.testing import LeaseClock
 
 #: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
 PG_VARIANTS = True
@@ -139,12 +140,12 @@ class Model:
 
 def model_app(
     database_url: str, config: dict[str, object] | None = None
-) -> tuple[Flask, SQLAlchemy, Clock, dict[str, Any]]:
+) -> tuple[Flask, SQLAlchemy, LeaseClock, dict[str, Any]]:
     app = Flask(__name__)
     app.config.update(SQLALCHEMY_DATABASE_URI=database_url, PROPAGATE_EXCEPTIONS=False, **(config or {}))
     db = SQLAlchemy()
     db.init_app(app)
-    clock = Clock()
+    clock = LeaseClock()
     Idempotency(app, db, clock_offset=clock)
     switch: dict[str, Any] = {"outcome": 201}
 
@@ -194,7 +195,7 @@ class Machine(RuleBasedStateMachine):
         self.client = app.test_client()
         self.hashes: dict[tuple[Any, ...], str] = {}
 
-    setup: tuple[Flask, SQLAlchemy, Clock, dict[str, Any]]
+    setup: tuple[Flask, SQLAlchemy, LeaseClock, dict[str, Any]]
 
     @initialize()
     def start(self) -> None:
@@ -223,7 +224,7 @@ class Machine(RuleBasedStateMachine):
         elif expected_kind == "replay":
             assert rec is not None and response.data == rec.body
         else:
-            code = response.get_json()["type"].rsplit(":", 1)[-1]
+            code = code_of(response.get_json()["type"])
             assert (
                 code
                 == {"conflict": "key-reused", "in-progress": "in-progress", "stuck": "stuck", "failed": "failed"}[

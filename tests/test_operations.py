@@ -47,7 +47,7 @@ def test_stats_lists_and_search_show_what_needs_a_decision(app: Flask, client: F
         assert json.loads(shown["response_body"])["amount"] == 1
         assert [e["kind"] for e in shown["events"]] == ["conflict"]
     finally:
-        finish(app, owner)
+        finish(owner)
 
 
 def test_search_matches_key_or_scope_exactly_newest_first_across_pages(app: Flask, client: FlaskClient) -> None:
@@ -100,14 +100,14 @@ def test_transitions_the_state_does_not_allow_are_refused(app: Flask, client: Fl
     with pytest.raises(ops.TransitionError):
         in_app(app, ops.mark_failed, done["id"], actor="alice")
     controls = ext(app)["controls"]
-    controls.hold_at = "payments"
-    owner = Background(app, "/payments", key="live", json={})
-    assert controls.entered.wait(10)
+    held = controls.hold("payments")
+    owner = Background(app, "/payments", key="live", json={}, held=held)
+    assert held.entered.wait(10)
     try:
         with pytest.raises(ops.TransitionError, match="still live"):
             in_app(app, ops.mark_retryable, record(app, "live")["id"], actor="alice")
     finally:
-        finish(app, owner)
+        finish(owner)
     with pytest.raises(ops.RecordNotFound):
         in_app(app, ops.release, 999999, actor="alice")
     assert record(app, "done") == done
@@ -126,7 +126,7 @@ def test_mark_failed_on_a_stuck_record_answers_retries_with_500_failed(
     assert ext(app)["controls"].runs["payments"] == 1
     [event] = events(app, "mark_failed")
     assert event["actor"] == "bob" and event["detail"]["from_state"] == "IN_PROGRESS"
-    finish(app, owner)
+    finish(owner)
     assert record(app, "stuck-1")["state"] == "FAILED"  # the late owner cannot overwrite the decision
 
 
@@ -157,7 +157,7 @@ def test_purge_deletes_expired_records_in_batches_but_never_in_progress(
         assert pauses == [ops.PURGE_PAUSE] * 2  # between the three batches (2 + 2 + 1), not after the last
         assert in_app(app, ops.purge, batch_size=2) == 0
     finally:
-        finish(app, owner)
+        finish(owner)
 
 
 def test_purge_pause_is_configurable_and_validated(
@@ -210,7 +210,7 @@ def test_cli_commands_with_json(app: Flask, client: FlaskClient, clock: Any) -> 
         assert events(app, "mark_retryable")[0]["actor"] == "oncall"
         assert "COMPLETED" in cli(app, "stats").output
     finally:
-        finish(app, owner)
+        finish(owner)
     bad = cli(app, "mark-failed", str(record(app, "a")["id"]))
     assert bad.exit_code != 0 and "COMPLETED" in bad.output
     missing = cli(app, "release", "424242")
@@ -321,5 +321,4 @@ def test_cli_release_asks_first_and_refuses_before_asking(app: Flask, client: Fl
     live = record(app, "stuck-1")
     refused = app.test_cli_runner().invoke(args=["idempotency", "release", str(live["id"])])
     assert refused.exit_code == 1 and "lease is still live" in refused.output and "Release record" not in refused.output
-    ext(app)["controls"].release.set()
-    owner.result()
+    finish(owner)

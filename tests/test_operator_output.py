@@ -150,7 +150,7 @@ def test_cli_show_explains_why_event_count_differs_from_the_events_listed(
         record_id = record(app, "stuck-1")["id"]
         assert cli(app, "mark-retryable", str(record_id), "--actor", "oncall").exit_code == 0
     finally:
-        finish(app, owner)
+        finish(owner)
     row = record(app, "stuck-1")
     shown = json.loads(cli(app, "show", str(record_id), "--json").stdout)
     assert row["event_count"] == shown["event_count"] == 1 and len(shown["events"]) == 2  # hit + operator action
@@ -222,7 +222,7 @@ def test_the_record_page_names_the_lease_holder_and_tells_the_story(
         assert "No runbook for this route." in page  # the generic advice, not silence
         assert cli(app, "mark-retryable", str(row["id"]), "--actor", "oncall").exit_code == 0
     finally:
-        finish(app, owner)
+        finish(owner)
     [event] = events(app, "mark_retryable")
     assert event["detail"]["lease_holder"] == holder  # the action ends the lease; its event keeps the holder
     after = get(client, f"/records/{row['id']}")
@@ -268,7 +268,7 @@ def test_stuck_hits_retries_takeovers_and_operator_actions_are_logged(
         row = record(app, "stuck-1")
         assert cli(app, "mark-retryable", str(row["id"]), "--actor", "oncall").exit_code == 0
     finally:
-        finish(app, owner)
+        finish(owner)
     assert post(client, "/payments", key="stuck-1", json={"amount": 1}).status_code == 201  # attempt 2
     assert record(app, "stuck-1")["attempts"] == 2
     lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "flask_idempotent"]

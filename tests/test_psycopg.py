@@ -7,17 +7,19 @@ import gc
 from typing import Any
 
 import pytest
-from conftest import Clock, with_driver
+from conftest import with_driver
 from flask import render_template_string
 from helpers import ext
 from testapp import Controls, build_app
+
+from flask_idempotent.testing import LeaseClock
 
 pytest.importorskip("psycopg")
 
 
 @pytest.mark.postgresql_only
 def test_the_layers_engine_on_psycopg_3_never_prepares_statements(postgres_url: str) -> None:
-    app = build_app(with_driver(postgres_url, "psycopg"), clock=Clock(), controls=Controls())
+    app = build_app(with_driver(postgres_url, "psycopg"), clock=LeaseClock(), controls=Controls())
     with app.app_context():
         db = ext(app)["db"]
         state = app.extensions["idempotency"].state(app)
@@ -34,7 +36,7 @@ def test_the_layers_engine_on_psycopg_3_never_prepares_statements(postgres_url: 
 def _drop_an_app_holding_a_pooled_connection(postgres_url: str, *, render: bool) -> tuple[Any, Any]:
     """Build an app on psycopg 3, check one connection into the layer's own pool, drop the app undisposed;
     return that pool's engine and the driver's connection."""
-    app = build_app(with_driver(postgres_url, "psycopg"), clock=Clock(), controls=Controls())
+    app = build_app(with_driver(postgres_url, "psycopg"), clock=LeaseClock(), controls=Controls())
     with app.app_context():
         if render:
             assert render_template_string("{{ 1 + 1 }}") == "2"

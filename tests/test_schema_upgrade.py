@@ -15,7 +15,6 @@ from typing import Any
 import flask_migrate
 import pytest
 import sqlalchemy as sa
-from conftest import Clock
 from flask import Flask, request
 from helpers import ext, post, problem_code, record
 from test_migrations import autogenerate_diff, reset_database
@@ -27,6 +26,7 @@ from flask_idempotent import SchemaVersionError
 from flask_idempotent import operations as ops
 from flask_idempotent.fingerprint import hash_command, request_fingerprint
 from flask_idempotent.models import RECORDS_TABLE, v2_columns
+from flask_idempotent.testing import LeaseClock
 
 V2_COLUMNS = {column.name for column in v2_columns()}
 
@@ -41,7 +41,7 @@ def example(database_url: str) -> Flask:
     return create_app({"TESTING": True, "DATABASE_URL": database_url, "SECRET_KEY": "test"})
 
 
-def served(database_url: str, clock: Clock) -> Flask:
+def served(database_url: str, clock: LeaseClock) -> Flask:
     """The test app on the upgraded database: its own table is created, the extension's are the upgraded ones."""
     app = build_app(database_url, clock=clock, controls=Controls())
     with app.app_context():
@@ -51,7 +51,7 @@ def served(database_url: str, clock: Clock) -> Flask:
 
 
 @pytest.fixture
-def version_1(database_url: str, clock: Clock) -> Iterator[dict[str, int]]:
+def version_1(database_url: str, clock: LeaseClock) -> Iterator[dict[str, int]]:
     """A database at revision 0001 (schema version 1) holding one COMPLETED, one stuck and one FAILED record.
 
     The stuck record's times were written by hand, without fractional seconds (another tool, an operator's
@@ -124,7 +124,7 @@ def version_1(database_url: str, clock: Clock) -> Iterator[dict[str, int]]:
     reset_database(database_url)
 
 
-def assert_served_after_upgrade(database_url: str, clock: Clock, ids: dict[str, int]) -> None:
+def assert_served_after_upgrade(database_url: str, clock: LeaseClock, ids: dict[str, int]) -> None:
     app = served(database_url, clock)
     client = app.test_client()
     controls = ext(app)["controls"]
@@ -161,7 +161,7 @@ def assert_served_after_upgrade(database_url: str, clock: Clock, ids: dict[str, 
 
 
 def test_alembic_revision_upgrades_a_version_1_database_that_then_serves(
-    database_url: str, clock: Clock, version_1: dict[str, int]
+    database_url: str, clock: LeaseClock, version_1: dict[str, int]
 ) -> None:
     app = example(database_url)
     with app.app_context():
@@ -173,7 +173,7 @@ def test_alembic_revision_upgrades_a_version_1_database_that_then_serves(
 
 
 def test_a_version_1_table_is_refused_with_the_migration_to_run_then_upgrade_schema_fixes_it(
-    database_url: str, clock: Clock, version_1: dict[str, int]
+    database_url: str, clock: LeaseClock, version_1: dict[str, int]
 ) -> None:
     app = served(database_url, clock)
     client = app.test_client()

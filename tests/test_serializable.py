@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from concurrency import Background, make_stuck
-from conftest import Clock
+from concurrency import Background, finish, make_stuck
 from flask import Flask
 from flask.testing import FlaskClient
 from helpers import charges, ext, in_app, post, problem_code, record
@@ -31,6 +30,7 @@ from flask_idempotent import operations as ops
 from flask_idempotent import pipeline
 from flask_idempotent.dberrors import LOST_RACE_ATTEMPTS, lost_race
 from flask_idempotent.machine import claim_new
+from flask_idempotent.testing import LeaseClock
 
 #: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
 PG_VARIANTS = True
@@ -186,9 +186,9 @@ def test_an_atomic_duplicate_without_advisory_locks_waits_loses_its_insert_and_r
     """
     caplog.set_level(logging.INFO, logger="flask_idempotent")
     controls = ext(app)["controls"]
-    controls.hold_at = "transfers"
+    held = controls.hold("transfers")
     owner = Background(app, "/transfers", key="k-1", json={"amount": 30})
-    assert controls.entered.wait(10)
+    assert held.entered.wait(10)
     duplicate = Background(app, "/transfers", key="k-1", json={"amount": 30})
     waiting = sa.text(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
@@ -201,7 +201,7 @@ def test_an_atomic_duplicate_without_advisory_locks_waits_loses_its_insert_and_r
             return int(conn.execute(waiting).scalar_one())
 
     poll(duplicate_waits, timeout=10, what="the duplicate's INSERT to wait for the owner's row")
-    controls.release.set()
+    held.release.set()
     first = owner.result()
     again = duplicate.result()
     assert first.status_code == 201
@@ -225,7 +225,7 @@ def test_an_outcome_write_that_lost_a_race_is_written_again(app: Flask, client: 
 
 
 def test_an_outcome_write_that_keeps_losing_leaves_the_record_in_progress_never_re_executed(
-    app: Flask, client: FlaskClient, races: Races, clock: Clock
+    app: Flask, client: FlaskClient, races: Races, clock: LeaseClock
 ) -> None:
     races.lose("UPDATE:COMPLETED", 1000)
     first = post(client, "/payments", json={"amount": 10})
@@ -281,7 +281,7 @@ def test_the_loser_of_a_commit_race_for_its_key_answers_as_a_duplicate(
         assert (row["state"], row["lease_token"]) == ("IN_PROGRESS", "winner")
 
 
-def test_an_operator_action_that_lost_a_race_is_retried(app: Flask, races: Races, clock: Clock) -> None:
+def test_an_operator_action_that_lost_a_race_is_retried(app: Flask, races: Races, clock: LeaseClock) -> None:
     owner = make_stuck(app, clock)
     row = record(app, "stuck-1")
     assert row is not None
@@ -289,12 +289,11 @@ def test_an_operator_action_that_lost_a_race_is_retried(app: Flask, races: Races
     done = in_app(app, ops.mark_failed, row["id"], actor="alice", version=row["version"])
     assert (done["state"], done["retryable"]) == ("FAILED", False)
     assert races.lost("UPDATE:FAILED") == 2
-    ext(app)["controls"].release.set()
-    owner.result()
+    finish(owner)
 
 
 def test_an_operator_action_that_keeps_losing_is_refused_as_changed_and_changes_nothing(
-    app: Flask, races: Races, clock: Clock
+    app: Flask, races: Races, clock: LeaseClock
 ) -> None:
     owner = make_stuck(app, clock)
     row = record(app, "stuck-1")
@@ -305,8 +304,7 @@ def test_an_operator_action_that_keeps_losing_is_refused_as_changed_and_changes_
     after = record(app, "stuck-1")
     assert after is not None and (after["state"], after["version"]) == ("IN_PROGRESS", row["version"])
     races.stop()
-    ext(app)["controls"].release.set()
-    owner.result()
+    finish(owner)
 
 
 @pytest.mark.parametrize(
@@ -348,7 +346,7 @@ def test_advisory_locks_off_sends_no_lock_statement_and_atomic_requests_still_wo
 
 
 @pytest.mark.parametrize("value", ["off", 0, None])
-def test_advisory_locks_must_be_a_bool(value: Any, clock: Clock) -> None:
+def test_advisory_locks_must_be_a_bool(value: Any, clock: LeaseClock) -> None:
     from testapp import Controls, build_app
 
     with pytest.raises(ValueError, match="IDEMPOTENCY_ADVISORY_LOCKS must be True or False"):

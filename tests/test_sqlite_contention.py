@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 from concurrency import Background
-from conftest import Clock
 from flask import Flask
 from helpers import ext, post, problem_code, record
 from testapp import Controls, build_app
+
+from flask_idempotent.testing import LeaseClock
 
 BUSY_TIMEOUT = 0.2  # seconds pysqlite waits for the write lock before "database is locked"
 
@@ -27,7 +28,7 @@ BUSY_TIMEOUT = 0.2  # seconds pysqlite waits for the write lock before "database
 def sqlite_app(tmp_path: Path) -> Iterator[Flask]:
     app = build_app(
         f"sqlite:///{tmp_path / 'contention.db'}",
-        clock=Clock(),
+        clock=LeaseClock(),
         controls=Controls(),
         SQLALCHEMY_ENGINE_OPTIONS={"connect_args": {"timeout": BUSY_TIMEOUT}},
     )

@@ -186,7 +186,7 @@ def test_once_runs_a_block_at_most_once(app: Flask, provider: Provider) -> None:
 def test_task_records_are_listed_and_filtered_by_kind(
     app: Flask, client: Any, charge: Any, provider: Provider, clock: Any
 ) -> None:
-    from concurrency import make_stuck
+    from concurrency import finish, make_stuck
 
     provider.block = True
     owner = threading.Thread(target=lambda: charge(7, 1000), daemon=True)
@@ -208,8 +208,7 @@ def test_task_records_are_listed_and_filtered_by_kind(
     finally:
         provider.release.set()
         owner.join(10)
-        ext(app)["controls"].release.set()
-        http_owner.result()
+        finish(http_owner)
 
 
 def test_a_bound_celery_task_passes_itself_through_outside_the_key_and_command(app: Flask, provider: Provider) -> None:

@@ -459,6 +459,28 @@ def test_lease_clock_fixture_moves_the_layers_clock_on_the_app_fixture(app: Flas
     assert 299 <= (moved - before).total_seconds() <= 330
 
 
+def test_a_lease_clock_is_a_clock_offset_and_installing_it_there_adds_nothing(database_url: str) -> None:
+    """``Idempotency(clock_offset=clock)``: the app reads the clock from the start; ``now`` is what it reads."""
+    clock = LeaseClock()
+    app = Flask(__name__)
+    app.config.update(SQLALCHEMY_DATABASE_URI=database_url)
+    db = SQLAlchemy()
+    db.init_app(app)
+    Idempotency(app, db, clock_offset=clock)
+    try:
+        with app.app_context():
+            before = operations.now()
+            clock.install(app)  # it reads the clock already: the offset must not count twice
+            clock.advance(minutes=5)
+            moved = operations.now()
+            assert 299 <= (moved - before).total_seconds() <= 330
+            assert abs((moved.replace(tzinfo=None) - clock.now).total_seconds()) <= 30
+    finally:
+        clock.uninstall()
+        with app.app_context():
+            db.engine.dispose()
+
+
 # IDEMPOTENCY_ENABLED ----------------------------------------------------------------------------------------
 
 

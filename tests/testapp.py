@@ -22,17 +22,13 @@ class Controls:
         self.status: int | None = None
         self.exception: BaseException | None = None
         self.commit_in_view = False
-        #: The name of a view step to block at (once), until the test sets ``release``.
-        self.hold_at: str | None = None
-        self.entered = threading.Event()
-        self.release = threading.Event()
         self.runs: Counter[str] = Counter()
         self._lock = threading.Lock()
         self.seen: list[dict[str, Any]] = []
         self._holds: dict[str, Hold] = {}
 
     def hold(self, name: str) -> Hold:
-        """Block the next view that reaches step ``name`` (once), independently of ``hold_at``."""
+        """Block the next view that reaches step ``name`` (once): the test waits for ``entered``, sets ``release``."""
         held = self._holds[name] = Hold(threading.Event(), threading.Event())
         return held
 
@@ -43,10 +39,6 @@ class Controls:
         if held is not None:
             held.entered.set()
             assert held.release.wait(30), "test never released the held view"
-        if self.hold_at == name:
-            self.hold_at = None
-            self.entered.set()
-            assert self.release.wait(30), "test never released the held view"
 
 
 @dataclass(frozen=True)
