@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import sqlalchemy as sa
+from faultapp import drop_tables, reset_database, snapshot
 from helpers import problem_body_code
 
 TESTS_DIR = Path(__file__).resolve().parent
 T = TypeVar("T")
+Served = TypeVar("Served", bound="ServedApp")
 
 
 def _gunicorn_extra_args() -> list[str]:
@@ -235,6 +238,55 @@ class Gunicorn:
 
 class _Exited(Exception):
     """gunicorn exited while we waited for it (e.g. the port was taken)."""
+
+
+class ServedApp:
+    """``faultapp`` served on ``database_url``: the rig of the real-server tests.
+
+    Entering it makes the app's tables afresh and starts ``server`` (by default a :class:`Gunicorn` of the fault
+    app with ``gunicorn``'s options; anything with ``start``, ``stop`` and ``port`` will do); leaving it stops the
+    server, disposes of the test's own engine and drops the tables. ``env`` is the app's environment
+    (``FAULTAPP_DATABASE_URL`` defaults to ``database_url``; a proxy's URL may replace it); ``state(key)`` is the
+    key's record and effects as the test's own connection sees them.
+    """
+
+    def __init__(
+        self, database_url: str, env: Mapping[str, str], tmp: Path, *, server: Any = None, **gunicorn: Any
+    ) -> None:
+        self.database_url = database_url
+        self.env = {"FAULTAPP_DATABASE_URL": database_url, **env}
+        self.server: Any = server if server is not None else Gunicorn(self.env, tmp / "gunicorn.log", **gunicorn)
+        self.engine = sa.create_engine(database_url)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def state(self, key: str, scope: str = "") -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            return snapshot(conn, key, scope)
+
+    def __enter__(self: Served) -> Served:
+        reset_database(self.database_url)
+        try:
+            self.start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        finally:
+            self.engine.dispose()
+            drop_tables(self.database_url)
 
 
 def flask_cli(env: Mapping[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from faultapp import drop_tables, reset_database, snapshot
+from faultapp import snapshot
 from flask import Flask, abort, jsonify, request
 from flask.testing import FlaskClient
 from flask.views import MethodView
 from flask_sqlalchemy import SQLAlchemy
 from helpers import charges, ext, post, problem_code, record, records
-from procs import Gunicorn, send
+from procs import Gunicorn, ServedApp, send
 from testapp import Controls
 
 from flask_idempotent import Idempotency, current_record, idempotent
@@ -385,15 +385,9 @@ def test_idempotent_on_the_view_and_on_its_method_is_an_error(database_url: str)
 @pytest.fixture(scope="module")
 def served(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gunicorn]:
     """faultapp (its class-based views included) on one gunicorn sync worker, on PostgreSQL."""
-    reset_database(postgres_url)
     tmp = tmp_path_factory.mktemp("class-views")
-    server = Gunicorn({"FAULTAPP_DATABASE_URL": postgres_url, "FAULTAPP_SIGNAL_DIR": str(tmp)}, tmp / "g.log")
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-        drop_tables(postgres_url)
+    with ServedApp(postgres_url, {"FAULTAPP_SIGNAL_DIR": str(tmp)}, tmp) as rig:
+        yield rig.server
 
 
 @pytest.mark.postgresql_only

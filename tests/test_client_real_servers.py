@@ -18,33 +18,28 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from clients import FLAVOURS, Answer, Flavour
-from faultapp import drop_tables, reset_database, snapshot
-from procs import Gunicorn, ResponseDroppingProxy
+from procs import ResponseDroppingProxy, ServedApp
 
 pytestmark = pytest.mark.postgresql_only
 
 FAST = {"backoff": 0.05, "max_backoff": 0.2}
 
 
-class ClientRig:
+class ClientRig(ServedApp):
+    """Two gunicorn workers behind a proxy that drops the responses a test asks it to (``url`` is the proxy's)."""
+
     def __init__(self, url: str, tmp: Path) -> None:
-        env = {"FAULTAPP_DATABASE_URL": url, "FAULTAPP_LEASE": "30", "FAULTAPP_CONNECT_TIMEOUT": "2"}
-        self.server = Gunicorn(env, tmp / "gunicorn.log", workers=2)
+        super().__init__(url, {"FAULTAPP_LEASE": "30", "FAULTAPP_CONNECT_TIMEOUT": "2"}, tmp, workers=2)
         self.proxy: ResponseDroppingProxy | None = None
-        self.engine = sa.create_engine(url)
 
     def start(self) -> None:
-        self.server.start()
+        super().start()
         self.proxy = ResponseDroppingProxy("127.0.0.1", self.server.port)
 
     @property
     def url(self) -> str:
         assert self.proxy is not None
         return f"http://127.0.0.1:{self.proxy.port}"
-
-    def state(self, key: str, scope: str = "") -> dict[str, Any]:
-        with self.engine.connect() as conn:
-            return snapshot(conn, key, scope)
 
     def effects_by_key(self, route: str) -> Counter[str]:
         with self.engine.connect() as conn:
@@ -54,20 +49,13 @@ class ClientRig:
     def stop(self) -> None:
         if self.proxy is not None:
             self.proxy.close()
-        self.server.stop()
-        self.engine.dispose()
+        super().stop()
 
 
 @pytest.fixture(scope="module")
 def rig(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClientRig]:
-    reset_database(postgres_url)
-    rig = ClientRig(postgres_url, tmp_path_factory.mktemp("client"))
-    try:
-        rig.start()
+    with ClientRig(postgres_url, tmp_path_factory.mktemp("client")) as rig:
         yield rig
-    finally:
-        rig.stop()
-        drop_tables(postgres_url)
 
 
 @pytest.fixture

@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import faultapp_env
-from faultapp import CRASH_HEADER, drop_tables, reset_database, snapshot
-from procs import CONNECTION_LOST, FileClock, Gunicorn, Reply, flask_cli, poll, send
+from faultapp import CRASH_HEADER
+from procs import CONNECTION_LOST, FileClock, Reply, ServedApp, flask_cli, poll, send
 
 #: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
 PG_VARIANTS = True
@@ -29,22 +29,20 @@ PG_VARIANTS = True
 LEASE = 30  # seconds; real time never runs it out during a test, only the test's clock does
 
 
-class CrashRig:
+class CrashRig(ServedApp):
     """One single-worker gunicorn, its lease clock, and the test's own view of the database."""
 
     def __init__(self, url: str, tmp: Path, config: dict[str, object]) -> None:
         self.signals = tmp / "signals"
         self.signals.mkdir()
         self.clock = FileClock(tmp / "clock")
-        self.env = {
-            "FAULTAPP_DATABASE_URL": url,
+        env = {
             "FAULTAPP_CLOCK_FILE": str(self.clock.path),
             "FAULTAPP_LEASE": str(LEASE),
             "FAULTAPP_SIGNAL_DIR": str(self.signals),
             **faultapp_env(config),
         }
-        self.engine = sa.create_engine(url)
-        self.server = Gunicorn(self.env, tmp / "gunicorn.log", workers=1)
+        super().__init__(url, env, tmp, workers=1)
 
     def post(self, path: str, key: str, **kwargs: Any) -> Reply:
         return send(self.server.port, "POST", path, key=key, body={"amount": 7}, **kwargs)
@@ -62,10 +60,6 @@ class CrashRig:
         witness = self.signals / f"{key}.{point}.json"
         assert witness.exists(), "the worker died before reaching the crash point"
         return json.loads(witness.read_text())  # type: ignore[no-any-return]
-
-    def state(self, key: str) -> dict[str, Any]:
-        with self.engine.connect() as conn:
-            return snapshot(conn, key)
 
     def events(self, record_id: int) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -89,15 +83,8 @@ class CrashRig:
 @pytest.fixture(scope="module")
 def rig(pg_database: tuple[str, dict[str, object]], tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashRig]:
     url, config = pg_database
-    reset_database(url)
-    rig = CrashRig(url, tmp_path_factory.mktemp("crash"), config)
-    try:
-        rig.server.start()
+    with CrashRig(url, tmp_path_factory.mktemp("crash"), config) as rig:
         yield rig
-    finally:
-        rig.server.stop()
-        rig.engine.dispose()
-        drop_tables(url)
 
 
 def assert_in_progress(reply: Reply) -> None:

@@ -10,21 +10,23 @@ whole: 503 during the switch, every key served correctly after it, the request c
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from faultapp import HOLD_HEADER, drop_tables, reset_database, snapshot
-from procs import FileClock, Gunicorn, Reply, TcpProxy, flask_cli, poll, send
+from concurrency import InThread
+from faultapp import HOLD_HEADER
+from procs import FileClock, Reply, ServedApp, TcpProxy, flask_cli, poll, send
 
 LEASE = 30
 ROUTES = ("/payments", "/transfers")  # leased, atomic
 
 
-class OutageRig:
+class OutageRig(ServedApp):
+    """Two gunicorn workers that reach the database through a cuttable proxy; the test's engine goes around it."""
+
     def __init__(self, url: str, tmp: Path) -> None:
         target = sa.make_url(url)
         self.proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
@@ -38,15 +40,16 @@ class OutageRig:
             "FAULTAPP_SIGNAL_DIR": str(self.signals),
             "FAULTAPP_CONNECT_TIMEOUT": "1",
         }
-        self.server = Gunicorn(env, tmp / "gunicorn.log", workers=2)
-        self.engine = sa.create_engine(url)  # the test's own view of the database, around the proxy
+        super().__init__(url, env, tmp, workers=2)
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            self.proxy.close()
 
     def post(self, path: str, key: str, **kwargs: Any) -> Reply:
         return send(self.server.port, "POST", path, key=key, body={"amount": 5}, **kwargs)
-
-    def state(self, key: str) -> dict[str, Any]:
-        with self.engine.connect() as conn:
-            return snapshot(conn, key)
 
     def effect_count(self) -> int:
         with self.engine.connect() as conn:
@@ -55,16 +58,8 @@ class OutageRig:
 
 @pytest.fixture(scope="module")
 def rig(postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OutageRig]:
-    reset_database(postgres_url)
-    rig = OutageRig(postgres_url, tmp_path_factory.mktemp("outage"))
-    try:
-        rig.server.start()
+    with OutageRig(postgres_url, tmp_path_factory.mktemp("outage")) as rig:
         yield rig
-    finally:
-        rig.server.stop()
-        rig.proxy.close()
-        rig.engine.dispose()
-        drop_tables(postgres_url)
 
 
 def assert_store_unavailable(reply: Reply) -> None:
@@ -106,35 +101,33 @@ def test_cut_store_fails_closed_with_503_and_recovers_without_a_restart(rig: Out
     assert rig.server.worker_pids() == workers  # recovered by itself: the same worker processes
 
 
-def held_request(rig: OutageRig, path: str, key: str) -> tuple[threading.Thread, dict[str, Reply]]:
+def held_request(rig: OutageRig, path: str, key: str) -> InThread:
     """Start a request that parks right after its view's effect; return once it is parked."""
-    result: dict[str, Reply] = {}
-
-    def run() -> None:
-        result["reply"] = rig.post(path, key, headers={HOLD_HEADER: "effect"})
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    owner = InThread(lambda: rig.post(path, key, headers={HOLD_HEADER: "effect"}))
     poll(lambda: (rig.signals / f"{key}.effect.held").exists(), timeout=30, what=f"{key} to reach its effect")
-    return thread, result
+    return owner
 
 
-def release(rig: OutageRig, key: str, thread: threading.Thread, result: dict[str, Reply]) -> Reply:
+def release(rig: OutageRig, key: str, owner: InThread) -> Reply:
     (rig.signals / f"{key}.effect.go").touch()
-    thread.join(30)
-    assert not thread.is_alive(), "the held request never finished"
-    return result["reply"]
+    reply: Reply = owner.result()
+    return reply
+
+
+def cut_after_the_effect(rig: OutageRig, path: str, key: str) -> Reply:
+    """A request parked right after its view's effect goes on while the store is cut; its reply (restored after)."""
+    owner = held_request(rig, path, key)
+    rig.proxy.cut()
+    try:
+        return release(rig, key, owner)
+    finally:
+        rig.proxy.restore()
 
 
 @pytest.mark.postgresql_only
 def test_leased_cut_after_the_effect_keeps_the_record_held_never_re_executed(rig: OutageRig) -> None:
     key = "cut-mid-leased"
-    thread, result = held_request(rig, "/payments", key)
-    rig.proxy.cut()
-    try:
-        reply = release(rig, key, thread, result)
-    finally:
-        rig.proxy.restore()
+    reply = cut_after_the_effect(rig, "/payments", key)
     # The view's effect was committed before the cut; its outcome could not be stored. The client gets the
     # view's answer; the record stays IN_PROGRESS and is held once its lease ends.
     assert reply.status == 201, reply
@@ -153,12 +146,8 @@ def test_leased_cut_after_the_effect_keeps_the_record_held_never_re_executed(rig
 @pytest.mark.postgresql_only
 def test_the_client_gets_the_views_response_even_when_its_session_dies_with_the_database(rig: OutageRig) -> None:
     key = "cut-mid-session"
-    thread, result = held_request(rig, "/payments-rereading", key)
-    rig.proxy.cut()  # the view's own session holds a connection now: its teardown would roll back on it
-    try:
-        reply = release(rig, key, thread, result)
-    finally:
-        rig.proxy.restore()
+    # At the cut the view's own session holds a connection: its teardown would roll back on it.
+    reply = cut_after_the_effect(rig, "/payments-rereading", key)
     assert reply.status == 201 and reply.json()["effect"], reply  # not the server's bare 500
     state = rig.state(key)
     assert state["effects"] == [reply.json()["effect"]] and state["record"]["state"] == "IN_PROGRESS"
@@ -170,12 +159,7 @@ def test_the_client_gets_the_views_response_even_when_its_session_dies_with_the_
 @pytest.mark.postgresql_only
 def test_atomic_cut_before_commit_answers_503_and_keeps_nothing(rig: OutageRig) -> None:
     key = "cut-mid-atomic"
-    thread, result = held_request(rig, "/transfers", key)
-    rig.proxy.cut()
-    try:
-        reply = release(rig, key, thread, result)
-    finally:
-        rig.proxy.restore()
+    reply = cut_after_the_effect(rig, "/transfers", key)
     # The claim and the effect were one transaction on the connection the cut closed: nothing was kept.
     assert_store_unavailable(reply)
     assert rig.state(key) == {"record": None, "effects": []}
@@ -204,14 +188,14 @@ def test_failover_answers_503_during_the_switch_then_serves_every_key_correctly(
     done = rig.post("/payments", "fo-done")
     assert done.status == 201
     workers = rig.server.worker_pids()
-    in_flight, result = held_request(rig, "/payments", "fo-in-flight")  # its effect is committed; it is parked
+    in_flight = held_request(rig, "/payments", "fo-in-flight")  # its effect is committed; it is parked
 
     rig.proxy.cut()  # the primary is gone
     try:
         during = {key: rig.post("/payments", key) for key in ("fo-new", "fo-done")}
         for reply in during.values():
             assert_store_unavailable(reply)
-        caught = release(rig, "fo-in-flight", in_flight, result)  # it ends while the store is away
+        caught = release(rig, "fo-in-flight", in_flight)  # it ends while the store is away
     finally:
         rig.proxy.restore()  # the new primary answers at the same address
 

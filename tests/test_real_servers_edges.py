@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from faultapp import create_app, drop_tables, reset_database, snapshot
-from procs import Gunicorn, send
+from faultapp import create_app
+from procs import ServedApp, send
 from werkzeug.serving import make_server
 
 pytestmark = pytest.mark.postgresql_only
@@ -43,32 +43,21 @@ class WerkzeugServer:
             self.app.extensions["sqlalchemy"].engine.dispose()
 
 
-class Rig:
+class Rig(ServedApp):
+    """The fault app on one server: gunicorn's ``sync`` or ``gthread`` worker, or Werkzeug's threaded server."""
+
     def __init__(self, url: str, tmp: Path, server: str) -> None:
         env = {"FAULTAPP_DATABASE_URL": url, "FAULTAPP_SIGNAL_DIR": str(tmp), "FAULTAPP_REPLAY_TALLY_SECONDS": "0"}
-        self.server: Any = (
-            WerkzeugServer(env)
-            if server == "werkzeug"
-            else Gunicorn(env, tmp / "gunicorn.log", workers=1, worker_class=server, threads=4)
-        )
-        self.engine = sa.create_engine(url)
-
-    def state(self, key: str) -> dict[str, Any]:
-        with self.engine.connect() as conn:
-            return snapshot(conn, key)
+        if server == "werkzeug":
+            super().__init__(url, env, tmp, server=WerkzeugServer(env))
+        else:
+            super().__init__(url, env, tmp, workers=1, worker_class=server, threads=4)
 
 
 @pytest.fixture(scope="module", params=["sync", "gthread", "werkzeug"])
 def rig(request: pytest.FixtureRequest, postgres_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    reset_database(postgres_url)
-    rig = Rig(postgres_url, tmp_path_factory.mktemp(f"edges-{request.param}"), request.param)
-    try:
-        rig.server.start()
+    with Rig(postgres_url, tmp_path_factory.mktemp(f"edges-{request.param}"), request.param) as rig:
         yield rig
-    finally:
-        rig.server.stop()
-        rig.engine.dispose()
-        drop_tables(postgres_url)
 
 
 def test_a_blueprint_auth_rejection_through_gunicorn_leaves_the_key_free(rig: Rig) -> None:
