@@ -8,16 +8,17 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from flask import Blueprint, current_app, jsonify, request, url_for
+from flask import Blueprint, current_app, g, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
 
 from flask_idempotent import TransientError, current_record, idempotent
 
 from .auth import require_user
-from .extensions import db
-from .models import Account, Payment, Transfer
+from .extensions import db, idempotency
+from .models import Account, Payment, Receipt, Transfer
 from .problems import DATABASE_DOWN, abort_problem, database_unavailable, problem
 from .provider import SIMULATE_HEADER, ProviderError, ProviderUnavailable, get_provider
+from .receipts import send_receipt
 
 api = Blueprint("api", __name__)
 # A database outage answers 503 store-unavailable (problem+json, Retry-After) on every API route, also when it
@@ -82,7 +83,7 @@ def create_payment() -> ResponseReturnValue:
     description = data.get("description")
     if description is not None and not (isinstance(description, str) and len(description) <= 255):
         abort_problem(400, "invalid-description", "Invalid description", "description must be text, 255 at most.")
-    simulate = request.headers.get(SIMULATE_HEADER)
+    simulate = g.simulate = request.headers.get(SIMULATE_HEADER)
     provider = get_provider()
     charge = provider.charge(
         amount=amount,
@@ -106,6 +107,9 @@ def create_payment() -> ResponseReturnValue:
         )
         db.session.add(payment)
         try:
+            db.session.flush()
+            # The receipt commits with the payment (a rollback stages nothing) and is handed off right after.
+            idempotency.stage(send_receipt, payment.id)
             db.session.commit()
         except sa.exc.IntegrityError:
             # Booked in between by another request of this charge: answer with that payment.
@@ -135,6 +139,19 @@ def get_payment(payment_id: int) -> ResponseReturnValue:
     if payment is None or payment.user_id != user.id:
         abort_problem(404, "not-found", "No such payment", f"You have no payment {payment_id}.")
     return jsonify(payment.to_dict())
+
+
+@api.get("/payments/<int:payment_id>/receipt")
+def get_receipt(payment_id: int) -> ResponseReturnValue:
+    """The payment's receipt once the outbox delivered it (404 ``not-found`` before)."""
+    user = require_user()
+    payment = db.session.get(Payment, payment_id)
+    if payment is None or payment.user_id != user.id:
+        abort_problem(404, "not-found", "No such payment", f"You have no payment {payment_id}.")
+    receipt = db.session.scalar(sa.select(Receipt).where(Receipt.payment_id == payment_id).order_by(Receipt.id))
+    if receipt is None:
+        abort_problem(404, "not-found", "No receipt yet", f"The receipt of payment {payment_id} is not sent yet.")
+    return jsonify(receipt.to_dict())
 
 
 @api.errorhandler(ProviderUnavailable)

@@ -104,3 +104,29 @@ class ProviderCharge(db.Model):  # type: ignore[name-defined,misc]
     amount: Mapped[int] = mapped_column(sa.BigInteger())
     currency: Mapped[str] = mapped_column(sa.String(3))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Receipt(db.Model):  # type: ignore[name-defined,misc]
+    """The receipt of a payment, written by the outbox handler ``payment-receipt`` (see ``receipts.py``).
+
+    Not unique per payment on purpose: that the receipt is sent once however often its job is delivered is the
+    handler's ``once()`` (the job's key), which ``job_key`` shows.
+    """
+
+    __tablename__ = "receipts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    payment_id: Mapped[int] = mapped_column(sa.ForeignKey("payments.id"), index=True)
+    amount: Mapped[int] = mapped_column(sa.BigInteger())
+    currency: Mapped[str] = mapped_column(sa.String(3))
+    job_key: Mapped[str] = mapped_column(sa.String(64))
+    sent_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "payment_id": self.payment_id,
+            "amount": self.amount,
+            "currency": self.currency,
+            "job": self.job_key,
+            "sent_at": self.sent_at.isoformat() + "Z",
+        }

@@ -13,7 +13,9 @@ Switches, per request (``X-Simulate`` header, when ``PROVIDER_SIMULATION`` is on
   counts as ``transient``), to show the 409 a concurrent duplicate gets. The release reaches the call in any
   worker process: the gate is a directory the workers share (``PROVIDER_HANG_DIR``, see :class:`HangGate`);
 - ``crash``: the charge is made, then the process is killed with SIGKILL before the payment is booked: the
-  record stays IN_PROGRESS and shows up as stuck once its lease runs out.
+  record stays IN_PROGRESS and shows up as stuck once its lease runs out;
+- ``crash-after-commit``: the payment is booked and committed with its receipt's outbox job, then the process is
+  killed before the job's hand-off (``receipts.py``): the drainer sends the receipt.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from flask import Flask, current_app
 from .extensions import db
 from .models import ProviderCharge, utcnow
 
-SIMULATIONS = ("transient", "fail", "hang", "crash")
+SIMULATIONS = ("transient", "fail", "hang", "crash", "crash-after-commit")
 SIMULATE_HEADER = "X-Simulate"
 EXTENSION_NAME = "payment_provider"
 

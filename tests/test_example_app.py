@@ -770,3 +770,87 @@ def test_metrics_are_served_to_operators_and_the_scraper_only(example: Flask) ->
     operator = example.test_client()
     assert login(operator).status_code == 303
     assert operator.get("/metrics").status_code == 200
+
+
+# The payment's receipt: staged in the payment's transaction, delivered by the outbox ----------------------------
+
+
+def drain(app: Flask) -> dict[str, int]:
+    """``flask idempotency drain --once --json``, as the walk-through and a cron entry run it."""
+    result = app.test_cli_runner().invoke(args=["idempotency", "drain", "--once", "--json"])
+    assert result.exit_code == 0, result.output
+    return dict(json.loads(result.output))
+
+
+def test_a_payment_commits_its_receipt_job_and_the_hand_off_sends_it_at_once(example: Flask) -> None:
+    client = example.test_client()
+    paid = pay(client, "order-2000", 1500)
+    assert paid.status_code == 201
+    (payment,) = rows(example, "payments")
+    (job,) = rows(example, "idempotency_outbox")
+    assert (job["target"], job["kind"], job["args"], job["state"]) == (
+        "payment-receipt",
+        "handler",
+        [payment["id"]],
+        "DELIVERED",
+    )
+    (receipt,) = rows(example, "receipts")
+    assert (receipt["payment_id"], receipt["amount"], receipt["job_key"]) == (payment["id"], 1500, job["key"])
+    got = client.get(f"/payments/{payment['id']}/receipt", headers={"Authorization": f"Bearer {ALICE}"})
+    assert got.status_code == 200 and got.get_json()["job"] == job["key"]
+    assert pay(client, "order-2000", 1500).headers.get("Idempotent-Replayed") == "true"
+    assert len(rows(example, "receipts")) == 1 and len(rows(example, "idempotency_outbox")) == 1  # no new job
+    assert drain(example) == {"delivered": 0, "failed": 0, "dead": 0}
+
+    failed = pay(client, "order-2001", 700, simulate="transient")  # the provider charged nothing: no payment
+    assert failed.status_code == 503
+    assert len(rows(example, "idempotency_outbox")) == 1  # and no receipt job
+
+
+def test_a_crash_between_the_payments_commit_and_its_hand_off_leaves_the_receipt_to_the_drainer(
+    example: Flask, clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``X-Simulate: crash-after-commit``, in process: the request stops dead where the process would die (after
+    the commit, before the hand-off), as in the crash test above; the real SIGKILL is tests/test_outbox_processes."""
+
+    class ProcessDied(BaseException):
+        pass
+
+    died, buried = threading.Event(), threading.Event()
+
+    def crash() -> None:
+        died.set()
+        assert buried.wait(30)
+        raise ProcessDied
+
+    monkeypatch.setattr(example.extensions["payment_provider"], "crash", crash)
+    dead = InThread(lambda: pay(example.test_client(), "order-2002", 4200, simulate="crash-after-commit"))
+    assert died.wait(10), "the request never reached the crash point"
+
+    (payment,) = rows(example, "payments")  # committed, with its job
+    (job,) = rows(example, "idempotency_outbox")
+    assert (job["state"], job["args"], job["attempts"]) == ("PENDING", [payment["id"]], 0)
+    assert rows(example, "receipts") == []
+    client = example.test_client()
+    auth = {"Authorization": f"Bearer {ALICE}"}
+    assert client.get(f"/payments/{payment['id']}/receipt", headers=auth).status_code == 404
+
+    assert drain(example) == {"delivered": 0, "failed": 0, "dead": 0}  # the dead hand-off's lease is live
+    clock.advance(seconds=61)  # past the 60 s lease
+    assert drain(example) == {"delivered": 1, "failed": 0, "dead": 0}
+    (receipt,) = rows(example, "receipts")
+    assert (receipt["payment_id"], receipt["job_key"]) == (payment["id"], job["key"])
+    assert client.get(f"/payments/{payment['id']}/receipt", headers=auth).status_code == 200
+
+    # Delivered twice by hand (an operator's redeliver): the handler's once() sends no second receipt.
+    runner = example.test_cli_runner()
+    redo = runner.invoke(args=["idempotency", "outbox", "redeliver", str(job["id"]), "--json"])
+    assert redo.exit_code == 0, redo.output
+    assert drain(example) == {"delivered": 1, "failed": 0, "dead": 0}
+    assert len(rows(example, "receipts")) == 1
+
+    buried.set()  # the "dead" request wakes up and dies: nothing it does afterwards may count
+    outcome, error = dead.result()
+    assert outcome == "error" and isinstance(error, ProcessDied)
+    assert len(rows(example, "receipts")) == 1
+    assert [j["state"] for j in rows(example, "idempotency_outbox")] == ["DELIVERED"]

@@ -28,7 +28,7 @@ from example_app import MIGRATIONS_DIR, create_app
 from flask_idempotent.models import EVENTS_TABLE, OUTBOX_TABLE, RECORDS_TABLE, SCHEMA_VERSION, define_tables
 
 EXTENSION_TABLES = {RECORDS_TABLE, EVENTS_TABLE, OUTBOX_TABLE}
-APP_TABLES = {"users", "api_tokens", "accounts", "payments", "transfers", "provider_charges"}
+APP_TABLES = {"users", "api_tokens", "accounts", "payments", "transfers", "provider_charges", "receipts"}
 
 
 def reset_database(url: str) -> None:
@@ -90,7 +90,7 @@ def test_upgrade_from_an_empty_database_creates_the_app_and_extension_tables(emp
             current = MigrationContext.configure(conn).get_current_heads()
 
     assert table_names(empty) == APP_TABLES | EXTENSION_TABLES | {"alembic_version"}
-    assert current == ("0005",)
+    assert current == ("0006",)
     with empty.app_context():
         inspector = sa.inspect(example_app.db.engine)
         unique = {tuple(c["column_names"]) for c in inspector.get_unique_constraints(RECORDS_TABLE)}
@@ -227,6 +227,7 @@ def test_the_migrations_match_the_extensions_schema_version() -> None:
         "0003_mysql_column_types",
         "0004_mysql_no_pad_collation",
         "0005_idempotency_outbox",
+        "0006_receipts",
     ], revisions
     text = (Path(MIGRATIONS_DIR) / "versions" / "0001_initial.py").read_text()
     assert f"'{RECORDS_TABLE}'" in text or f'"{RECORDS_TABLE}"' in text
