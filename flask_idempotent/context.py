@@ -113,7 +113,9 @@ class RequestContext:
     def atomic(self) -> bool:
         return self.options.atomic
 
-    def view(self, state: str | None = "IN_PROGRESS", retryable: bool = False, status: int | None = None) -> RecordView:
+    def record_view(
+        self, state: str | None = "IN_PROGRESS", retryable: bool = False, status: int | None = None
+    ) -> RecordView:
         c = self.command
         return RecordView(
             id=self.record_id,
