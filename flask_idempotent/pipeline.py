@@ -31,8 +31,6 @@ from .decorator import (
     marked_twice,
     misplaced,
     route_options,
-    view_exception,
-    view_started,
     watch,
 )
 from .errors import (
@@ -299,7 +297,7 @@ def _claim_and_report(ctx: RequestContext) -> ResponseReturnValue | None:
         outcome_name = next((name for kind, name in _OUTCOMES if isinstance(exc, kind)), "error")
         raise
     finally:
-        ctx.claim_seconds = time.perf_counter() - started
+        ctx.note_claim_time(time.perf_counter() - started)
         if outcome_name is not None:
             if outcome_name == "replayed":
                 ctx.state.replays.add()  # the overview's chart (metrics count it from the signal below)
@@ -410,7 +408,7 @@ def claim(ctx: RequestContext) -> ClaimResult:
             # deadlock, a Galera certification failure): it wrote nothing, so deciding again is safe.
             if ctx.claimed and not ctx.atomic:
                 return CLAIMED  # the claim had committed; what lost came after it (the takeover's event)
-            _unclaim(ctx)
+            ctx.unclaim()
             logger.info("the claim of %r lost a race (%s); deciding again", ctx.command.key, _db_error(exc))
             if attempt + 1 < LOST_RACE_ATTEMPTS:
                 pause_after_lost_race(attempt)
@@ -488,7 +486,7 @@ def _recover_lost_claim(ctx: RequestContext, write: _ClaimWrite) -> bool:
         if row is None or row.lease_token != write.token or write.claim is None:
             return False
         logger.warning("the reply to the claim of record %s (%r) was lost; it had committed", row.id, command.key)
-        _claimed(ctx, row.id, row.version, write.claim, write.previous)
+        ctx.claimed_by(row.id, row.version, write.claim, write.previous)
         return True
     logger.error("could not re-read the claim of %r: if it committed, it shows as stuck", command.key)
     return False
@@ -506,7 +504,7 @@ def _claim_on(ctx: RequestContext, conn: sa.Connection, write: _ClaimWrite) -> C
         write.claim, write.previous = claim, None
         record_id = store.insert_claim(conn, claim, lease=options.lease, ttl=options.ttl, lock=ctx.atomic)
         if record_id is not None:
-            _claimed(ctx, record_id, 1, claim, None)
+            ctx.claimed_by(record_id, 1, claim, None)
             return CLAIMED
     if ctx.atomic:
         locked, row = store.find_and_lock(conn, command.scope, command.key)
@@ -522,7 +520,7 @@ def _claim_on(ctx: RequestContext, conn: sa.Connection, write: _ClaimWrite) -> C
             write.claim, write.previous = claim, None
             record_id = store.insert(conn, claim, lease=options.lease, ttl=options.ttl)
             if record_id is not None:
-                _claimed(ctx, record_id, 1, claim, None)
+                ctx.claimed_by(record_id, 1, claim, None)
                 return CLAIMED
             # Another request inserted it meanwhile.
             row = store.find(conn, command.scope, command.key, current=ctx.atomic)
@@ -533,7 +531,7 @@ def _claim_on(ctx: RequestContext, conn: sa.Connection, write: _ClaimWrite) -> C
         claim = existing_claim(decision, row._mapping, command, write.token)
         write.claim, write.previous = claim, row._mapping
         if store.reclaim(conn, row.id, row.version, claim, lease=options.lease, ttl=options.ttl):
-            _claimed(ctx, row.id, row.version + 1, claim, row._mapping)
+            ctx.claimed_by(row.id, row.version + 1, claim, row._mapping)
             holder, previous = lease_holder(write.token), lease_holder(row.lease_token)
             if decision is Decision.TAKEOVER:
                 store.add_event(
@@ -563,27 +561,6 @@ def _claim_on(ctx: RequestContext, conn: sa.Connection, write: _ClaimWrite) -> C
             return CLAIMED
         row = store.find(conn, command.scope, command.key, current=ctx.atomic)
     return Answered(Decision.IN_PROGRESS, row)  # heavy contention on one key: answer as in progress
-
-
-def _claimed(
-    ctx: RequestContext, record_id: int, version: int, claim: Claim, previous: Mapping[Any, Any] | None
-) -> None:
-    ctx.record_id = record_id
-    ctx.lease_token = claim.values["lease_token"]
-    ctx.version = version
-    ctx.attempt = claim.attempt
-    ctx.previous = previous
-    ctx.claim = claim
-    if previous is not None and claim.resumes:
-        ctx.recovery_point = previous["recovery_point"]
-        ctx.recovery_data = previous["recovery_data"]
-
-
-def _unclaim(ctx: RequestContext) -> None:
-    """Forget a claim that was rolled back (atomic mode) or never committed."""
-    ctx.record_id = ctx.lease_token = ctx.previous = ctx.claim = None
-    ctx.version = ctx.attempt = 0
-    ctx.recovery_point, ctx.recovery_data = None, None
 
 
 def client_event(ctx: RequestContext, row: Row[Any], kind: EventKind) -> None:
@@ -662,14 +639,14 @@ def after_request(response: BaseResponse) -> BaseResponse:
     ctx = get_current()
     if ctx is None or not ctx.claimed or ctx.settled:
         return response
-    if not view_started():
+    if not ctx.view_started:
         _withdraw(ctx)  # a hook answered before the view (auth, CSRF): not an outcome
         return response
-    exc = view_exception()
+    exc = ctx.view_exception
     if ctx.atomic and exc is not None and lost_race(exc):
         # A statement of the view lost a race (under SERIALIZABLE, often against the claim's own read in the
         # same transaction): the database aborted the transaction, claim included; nothing was written.
-        ctx.settled = True
+        ctx.settle()
         _report(ctx, "executed")
         _rollback_quietly(ctx.state)
         return _atomic_lost_race(ctx, exc)
@@ -685,14 +662,14 @@ def teardown_request(exc: BaseException | None) -> None:
         _remove_session_quietly(ctx.state)
     if ctx is None or not ctx.claimed or ctx.settled:
         return
-    if not view_started():
+    if not ctx.view_started:
         try:
             _withdraw(ctx)
         except Exception as error:  # teardown must not raise
             logger.error("could not withdraw the claim of record %s: %s", ctx.record_id, _db_error(error))
         return
     # The request ended in an exception that skipped after_request (e.g. PROPAGATE_EXCEPTIONS).
-    exc = exc or view_exception() or InternalServerError()
+    exc = exc or ctx.view_exception or InternalServerError()
     retryable = classify_exception(exc, ctx.options.transient, atomic=ctx.atomic)
     status = exc.code if isinstance(exc, HTTPException) and exc.code else 500
     fallback = InternalServerError().get_response() if not isinstance(exc, HTTPException) else exc.get_response()
@@ -709,7 +686,7 @@ def _withdraw(ctx: RequestContext) -> None:
     on this claim's version and lease token). Atomic mode: the claim was only in the rolled-back transaction.
     """
     state = ctx.state
-    ctx.settled = True
+    ctx.settle()
     _report(ctx, "rejected")
     if ctx.atomic:
         _rollback_quietly(state)
@@ -741,7 +718,7 @@ def _settle(
     status: int | None = None,
 ) -> BaseResponse:
     state = ctx.state
-    ctx.settled = True
+    ctx.settle()
     _report(ctx, "executed")
     has_resource = ctx.resource_ref is not UNSET
     keeps_body = not (has_resource and ctx.options.replay is not None)
@@ -811,10 +788,10 @@ def store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
             ctx.command.key,
             _db_error(exc),
         )
-        ctx.store_failed = True
+        ctx.note_store_failed()
         return
     if stored:
-        ctx.version += 1
+        ctx.bump_version()
     _after_settle(ctx, stored, values)
 
 
@@ -876,7 +853,7 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
             ):
                 raise AtomicViewCommitted("the view rolled back db.session, losing the idempotency claim")
             session.commit()
-            ctx.version += 1
+            ctx.bump_version()
         except AtomicViewCommitted as exc:
             logger.error("atomic view %s: %s", ctx.command.endpoint, exc)
             _rollback_quietly(state)
@@ -1050,7 +1027,7 @@ def _store_record_alone(ctx: RequestContext, values: dict[str, Any]) -> None:
         logger.warning("could not store the outcome of atomic record %s: %s", ctx.command.key, _db_error(exc))
         return
     if stored:
-        ctx.record_id, ctx.version = record_id, version + 1
+        ctx.stored_at(record_id, version + 1)
     _after_settle(ctx, stored, values)
 
 

@@ -159,7 +159,7 @@ class Operation:
         except TypeError as exc:
             self._fail(exc, retryable=False)
             raise
-        ctx.settled = True
+        ctx.settle()
         store_outcome(
             ctx, outcome(State.COMPLETED, False, status=200, headers=_JSON, body=body, resource_ref=None, error=None)
         )
@@ -170,7 +170,7 @@ class Operation:
         retries) unless ``retryable`` says."""
         ctx = self._ctx
         assert ctx is not None
-        ctx.settled = True
+        ctx.settle()
         if retryable is None:
             retryable = classify_exception(
                 exc, ctx.options.transient, atomic=False, runs_again=lambda e: celery_retries(e, self._task)
