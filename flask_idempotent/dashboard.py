@@ -44,6 +44,7 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Container
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -739,9 +740,7 @@ _FAILED_FILTERS: dict[str, bool | None] = {"all": None, "awaiting": False, "fina
 @_exempt
 def failed() -> ResponseReturnValue:
     """FAILED records, newest first; ``?kind=awaiting`` (final, not acknowledged), ``final`` or ``retryable``."""
-    kind = request.args.get("kind", "all")
-    if kind not in _FAILED_FILTERS:
-        kind = "all"
+    kind = _arg_in("kind", _FAILED_FILTERS, "all")
     record_kind = _record_kind()
     page = ops.list_failed(
         _FAILED_FILTERS[kind],
@@ -753,6 +752,12 @@ def failed() -> ResponseReturnValue:
     return _render(
         "records.html", page=page, title="Failed requests", kind="failed", failed_kind=kind, record_kind=record_kind
     )
+
+
+def _arg_in(name: str, choices: Container[str], default: str) -> str:
+    """``?name=`` when it is one of ``choices``; anything else (a hand-edited URL) shows ``default``."""
+    value = request.args.get(name, default)
+    return value if value in choices else default
 
 
 def _record_kind() -> str | None:
@@ -768,9 +773,7 @@ _WINDOWS = {"24h": 24, "7d": 24 * 7, "all": None}
 @_exempt
 def conflicts() -> ResponseReturnValue:
     """Keys reused with another command: the original request and the conflicting one; ``?window=24h|7d|all``."""
-    window = request.args.get("window", "all")
-    if window not in _WINDOWS:
-        window = "all"
+    window = _arg_in("window", _WINDOWS, "all")
     hours = _WINDOWS[window]
     now = _now()
     since = None if hours is None else now - timedelta(hours=hours)
