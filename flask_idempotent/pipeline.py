@@ -214,6 +214,7 @@ def _load_scope(state: AppState) -> str:
 
 
 def before_request() -> ResponseReturnValue | None:
+    """A protected request claims its key (``None``: the view runs), or is answered: a replay or a problem."""
     state = app_state()
     if not state.enabled:
         return None  # IDEMPOTENCY_ENABLED = False: no claim, so after_request and teardown do nothing either
@@ -225,6 +226,15 @@ def before_request() -> ResponseReturnValue | None:
     key = _request_key(state, options)
     if key is None:
         return None
+    ctx = RequestContext(state=state, options=options, command=_command(state, options, key))
+    set_current(ctx)
+    state.check_schema()
+    state.replays.write_due()
+    return _claim_and_report(ctx)
+
+
+def _command(state: AppState, options: Resolved, key: str) -> Command:
+    """What this request's claim stands for: its scope and key, the fingerprint of its command, where it went."""
     scope = options.scope if options.scope is not None else _load_scope(state)
     try:
         if options.fingerprint is not None:
@@ -238,23 +248,15 @@ def before_request() -> ResponseReturnValue | None:
         raise BodyTooLargeToFingerprint(
             f"The body is larger than {state.max_body_bytes} bytes, the most an idempotent request may carry."
         ) from None
-    ctx = RequestContext(
-        state=state,
-        options=options,
-        command=Command(
-            scope=scope,
-            key=key,
-            request_hash=hash_command(command),
-            method=request.method,
-            path=storable_text(request.path),  # ``%00`` in a path variable is NUL: see storable_text
-            endpoint=request.endpoint,
-            summary=_describe_command(options),
-        ),
+    return Command(
+        scope=scope,
+        key=key,
+        request_hash=hash_command(command),
+        method=request.method,
+        path=storable_text(request.path),  # ``%00`` in a path variable is NUL: see storable_text
+        endpoint=request.endpoint,
+        summary=_describe_command(options),
     )
-    set_current(ctx)
-    state.check_schema()
-    state.replays.write_due()
-    return _claim_and_report(ctx)
 
 
 def claim_key(state: AppState, options: Resolved, command: Command) -> tuple[RequestContext, Answered | None]:
