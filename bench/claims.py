@@ -10,7 +10,7 @@ and this process's (``time.process_time``). Variants:
 
 - read first: the deciding read (``find``; in atomic mode ``find_and_lock``), then the ``INSERT`` (the claim
   before this round, and still SQLite's);
-- insert first: ``claim_new`` (the ``INSERT``; in atomic mode with the key's advisory lock), read only if the
+- insert first: ``insert_claim`` (the ``INSERT``; in atomic mode with the key's advisory lock), read only if the
   key is taken (today's claim on PostgreSQL);
 - replays of a taken key the same two ways.
 
@@ -34,7 +34,7 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flask_idempotent.machine import Command, claim_new  # noqa: E402
+from flask_idempotent.machine import Command, new_claim  # noqa: E402
 from flask_idempotent.models import define_tables  # noqa: E402
 from flask_idempotent.store import RecordStore  # noqa: E402
 
@@ -72,7 +72,7 @@ def main() -> int:
         taken: list[str] = []
 
         def claim_of(key: str) -> Any:
-            return claim_new(Command("bench", key, "v1:" + "a" * 64, "POST", "/payments", "payments"), "t" * 32)
+            return new_claim(Command("bench", key, "v1:" + "a" * 64, "POST", "/payments", "payments"), "t" * 32)
 
         def read_first(atomic: bool, key: str | None = None) -> Callable[[Any], None]:
             def run(conn: Any) -> None:
@@ -87,7 +87,7 @@ def main() -> int:
         def insert_first(atomic: bool, key: str | None = None) -> Callable[[Any], None]:
             def run(conn: Any) -> None:
                 k = key or uuid.uuid4().hex
-                if store.claim_new(conn, claim_of(k), lease=60, ttl=86400, lock=atomic) is None:
+                if store.insert_claim(conn, claim_of(k), lease=60, ttl=86400, lock=atomic) is None:
                     (store.find_and_lock(conn, "bench", k) if atomic else store.find(conn, "bench", k))
                 else:
                     taken.append(k)

@@ -29,9 +29,9 @@ PAYMENT = (
     " VALUES (%s, %s, 1250, 'EUR', 'ACME', 'floor', now()) RETURNING id"
 )
 
-# The layer's statements as it sends them on PostgreSQL: flask_idempotent/store.py's prebuilt ``_claim_new``
+# The layer's statements as it sends them on PostgreSQL: flask_idempotent/store.py's prebuilt ``_insert_claim``
 # (with the lock, its ``INSERT … SELECT``) and ``_settle``, compiled with SQLAlchemy's postgresql dialect and
-# filled with the values a request's claim (machine.claim_new) and outcome (machine.outcome) bind. Every
+# filled with the values a request's claim (machine.new_claim) and outcome (machine.outcome) bind. Every
 # time is the database's clock plus the store's offset (0 outside tests), computed in the statement itself;
 # constants the layer binds as parameters (1, 'IN_PROGRESS', the JSON nulls) are written inline: psycopg2
 # interpolates parameters on the client, so the server receives the same text. Re-derive these after a change

@@ -117,7 +117,7 @@ def split(app: Any, client: Any, requests: int, *, replays: bool = False) -> Non
         return wrapper
 
     for owner, name, part in [
-        (store.RecordStore, "claim_new", "claim statement"),
+        (store.RecordStore, "insert_claim", "claim statement"),
         (store.RecordStore, "settle", "outcome statement"),
         (store.RecordStore, "find", "read statement"),
         (pipeline, "request_fingerprint", "fingerprint"),

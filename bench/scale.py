@@ -181,8 +181,8 @@ def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
         Action,
         Command,
         Decision,
-        claim_existing,
-        claim_new,
+        existing_claim,
+        new_claim,
         operator_transition,
         outcome,
     )
@@ -238,8 +238,8 @@ def measure_queries(db: str, run_id: str, repeat: int = 5) -> dict[str, Any]:
             path="/leased",
             endpoint="leased",
         )
-        fresh_claim = claim_new(fresh, token)
-        retry_claim = claim_existing(
+        fresh_claim = new_claim(fresh, token)
+        retry_claim = existing_claim(
             Decision.RETRY,
             retryable._mapping,
             Command(

@@ -5,6 +5,10 @@ from __future__ import annotations
 import enum
 from datetime import timedelta
 
+#: Where a protected request's context (``context.RequestContext``) is kept: in its WSGI environ, since an app
+#: context can outlive a request. ``decorator.watch`` tells it that the view started, and what it raised.
+REQUEST_CONTEXT_KEY = "flask_idempotent.request"
+
 
 class ConfigKey:
     """The ``IDEMPOTENCY_*`` config keys. Constructor arguments of :class:`Idempotency` win over them."""

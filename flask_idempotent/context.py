@@ -17,10 +17,10 @@ import sqlalchemy as sa
 from flask import has_request_context, request
 from werkzeug.local import LocalProxy
 
-from .constants import EventKind
+from .constants import REQUEST_CONTEXT_KEY, EventKind
 from .dberrors import retry_lost_race
 from .errors import LeaseLost
-from .machine import Command
+from .machine import Claim, Command
 from .state import AppState, Resolved, app_state
 
 logger = logging.getLogger("flask_idempotent")
@@ -29,7 +29,6 @@ logger = logging.getLogger("flask_idempotent")
 #: recovery point, so a view that checkpoints in a loop writes a bounded number of events.
 MAX_CHECKPOINT_EVENTS = 20
 
-_ENVIRON_KEY = "flask_idempotent.request"
 UNSET: Any = object()
 
 
@@ -80,7 +79,12 @@ class RecordView:
 
 @dataclass(eq=False)
 class RequestContext:
-    """The record of one protected request, from its claim to its outcome (private to the pipeline)."""
+    """The record of one protected request, from its claim to its outcome (private to the pipeline).
+
+    Its methods are the only writers of its fields: the claim (:meth:`claimed_by`, :meth:`unclaim`), the view
+    (:meth:`view_began`, :meth:`view_raised`), its writes (:meth:`bump_version`, :meth:`stored_at`,
+    :meth:`note_checkpoint`) and the outcome (:meth:`settle`, :meth:`note_store_failed`).
+    """
 
     state: AppState
     options: Resolved
@@ -104,6 +108,65 @@ class RequestContext:
     claim_seconds: float | None = None
     #: Recovery points this attempt wrote (``CurrentRecord.checkpoint``).
     checkpoints: int = 0
+    #: The protected view's body started (``decorator.watch``): only what it produced is an outcome.
+    view_started: bool = False
+    #: The exception the view body raised, if any (error handlers may turn it into a response).
+    view_exception: BaseException | None = None
+
+    def claimed_by(self, record_id: int, version: int, claim: Claim, previous: Mapping[Any, Any] | None) -> None:
+        """This request holds record ``record_id`` at ``version`` under ``claim``; ``previous``: the row it took
+        over (``None`` for a new record), whose recovery point carries over when the claim resumes."""
+        self.record_id = record_id
+        self.lease_token = claim.values["lease_token"]
+        self.version = version
+        self.attempt = claim.attempt
+        self.previous = previous
+        self.claim = claim
+        if previous is not None and claim.resumes:
+            self.recovery_point = previous["recovery_point"]
+            self.recovery_data = previous["recovery_data"]
+
+    def unclaim(self) -> None:
+        """Forget a claim that was rolled back (atomic mode) or never committed."""
+        self.record_id = self.lease_token = self.previous = self.claim = None
+        self.version = self.attempt = 0
+        self.recovery_point, self.recovery_data = None, None
+
+    def note_claim_time(self, seconds: float) -> None:
+        self.claim_seconds = seconds
+
+    def view_began(self) -> None:
+        self.view_started = True
+
+    def view_raised(self, exc: BaseException) -> None:
+        self.view_exception = exc
+
+    def bump_version(self) -> None:
+        """This request's compare-and-set write went in: the record is one version on."""
+        self.version += 1
+
+    def stored_at(self, record_id: int | None, version: int) -> None:
+        """The claim was made again (after a rollback) and settled: the record is ``record_id`` at ``version``."""
+        self.record_id, self.version = record_id, version
+
+    def note_checkpoint(self, name: str, data: Any) -> bool:
+        """Recovery point ``name`` was written (one version on); whether its timeline event is still due."""
+        self.bump_version()
+        self.recovery_point, self.recovery_data = name, data
+        self.checkpoints += 1
+        return self.checkpoints <= MAX_CHECKPOINT_EVENTS
+
+    def keep_resource(self, ref: Any) -> None:
+        self.resource_ref = ref
+
+    def settle(self) -> None:
+        """The outcome is this request's to write now (or none is, for a killed worker): the request hooks
+        leave the record alone from here."""
+        self.settled = True
+
+    def note_store_failed(self) -> None:
+        """The outcome could not be written: teardown closes the view's session quietly."""
+        self.store_failed = True
 
     @property
     def claimed(self) -> bool:
@@ -113,7 +176,9 @@ class RequestContext:
     def atomic(self) -> bool:
         return self.options.atomic
 
-    def view(self, state: str | None = "IN_PROGRESS", retryable: bool = False, status: int | None = None) -> RecordView:
+    def record_view(
+        self, state: str | None = "IN_PROGRESS", retryable: bool = False, status: int | None = None
+    ) -> RecordView:
         c = self.command
         return RecordView(
             id=self.record_id,
@@ -192,14 +257,10 @@ class CurrentRecord:
         written = write() if ctx.atomic else retry_lost_race(write)
         if not written:
             raise LeaseLost(f"record {ctx.record_id} is no longer owned by this request")
-        ctx.version += 1
-        ctx.recovery_point = name
-        ctx.recovery_data = data
-        ctx.checkpoints += 1
-        if ctx.checkpoints <= MAX_CHECKPOINT_EVENTS:
-            self._note_checkpoint(name)
+        if ctx.note_checkpoint(name, data):
+            self._add_checkpoint_event(name)
 
-    def _note_checkpoint(self, name: str) -> None:
+    def _add_checkpoint_event(self, name: str) -> None:
         """The timeline's trace of a recovery point: an event naming it and the attempt (not its data, which
         stays on the record). Leased mode: written after the checkpoint committed, and a failure only logged
         (the answer matters more than its audit trail). Atomic mode: part of the view's transaction."""
@@ -233,7 +294,7 @@ class CurrentRecord:
         is a ``TypeError`` here, never a record left in progress.
         """
         json.dumps(ref)  # raises TypeError now rather than when the outcome is stored
-        self._context.resource_ref = ref
+        self._context.keep_resource(ref)
 
 
 class SwitchedOffRecord:
@@ -271,14 +332,14 @@ def _current() -> CurrentRecord | SwitchedOffRecord:
 
 
 def set_current(context: RequestContext) -> None:
-    request.environ[_ENVIRON_KEY] = context
+    request.environ[REQUEST_CONTEXT_KEY] = context
 
 
 def get_current() -> RequestContext | None:
     """The protected request's context; kept in the WSGI environ, since an app context can outlive a request."""
     if not has_request_context():
         return None
-    context: RequestContext | None = request.environ.get(_ENVIRON_KEY)
+    context: RequestContext | None = request.environ.get(REQUEST_CONTEXT_KEY)
     return context
 
 

@@ -44,6 +44,7 @@ import json
 import logging
 import re
 import secrets
+from collections.abc import Container
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -739,9 +740,7 @@ _FAILED_FILTERS: dict[str, bool | None] = {"all": None, "awaiting": False, "fina
 @_exempt
 def failed() -> ResponseReturnValue:
     """FAILED records, newest first; ``?kind=awaiting`` (final, not acknowledged), ``final`` or ``retryable``."""
-    kind = request.args.get("kind", "all")
-    if kind not in _FAILED_FILTERS:
-        kind = "all"
+    kind = _arg_in("kind", _FAILED_FILTERS, "all")
     record_kind = _record_kind()
     page = ops.list_failed(
         _FAILED_FILTERS[kind],
@@ -753,6 +752,12 @@ def failed() -> ResponseReturnValue:
     return _render(
         "records.html", page=page, title="Failed requests", kind="failed", failed_kind=kind, record_kind=record_kind
     )
+
+
+def _arg_in(name: str, choices: Container[str], default: str) -> str:
+    """``?name=`` when it is one of ``choices``; anything else (a hand-edited URL) shows ``default``."""
+    value = request.args.get(name, default)
+    return value if value in choices else default
 
 
 def _record_kind() -> str | None:
@@ -768,9 +773,7 @@ _WINDOWS = {"24h": 24, "7d": 24 * 7, "all": None}
 @_exempt
 def conflicts() -> ResponseReturnValue:
     """Keys reused with another command: the original request and the conflicting one; ``?window=24h|7d|all``."""
-    window = request.args.get("window", "all")
-    if window not in _WINDOWS:
-        window = "all"
+    window = _arg_in("window", _WINDOWS, "all")
     hours = _WINDOWS[window]
     now = _now()
     since = None if hours is None else now - timedelta(hours=hours)
@@ -853,37 +856,28 @@ def _act(record_id: int, action: Action) -> dict[str, Any]:
     return result
 
 
-@blueprint.post("/records/<int:record_id>/mark-retryable")
-@_exempt
-def mark_retryable(record_id: int) -> ResponseReturnValue:
-    """FAILED or stuck → FAILED retryable: the next retry with this key runs the view again."""
-    _act(record_id, Action.MARK_RETRYABLE)
-    return redirect(url_for(".record", record_id=record_id), 303)
+def _action(record_id: int, action: Action) -> ResponseReturnValue:
+    """Run ``action`` (one URL each, below) on the record, then show it again (the overview, once released).
 
-
-@blueprint.post("/records/<int:record_id>/mark-failed")
-@_exempt
-def mark_failed(record_id: int) -> ResponseReturnValue:
-    """FAILED retryable or stuck → FAILED final: retries with this key get the stored failure."""
-    _act(record_id, Action.MARK_FAILED)
-    return redirect(url_for(".record", record_id=record_id), 303)
-
-
-@blueprint.post("/records/<int:record_id>/acknowledge")
-@_exempt
-def acknowledge(record_id: int) -> ResponseReturnValue:
-    """A final failure stays as it is and leaves "awaiting a decision"."""
-    _act(record_id, Action.ACKNOWLEDGE)
-    return redirect(url_for(".record", record_id=record_id), 303)
-
-
-@blueprint.post("/records/<int:record_id>/release")
-@_exempt
-def release(record_id: int) -> ResponseReturnValue:
-    """Delete the record once confirmed (``confirm=release``): the next request with its key runs as new."""
-    if request.form.get("confirm") != "release":
+    Release deletes, so it runs only once confirmed (``confirm=release``); without that, its confirmation page.
+    """
+    if action is Action.RELEASE and request.form.get("confirm") != "release":
         _require_operator()
         _check_csrf()
         return redirect(url_for(".confirm_release", record_id=record_id), 303)
-    _act(record_id, Action.RELEASE)
-    return redirect(url_for(".overview"), 303)
+    _act(record_id, action)
+    if action is Action.RELEASE:
+        return redirect(url_for(".overview"), 303)  # the record is gone: the next request with its key runs as new
+    return redirect(url_for(".record", record_id=record_id), 303)
+
+
+# ``POST /records/<id>/mark-retryable`` (endpoint ``mark_retryable``), ``mark-failed``, ``acknowledge``, ``release``.
+_action_view = _exempt(_action)
+for _operator_action in Action:
+    blueprint.add_url_rule(
+        f"/records/<int:record_id>/{_operator_action.value}",
+        _operator_action.name.lower(),
+        _action_view,
+        methods=["POST"],
+        defaults={"action": _operator_action},
+    )

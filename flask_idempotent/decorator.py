@@ -13,17 +13,16 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, Protocol, TypeVar, overload
 
 from flask import current_app, request
 from flask.views import MethodView, View, http_method_funcs
 
+from .constants import REQUEST_CONTEXT_KEY
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 OPTIONS_ATTRIBUTE = "_flask_idempotent_options"
-# Per request, in the WSGI environ (an app context, and so ``g``, can outlive a request: tests push one).
-_EXCEPTION_KEY = "flask_idempotent.view_exception"
-_STARTED_KEY = "flask_idempotent.view_started"
 _WATCHED_ATTRIBUTE = "_flask_idempotent_watched"
 #: The functions ``@idempotent`` wrapped: if one of them is registered as a view itself, the decorator was
 #: placed above the route decorator (see :func:`misplaced`).
@@ -199,6 +198,14 @@ def idempotent(
     return decorate
 
 
+class _Watcher(Protocol):
+    """What :func:`watch` tells the protected request's context (``context.RequestContext``)."""
+
+    def view_began(self) -> None: ...
+
+    def view_raised(self, exc: BaseException) -> None: ...
+
+
 def watch(view: F) -> F:
     """Wrap ``view`` so the request hooks know that its body started, and which exception it raised.
 
@@ -209,12 +216,15 @@ def watch(view: F) -> F:
 
     @functools.wraps(view)
     def watched(*args: Any, **kwargs: Any) -> Any:
-        request.environ[_STARTED_KEY] = True
+        watcher: _Watcher | None = request.environ.get(REQUEST_CONTEXT_KEY)  # None: not a protected request
+        if watcher is not None:
+            watcher.view_began()
         try:
             return current_app.ensure_sync(view)(*args, **kwargs)
         except BaseException as exc:
             # Error handlers may turn the exception into a response before after_request sees it.
-            request.environ[_EXCEPTION_KEY] = exc
+            if watcher is not None:
+                watcher.view_raised(exc)
             raise
 
     setattr(watched, _WATCHED_ATTRIBUTE, True)
@@ -237,17 +247,6 @@ def misplaced(views: Mapping[str, Callable[..., Any]]) -> list[str]:
 def options_of(view: Callable[..., Any] | None) -> RouteOptions | None:
     """The options ``@idempotent`` attached to ``view``, if any."""
     return getattr(view, OPTIONS_ATTRIBUTE, None)
-
-
-def view_exception() -> BaseException | None:
-    """The exception the protected view raised during this request, if any."""
-    exc: BaseException | None = request.environ.get(_EXCEPTION_KEY)
-    return exc
-
-
-def view_started() -> bool:
-    """Whether the protected view's body started during this request."""
-    return bool(request.environ.get(_STARTED_KEY, False))
 
 
 def route_options(view: Callable[..., Any] | None, method: str) -> RouteOptions | None:

@@ -88,9 +88,13 @@ class Decision(enum.Enum):
     #: IN_PROGRESS with an expired lease and ``on_stale="hold"``: 409 ``stuck``, an operator decides.
     STUCK = "stuck"
 
+    @property
+    def claims(self) -> bool:
+        """Whether the request takes the record under this decision and its view runs."""
+        return self in _CLAIMING
 
-#: Decisions under which the request claims the record and the view runs.
-CLAIMING = frozenset({Decision.REPLACE, Decision.RETRY, Decision.TAKEOVER})
+
+_CLAIMING = frozenset({Decision.REPLACE, Decision.RETRY, Decision.TAKEOVER})
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,7 @@ def lease_holder(lease_token: str | None) -> str | None:
     return lease_token.partition("@")[2] or None
 
 
-def claim_new(command: Command, lease_token: str) -> Claim:
+def new_claim(command: Command, lease_token: str) -> Claim:
     """The row that claims a key nobody holds: IN_PROGRESS under a new lease, first attempt."""
     values = {
         **_FRESH_OUTCOME,
@@ -220,13 +224,13 @@ def claim_new(command: Command, lease_token: str) -> Claim:
     return Claim(values, attempt=1, restart=True, resumes=False)
 
 
-def claim_existing(decision: Decision, seen: Mapping[Any, Any], command: Command, lease_token: str) -> Claim:
+def existing_claim(decision: Decision, seen: Mapping[Any, Any], command: Command, lease_token: str) -> Claim:
     """The values with which a claiming ``decision`` takes the record ``seen`` (compare-and-set on its version)."""
-    if decision not in CLAIMING:
+    if not decision.claims:
         raise ValueError(f"{decision} does not claim the record")
     if decision is Decision.REPLACE:
         # An expired record counts as absent: start afresh under the new command.
-        fresh = claim_new(command, lease_token)
+        fresh = new_claim(command, lease_token)
         values = {name: value for name, value in fresh.values.items() if name not in ("scope", "key")}
         return Claim(values, attempt=1, restart=True, resumes=False)
     attempt = int(seen["attempts"]) + 1

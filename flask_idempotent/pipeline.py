@@ -31,8 +31,6 @@ from .decorator import (
     marked_twice,
     misplaced,
     route_options,
-    view_exception,
-    view_started,
     watch,
 )
 from .errors import (
@@ -57,17 +55,16 @@ from .fingerprint import BodyTooLarge, custom_command, hash_command, limit_body,
 from .keys import KeyFormatError, parse_key
 from .machine import (
     ANSWERS,
-    CLAIMING,
     Claim,
     Command,
     Decision,
-    claim_existing,
-    claim_new,
     classify_exception,
     classify_response,
     decide,
+    existing_claim,
     keeps_view_writes,
     lease_holder,
+    new_claim,
     new_lease_token,
     outcome,
 )
@@ -83,7 +80,25 @@ _CLAIM_ATTEMPTS = 5
 #: Fresh connections tried to re-read a claim whose reply was lost, before answering 503.
 _REREAD_ATTEMPTS = 3
 
-_Answer = tuple[Decision | None, Row[Any] | None]
+
+@dataclass(frozen=True)
+class Claimed:
+    """What :func:`claim` came to when the request took its key: its context holds the claim; the view runs."""
+
+
+CLAIMED = Claimed()
+
+
+@dataclass(frozen=True)
+class Answered:
+    """What :func:`claim` came to when the request may not take its key: the decision that answers it
+    (``machine.ANSWERS``) and the record as read (``None`` for an in-progress answer that read nothing)."""
+
+    decision: Decision
+    row: Row[Any] | None
+
+
+ClaimResult = Claimed | Answered
 
 
 def _app() -> Any:
@@ -199,6 +214,7 @@ def _load_scope(state: AppState) -> str:
 
 
 def before_request() -> ResponseReturnValue | None:
+    """A protected request claims its key (``None``: the view runs), or is answered: a replay or a problem."""
     state = app_state()
     if not state.enabled:
         return None  # IDEMPOTENCY_ENABLED = False: no claim, so after_request and teardown do nothing either
@@ -210,6 +226,15 @@ def before_request() -> ResponseReturnValue | None:
     key = _request_key(state, options)
     if key is None:
         return None
+    ctx = RequestContext(state=state, options=options, command=_command(state, options, key))
+    set_current(ctx)
+    state.check_schema()
+    state.replays.write_due()
+    return _claim_and_report(ctx)
+
+
+def _command(state: AppState, options: Resolved, key: str) -> Command:
+    """What this request's claim stands for: its scope and key, the fingerprint of its command, where it went."""
     scope = options.scope if options.scope is not None else _load_scope(state)
     try:
         if options.fingerprint is not None:
@@ -223,23 +248,30 @@ def before_request() -> ResponseReturnValue | None:
         raise BodyTooLargeToFingerprint(
             f"The body is larger than {state.max_body_bytes} bytes, the most an idempotent request may carry."
         ) from None
-    ctx = RequestContext(
-        state=state,
-        options=options,
-        command=Command(
-            scope=scope,
-            key=key,
-            request_hash=hash_command(command),
-            method=request.method,
-            path=storable_text(request.path),  # ``%00`` in a path variable is NUL: see storable_text
-            endpoint=request.endpoint,
-            summary=_describe_command(options),
-        ),
+    return Command(
+        scope=scope,
+        key=key,
+        request_hash=hash_command(command),
+        method=request.method,
+        path=storable_text(request.path),  # ``%00`` in a path variable is NUL: see storable_text
+        endpoint=request.endpoint,
+        summary=_describe_command(options),
     )
-    set_current(ctx)
+
+
+def claim_key(state: AppState, options: Resolved, command: Command) -> tuple[RequestContext, Answered | None]:
+    """Claim ``command``'s key for code that is not a request (``tasks.run_once``), without waiting.
+
+    Returns the context that holds the claim and ``None``, or the context and the answer (its client event,
+    if the answer has one, already stored). The caller stores the outcome with :func:`store_outcome`.
+    """
+    ctx = RequestContext(state=state, options=options, command=command)
     state.check_schema()
-    state.replays.write_due()
-    return _claim_and_report(ctx)
+    result = claim(ctx)
+    if isinstance(result, Claimed):
+        return ctx, None
+    _note_answer(ctx, result)
+    return ctx, result
 
 
 #: What a protected request's claim came to, by the exception that answered it (metrics' ``outcome``).
@@ -259,7 +291,7 @@ def _claim_and_report(ctx: RequestContext) -> ResponseReturnValue | None:
     started = time.perf_counter()
     outcome_name: str | None = "error"
     try:
-        answer = _claim(ctx)
+        answer = _claim_or_answer(ctx)
         # Claimed: "executed" is reported once the view body ran (or "rejected" if a hook answered first).
         outcome_name = None if answer is None else "replayed"
         return answer
@@ -267,7 +299,7 @@ def _claim_and_report(ctx: RequestContext) -> ResponseReturnValue | None:
         outcome_name = next((name for kind, name in _OUTCOMES if isinstance(exc, kind)), "error")
         raise
     finally:
-        ctx.claim_seconds = time.perf_counter() - started
+        ctx.note_claim_time(time.perf_counter() - started)
         if outcome_name is not None:
             if outcome_name == "replayed":
                 ctx.state.replays.add()  # the overview's chart (metrics count it from the signal below)
@@ -284,32 +316,40 @@ def _report(ctx: RequestContext, outcome_name: str) -> None:
     )
 
 
-def _claim(ctx: RequestContext) -> ResponseReturnValue | None:
-    options = ctx.options
-    deadline = time.monotonic() + options.wait
+def _claim_or_answer(ctx: RequestContext) -> ResponseReturnValue | None:
+    """Claim the key (``None``: the view runs), polling while another request holds it, up to the route's
+    ``wait``; else the answer."""
+    deadline = time.monotonic() + ctx.options.wait
     delay = 0.02
     while True:
-        decision, row = claim_once(ctx)
-        if decision is None:
-            signals.record_claimed.send(_app(), record=ctx.view())
+        result = claim(ctx)
+        if isinstance(result, Claimed):
+            signals.record_claimed.send(_app(), record=ctx.record_view())
             return None
         remaining = deadline - time.monotonic()
-        if decision is Decision.IN_PROGRESS and remaining > 0:
+        if result.decision is Decision.IN_PROGRESS and remaining > 0:
             # Poll until the owner finishes or the wait runs out.
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 0.25)
             continue
-        return _answer(ctx, decision, row)
+        return _answer(ctx, result)
 
 
-def _answer(ctx: RequestContext, decision: Decision, row: Row[Any] | None) -> Response:
+def _note_answer(ctx: RequestContext, answered: Answered) -> None:
+    """Store the client-caused event of an answer (``machine.ANSWERS``), if it has one and read a record."""
+    event = ANSWERS[answered.decision].event
+    if answered.row is not None and event is not None:
+        client_event(ctx, answered.row, event)
+
+
+def _answer(ctx: RequestContext, answered: Answered) -> Response:
     """The answer to a request that may not claim its key (``machine.ANSWERS``): the replay, or its problem."""
+    decision, row = answered.decision, answered.row
     state, rule = ctx.state, ANSWERS[decision]
     if rule.problem is None:
         assert row is not None
         return _replay(ctx, row)
-    if row is not None and rule.event is not None:
-        client_event(ctx, row, rule.event)
+    _note_answer(ctx, answered)
     if decision is Decision.CONFLICT:
         assert row is not None
         signals.key_conflict.send(_app(), record=RecordView.of(row._mapping))
@@ -341,7 +381,12 @@ def _answer(ctx: RequestContext, decision: Decision, row: Row[Any] | None) -> Re
     )
 
 
-def claim_once(ctx: RequestContext) -> _Answer:
+def claim(ctx: RequestContext) -> ClaimResult:
+    """Try once to claim the context's key: :data:`CLAIMED`, or the :class:`Answered` that says why not.
+
+    A statement that lost a race is decided again (a few times); a claim whose reply was lost is found again by
+    its lease token; any other database error is 503 :class:`StoreUnavailable`.
+    """
     state = ctx.state
     # One lease token per claim: whatever row carries it was written by this call, which is how a claim
     # whose reply was lost finds out that it did commit.
@@ -350,12 +395,12 @@ def claim_once(ctx: RequestContext) -> _Answer:
         try:
             if ctx.atomic:
                 # Core statements on the session's connection: the view's transaction, without ORM execution.
-                decision, row = _decide_and_claim(ctx, state.session_connection(), write)
-                if decision is not None:
+                result = _claim_on(ctx, state.session_connection(), write)
+                if isinstance(result, Answered):
                     _rollback_quietly(state)  # hold no transaction while answering or polling
-                return decision, row
+                return result
             with state.engine.connect() as conn:
-                return _decide_and_claim(ctx, conn, write)
+                return _claim_on(ctx, conn, write)
         except STORE_ERRORS as exc:
             if ctx.atomic:
                 _rollback_quietly(state)  # the claim was in the rolled-back transaction: nothing was written
@@ -364,8 +409,8 @@ def claim_once(ctx: RequestContext) -> _Answer:
             # The database aborted a statement that lost a race with another request's (SERIALIZABLE, a
             # deadlock, a Galera certification failure): it wrote nothing, so deciding again is safe.
             if ctx.claimed and not ctx.atomic:
-                return None, None  # the claim had committed; what lost came after it (the takeover's event)
-            _unclaim(ctx)
+                return CLAIMED  # the claim had committed; what lost came after it (the takeover's event)
+            ctx.unclaim()
             logger.info("the claim of %r lost a race (%s); deciding again", ctx.command.key, _db_error(exc))
             if attempt + 1 < LOST_RACE_ATTEMPTS:
                 pause_after_lost_race(attempt)
@@ -373,22 +418,24 @@ def claim_once(ctx: RequestContext) -> _Answer:
     return _as_duplicate(ctx)
 
 
-def _as_duplicate(ctx: RequestContext) -> tuple[Decision, Row[Any] | None]:
-    """What a request that could not claim its key is told: what the record says, read now, else in progress.
-
-    A key nobody holds (no record, or one a claim could take) is "in progress" too: a retry after
-    ``Retry-After`` decides again, and nothing ran.
-    """
+def _as_duplicate(ctx: RequestContext) -> Answered:
+    """What a request that could not claim its key is told: what the record says, read now, else in progress."""
     state, command = ctx.state, ctx.command
     try:
         with state.engine.connect() as conn:
             row = state.store.find(conn, command.scope, command.key)
     except STORE_ERRORS:
-        return Decision.IN_PROGRESS, None
-    decision = None if row is None else decide(row._mapping, command.request_hash, ctx.options.on_stale)
-    if decision is None or decision in CLAIMING:
-        return Decision.IN_PROGRESS, None
-    return decision, row
+        return Answered(Decision.IN_PROGRESS, None)
+    return _answered_without_claim(ctx, row)
+
+
+def _answered_without_claim(ctx: RequestContext, row: Row[Any] | None) -> Answered:
+    """The answer from the committed ``row`` when this request may not claim now: a key nobody holds (no
+    record, or one a claim could take) is "in progress" too: a retry after ``Retry-After`` decides again."""
+    decision = None if row is None else decide(row._mapping, ctx.command.request_hash, ctx.options.on_stale)
+    if decision is None or decision.claims:
+        return Answered(Decision.IN_PROGRESS, None)
+    return Answered(decision, row)
 
 
 @dataclass
@@ -404,7 +451,7 @@ class _ClaimWrite:
     previous: Mapping[Any, Any] | None = None
 
 
-def _claim_failed(ctx: RequestContext, write: _ClaimWrite, exc: Exception) -> _Answer:
+def _claim_failed(ctx: RequestContext, write: _ClaimWrite, exc: Exception) -> ClaimResult:
     """The claim met a database error other than a lost race: 503, unless a leased claim did commit."""
     state = ctx.state
     if is_lock_wait(exc):
@@ -416,7 +463,7 @@ def _claim_failed(ctx: RequestContext, write: _ClaimWrite, exc: Exception) -> _A
             retry_after=state.retry_after,
         ) from exc
     if not ctx.atomic and _recover_lost_claim(ctx, write):
-        return None, None
+        return CLAIMED
     logger.error("idempotency store unavailable while claiming %r: %s", ctx.command.key, _db_error(exc))
     raise StoreUnavailable(
         "The idempotency store cannot be reached, so the request was not run. Retry later.",
@@ -441,24 +488,26 @@ def _recover_lost_claim(ctx: RequestContext, write: _ClaimWrite) -> bool:
         if row is None or row.lease_token != write.token or write.claim is None:
             return False
         logger.warning("the reply to the claim of record %s (%r) was lost; it had committed", row.id, command.key)
-        _claimed(ctx, row.id, row.version, write.claim, write.previous)
+        ctx.claimed_by(row.id, row.version, write.claim, write.previous)
         return True
     logger.error("could not re-read the claim of %r: if it committed, it shows as stuck", command.key)
     return False
 
 
-def _decide_and_claim(ctx: RequestContext, conn: sa.Connection, write: _ClaimWrite) -> _Answer:
+def _claim_on(ctx: RequestContext, conn: sa.Connection, write: _ClaimWrite) -> ClaimResult:
+    """One claim on ``conn``: insert the key's record, or decide on the record found and take it (compare and
+    set on its version) when the decision claims."""
     store, options, command = ctx.state.store, ctx.options, ctx.command
     # An atomic owner's claim stays uncommitted until its view returns; duplicates must neither run nor block
     # on its row, so in atomic mode the read also takes a transaction-scoped lock on the key (PostgreSQL).
-    claim = claim_new(command, write.token)
+    claim = new_claim(command, write.token)
     if dialect_of(conn) == "postgresql":
         # A first request is the common case: claim with one INSERT, read the record only if the key is taken.
         write.claim, write.previous = claim, None
-        record_id = store.claim_new(conn, claim, lease=options.lease, ttl=options.ttl, lock=ctx.atomic)
+        record_id = store.insert_claim(conn, claim, lease=options.lease, ttl=options.ttl, lock=ctx.atomic)
         if record_id is not None:
-            _claimed(ctx, record_id, 1, claim, None)
-            return None, None
+            ctx.claimed_by(record_id, 1, claim, None)
+            return CLAIMED
     if ctx.atomic:
         locked, row = store.find_and_lock(conn, command.scope, command.key)
     else:
@@ -467,27 +516,24 @@ def _decide_and_claim(ctx: RequestContext, conn: sa.Connection, write: _ClaimWri
         # Another transaction holds the key: answer from the committed row when that needs no claim
         # (replay, conflict); anything that would claim must wait for the holder.
         # (No in-progress event then: the holder may have the row locked.)
-        decision = None if row is None else decide(row._mapping, command.request_hash, options.on_stale)
-        if decision is None or decision in CLAIMING:
-            return Decision.IN_PROGRESS, None
-        return decision, row
+        return _answered_without_claim(ctx, row)
     for _ in range(_CLAIM_ATTEMPTS):
         if row is None:
             write.claim, write.previous = claim, None
             record_id = store.insert(conn, claim, lease=options.lease, ttl=options.ttl)
             if record_id is not None:
-                _claimed(ctx, record_id, 1, claim, None)
-                return None, None
+                ctx.claimed_by(record_id, 1, claim, None)
+                return CLAIMED
             # Another request inserted it meanwhile.
             row = store.find(conn, command.scope, command.key, current=ctx.atomic)
             continue
         decision = decide(row._mapping, command.request_hash, options.on_stale)
-        if decision not in CLAIMING:
-            return decision, row
-        claim = claim_existing(decision, row._mapping, command, write.token)
+        if not decision.claims:
+            return Answered(decision, row)
+        claim = existing_claim(decision, row._mapping, command, write.token)
         write.claim, write.previous = claim, row._mapping
         if store.reclaim(conn, row.id, row.version, claim, lease=options.lease, ttl=options.ttl):
-            _claimed(ctx, row.id, row.version + 1, claim, row._mapping)
+            ctx.claimed_by(row.id, row.version + 1, claim, row._mapping)
             holder, previous = lease_holder(write.token), lease_holder(row.lease_token)
             if decision is Decision.TAKEOVER:
                 store.add_event(
@@ -514,30 +560,9 @@ def _decide_and_claim(ctx: RequestContext, conn: sa.Connection, write: _ClaimWri
                     row.scope,
                     claim.attempt,
                 )
-            return None, None
+            return CLAIMED
         row = store.find(conn, command.scope, command.key, current=ctx.atomic)
-    return Decision.IN_PROGRESS, row  # heavy contention on one key: answer as in progress
-
-
-def _claimed(
-    ctx: RequestContext, record_id: int, version: int, claim: Claim, previous: Mapping[Any, Any] | None
-) -> None:
-    ctx.record_id = record_id
-    ctx.lease_token = claim.values["lease_token"]
-    ctx.version = version
-    ctx.attempt = claim.attempt
-    ctx.previous = previous
-    ctx.claim = claim
-    if previous is not None and claim.resumes:
-        ctx.recovery_point = previous["recovery_point"]
-        ctx.recovery_data = previous["recovery_data"]
-
-
-def _unclaim(ctx: RequestContext) -> None:
-    """Forget a claim that was rolled back (atomic mode) or never committed."""
-    ctx.record_id = ctx.lease_token = ctx.previous = ctx.claim = None
-    ctx.version = ctx.attempt = 0
-    ctx.recovery_point, ctx.recovery_data = None, None
+    return Answered(Decision.IN_PROGRESS, row)  # heavy contention on one key: answer as in progress
 
 
 def client_event(ctx: RequestContext, row: Row[Any], kind: EventKind) -> None:
@@ -616,19 +641,19 @@ def after_request(response: BaseResponse) -> BaseResponse:
     ctx = get_current()
     if ctx is None or not ctx.claimed or ctx.settled:
         return response
-    if not view_started():
+    if not ctx.view_started:
         _withdraw(ctx)  # a hook answered before the view (auth, CSRF): not an outcome
         return response
-    exc = view_exception()
+    exc = ctx.view_exception
     if ctx.atomic and exc is not None and lost_race(exc):
         # A statement of the view lost a race (under SERIALIZABLE, often against the claim's own read in the
         # same transaction): the database aborted the transaction, claim included; nothing was written.
-        ctx.settled = True
+        ctx.settle()
         _report(ctx, "executed")
         _rollback_quietly(ctx.state)
         return _atomic_lost_race(ctx, exc)
-    state, retryable = classify_response(response.status_code, exc, ctx.options.transient, atomic=ctx.atomic)
-    return _settle(ctx, response, state, retryable, error=describe_error(exc))
+    ended, retryable = classify_response(response.status_code, exc, ctx.options.transient, atomic=ctx.atomic)
+    return _settle(ctx, response, ended, retryable, error=describe_error(exc))
 
 
 def teardown_request(exc: BaseException | None) -> None:
@@ -639,14 +664,14 @@ def teardown_request(exc: BaseException | None) -> None:
         _remove_session_quietly(ctx.state)
     if ctx is None or not ctx.claimed or ctx.settled:
         return
-    if not view_started():
+    if not ctx.view_started:
         try:
             _withdraw(ctx)
         except Exception as error:  # teardown must not raise
             logger.error("could not withdraw the claim of record %s: %s", ctx.record_id, _db_error(error))
         return
     # The request ended in an exception that skipped after_request (e.g. PROPAGATE_EXCEPTIONS).
-    exc = exc or view_exception() or InternalServerError()
+    exc = exc or ctx.view_exception or InternalServerError()
     retryable = classify_exception(exc, ctx.options.transient, atomic=ctx.atomic)
     status = exc.code if isinstance(exc, HTTPException) and exc.code else 500
     fallback = InternalServerError().get_response() if not isinstance(exc, HTTPException) else exc.get_response()
@@ -663,7 +688,7 @@ def _withdraw(ctx: RequestContext) -> None:
     on this claim's version and lease token). Atomic mode: the claim was only in the rolled-back transaction.
     """
     state = ctx.state
-    ctx.settled = True
+    ctx.settle()
     _report(ctx, "rejected")
     if ctx.atomic:
         _rollback_quietly(state)
@@ -688,22 +713,22 @@ def _withdraw_once(ctx: RequestContext) -> None:
 def _settle(
     ctx: RequestContext,
     response: BaseResponse,
-    state: State,
+    ended: State,
     retryable: bool,
     *,
     error: str | None,
     status: int | None = None,
 ) -> BaseResponse:
-    app = ctx.state
-    ctx.settled = True
+    state = ctx.state
+    ctx.settle()
     _report(ctx, "executed")
     has_resource = ctx.resource_ref is not UNSET
     keeps_body = not (has_resource and ctx.options.replay is not None)
     values = outcome(
-        state,
+        ended,
         retryable,
         status=status or response.status_code,
-        headers=[[n, v] for n, v in response.headers.items() if n.lower() in app.replay_headers],
+        headers=[[n, v] for n, v in response.headers.items() if n.lower() in state.replay_headers],
         body=None,
         resource_ref=ctx.resource_ref if has_resource else None,
         error=error,
@@ -711,7 +736,7 @@ def _settle(
     if response.is_streamed and ctx.atomic:
         return _settle_atomic_stream(ctx, response, values, keeps_body)
     declared = response.content_length
-    if response.is_streamed and (declared is None or declared > app.max_response_bytes):
+    if response.is_streamed and (declared is None or declared > state.max_response_bytes):
         # Stored while it is sent, never buffered whole: the outcome is written when the stream ends. (A stream
         # that declares a length within the limit, like an error page or a small file, is simply read.)
         source, chunks = response.response, response.iter_encoded()  # taken now: response.response is replaced
@@ -721,7 +746,7 @@ def _settle(
         if response.direct_passthrough:
             response.direct_passthrough = False  # buffer it: it declared a length within the limit
         body = response.get_data()
-        if len(body) <= app.max_response_bytes:
+        if len(body) <= state.max_response_bytes:
             values["response_body"] = body
         else:  # never a truncated body: replays answer 500 response-not-stored instead (see _replay)
             values["error"] = error or _too_large(len(body))
@@ -765,10 +790,10 @@ def store_outcome(ctx: RequestContext, values: dict[str, Any]) -> None:
             ctx.command.key,
             _db_error(exc),
         )
-        ctx.store_failed = True
+        ctx.note_store_failed()
         return
     if stored:
-        ctx.version += 1
+        ctx.bump_version()
     _after_settle(ctx, stored, values)
 
 
@@ -830,7 +855,7 @@ def _settle_atomic(ctx: RequestContext, response: BaseResponse, values: dict[str
             ):
                 raise AtomicViewCommitted("the view rolled back db.session, losing the idempotency claim")
             session.commit()
-            ctx.version += 1
+            ctx.bump_version()
         except AtomicViewCommitted as exc:
             logger.error("atomic view %s: %s", ctx.command.endpoint, exc)
             _rollback_quietly(state)
@@ -960,15 +985,15 @@ def _atomic_lost_race(ctx: RequestContext, exc: BaseException) -> BaseResponse:
     503 ``commit-conflict`` with ``Retry-After`` (the retry runs it, once). Never 500, never ``store-unavailable``.
     """
     logger.warning("atomic request %r lost a race (%s); nothing was written", ctx.command.key, _db_error(exc))
-    decision, row = _as_duplicate(ctx)
-    if row is None:
+    answered = _as_duplicate(ctx)
+    if answered.row is None:
         return CommitConflict(
             "This request's changes conflicted with a concurrent transaction, so nothing of it was saved."
             " Retrying it with the same key is safe.",
             retry_after=ctx.state.retry_after,
         ).get_response()  # type: ignore[return-value]
     try:
-        return _answer(ctx, decision, row)
+        return _answer(ctx, answered)
     except IdempotencyError as problem:
         return problem.get_response()  # type: ignore[return-value]
 
@@ -1004,13 +1029,13 @@ def _store_record_alone(ctx: RequestContext, values: dict[str, Any]) -> None:
         logger.warning("could not store the outcome of atomic record %s: %s", ctx.command.key, _db_error(exc))
         return
     if stored:
-        ctx.record_id, ctx.version = record_id, version + 1
+        ctx.stored_at(record_id, version + 1)
     _after_settle(ctx, stored, values)
 
 
 def _after_settle(ctx: RequestContext, stored: bool, values: Mapping[str, Any]) -> None:
     app = _app()
-    view = ctx.view(values["state"], bool(values["retryable"]), values["response_status"])
+    view = ctx.record_view(values["state"], bool(values["retryable"]), values["response_status"])
     if not stored:
         logger.warning(
             "record %s (%s) lost its lease before its outcome was stored; the newer owner's outcome stands",

@@ -158,7 +158,7 @@ class RecordStore:
         ]
         claim_names = [c.name for c in r.c if c.name != "id"]
         lock = sa.func.pg_try_advisory_xact_lock(bind("_lock", type_=sa.BigInteger))
-        self._claim_new = {
+        self._insert_claim = {
             False: self._insert["postgresql"],
             True: postgresql.insert(r)
             .from_select(claim_names, sa.select(*claim_values).where(lock))
@@ -289,7 +289,7 @@ class RecordStore:
         row = conn.execute(self._find_and_lock, params).one()
         return bool(row._locked), (None if row.id is None else row)
 
-    def claim_new(self, conn: sa.Connection, claim: Claim, *, lease: float, ttl: float, lock: bool) -> int | None:
+    def insert_claim(self, conn: sa.Connection, claim: Claim, *, lease: float, ttl: float, lock: bool) -> int | None:
         """PostgreSQL: insert the claim of a new key in one statement; its id, or ``None`` if the key is taken
         (or, with ``lock``, its advisory lock is held elsewhere): read it then (:meth:`find`/:meth:`find_and_lock`).
         ``lock`` is ignored with ``advisory_locks`` off: the INSERT then waits for an open claim's transaction.
@@ -298,7 +298,7 @@ class RecordStore:
         lock = lock and self.advisory_locks
         if lock:
             params["_lock"] = advisory_key(claim.values["scope"], claim.values["key"])
-        row = conn.execute(self._claim_new[lock], params).first()
+        row = conn.execute(self._insert_claim[lock], params).first()
         return None if row is None else int(row[0])
 
     def insert(self, conn: sa.Connection, claim: Claim, *, lease: float, ttl: float) -> int | None:

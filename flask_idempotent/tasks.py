@@ -23,7 +23,7 @@ import inspect
 import json
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 from .constants import State
 from .context import RequestContext
@@ -33,7 +33,7 @@ from .fingerprint import hash_command
 from .keys import KeyFormatError, parse_key
 from .machine import ANSWERS, Command, Decision, classify_exception, outcome
 from .models import storable_text
-from .pipeline import claim_once, client_event, describe_error, store_outcome
+from .pipeline import Answered, claim_key, describe_error, store_outcome
 from .state import AppState
 
 #: ``method`` of task records (``path`` holds the task's name).
@@ -159,7 +159,7 @@ class Operation:
         except TypeError as exc:
             self._fail(exc, retryable=False)
             raise
-        ctx.settled = True
+        ctx.settle()
         store_outcome(
             ctx, outcome(State.COMPLETED, False, status=200, headers=_JSON, body=body, resource_ref=None, error=None)
         )
@@ -170,7 +170,7 @@ class Operation:
         retries) unless ``retryable`` says."""
         ctx = self._ctx
         assert ctx is not None
-        ctx.settled = True
+        ctx.settle()
         if retryable is None:
             retryable = classify_exception(
                 exc, ctx.options.transient, atomic=False, runs_again=lambda e: celery_retries(e, self._task)
@@ -200,10 +200,10 @@ def run_once(
     if not isinstance(scope, str) or len(scope) > 255 or storable_text(scope) != scope:
         raise ValueError("the scope must be a str of at most 255 characters, without NUL or lone surrogates")
     options = state.resolve(RouteOptions(atomic=False, wait=0, lease=lease, ttl=ttl, transient=transient))
-    ctx = RequestContext(
-        state=state,
-        options=options,
-        command=Command(
+    ctx, answered = claim_key(
+        state,
+        options,
+        Command(
             scope=scope,
             key=checked_key(key, name),
             request_hash=hash_command(command),
@@ -214,11 +214,8 @@ def run_once(
             summary=summary,
         ),
     )
-    state.check_schema()
-    decision, row = claim_once(ctx)
-    if decision is not None:
-        assert row is not None or decision is Decision.IN_PROGRESS
-        yield _answer(ctx, decision, row)
+    if answered is not None:
+        yield _answer(ctx, answered)
         return
     operation = Operation(ctx, task=task)
     try:
@@ -231,15 +228,15 @@ def run_once(
         operation.complete(None)
 
 
-def _answer(ctx: RequestContext, decision: Decision, row: Any) -> Operation:
+def _answer(ctx: RequestContext, answered: Answered) -> Operation:
     """A call that does not run (``machine.ANSWERS``): the stored result, or the exception that says why not."""
+    decision, row = answered.decision, cast(Any, answered.row)  # a row, but for an in-progress answer
+    assert row is not None or decision is Decision.IN_PROGRESS
     rule = ANSWERS[decision]
     if rule.problem is None:
         if row.state == State.COMPLETED and row.response_body is not None:
             return Operation(None, done=True, result=json.loads(row.response_body))
         raise RequestFailed(f"The operation {row.path} with this key failed for good: {row.error or 'no detail'}.")
-    if row is not None and rule.event is not None:
-        client_event(ctx, row, rule.event)
     if decision is Decision.CONFLICT:
         detail = f"The key {row.key!r} was first used for {row.path} with other arguments."
     elif decision is Decision.STUCK:

@@ -110,7 +110,7 @@ def _kill_request() -> None:
     """End the request the way a killed worker does: no outcome is stored, no transaction commits."""
     ctx = get_current()
     if ctx is not None:
-        ctx.settled = True  # after_request and teardown_request then leave the record as the view left it
+        ctx.settle()  # after_request and teardown_request then leave the record as the view left it
     raise _WorkerKilled
 
 

@@ -29,7 +29,7 @@ from procs import poll
 from flask_idempotent import operations as ops
 from flask_idempotent import pipeline
 from flask_idempotent.dberrors import LOST_RACE_ATTEMPTS, lost_race
-from flask_idempotent.machine import claim_new
+from flask_idempotent.machine import new_claim
 from flask_idempotent.testing import LeaseClock
 
 #: Also on the distributed-SQL emulations of ``IDEMPOTENCY_TEST_PG_VARIANTS`` (conftest).
@@ -263,7 +263,7 @@ def test_the_loser_of_a_commit_race_for_its_key_answers_as_a_duplicate(
             ctx = pipeline.get_current()
             assert ctx is not None
             with state.db.engine.begin() as conn:
-                winners.append(state.store.insert(conn, claim_new(ctx.command, "winner"), lease=60, ttl=3600))
+                winners.append(state.store.insert(conn, new_claim(ctx.command, "winner"), lease=60, ttl=3600))
 
     monkeypatch.setattr(pipeline, "_rollback_quietly", rollback_then_the_winner_commits)
     loser = post(client, "/transfers", json={"amount": 30})
