@@ -190,7 +190,7 @@ def test_operator_marks_a_stuck_payment_retryable_and_the_retry_charges_once(
     assert (rec["state"], rec["attempts"]) == ("COMPLETED", 2)
 
     buried.set()  # the "dead" request wakes up: its late outcome is fenced off by the newer lease
-    outcome, error = dead.result()
-    assert outcome == "error" and isinstance(error, ProcessDied)
+    with pytest.raises(ProcessDied):
+        dead.result()
     rec = record(app, KEY)
     assert (rec["state"], rec["attempts"], rec["response_status"]) == ("COMPLETED", 2, 201)
